@@ -1,0 +1,35 @@
+# Thin helpers in the spirit of absl_cc_library: one static library per folder,
+# warnings only on our own targets (never on generated protobuf code).
+set(SR_WARNINGS -Wall -Wextra -Werror -Wno-missing-field-initializers)
+
+function(sr_warnings target)
+  target_compile_options(${target} PRIVATE ${SR_WARNINGS})
+endfunction()
+
+# sr_cc_library(NAME base SRCS a.cc HDRS a.h DEPS PUBLIC... )
+function(sr_cc_library)
+  cmake_parse_arguments(SR "" "NAME" "SRCS;DEPS;PRIVATE_DEPS" ${ARGN})
+  add_library(sr_${SR_NAME} STATIC ${SR_SRCS})
+  add_library(sr::${SR_NAME} ALIAS sr_${SR_NAME})
+  target_include_directories(sr_${SR_NAME} PUBLIC ${PROJECT_SOURCE_DIR})
+  target_link_libraries(sr_${SR_NAME} PUBLIC ${SR_DEPS} PRIVATE ${SR_PRIVATE_DEPS})
+  sr_warnings(sr_${SR_NAME})
+endfunction()
+
+# sr_cc_test(NAME foo_test SRCS foo_test.cc DEPS sr::foo)
+function(sr_cc_test)
+  cmake_parse_arguments(SR "" "NAME;TIMEOUT" "SRCS;DEPS;HELPERS" ${ARGN})
+  add_executable(${SR_NAME} ${SR_SRCS})
+  target_link_libraries(${SR_NAME} PRIVATE ${SR_DEPS} GTest::gmock GTest::gtest_main)
+  target_include_directories(${SR_NAME} PRIVATE ${PROJECT_SOURCE_DIR})
+  target_compile_definitions(${SR_NAME} PRIVATE
+    SR_BINARY_DIR="${PROJECT_BINARY_DIR}" SR_SOURCE_DIR="${PROJECT_SOURCE_DIR}")
+  sr_warnings(${SR_NAME})
+  if(SR_HELPERS)
+    add_dependencies(${SR_NAME} ${SR_HELPERS})
+  endif()
+  if(NOT SR_TIMEOUT)
+    set(SR_TIMEOUT 120)
+  endif()
+  gtest_discover_tests(${SR_NAME} DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT ${SR_TIMEOUT})
+endfunction()

@@ -1,0 +1,179 @@
+#include "step-runner/base/event_loop.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "absl/strings/str_cat.h"
+#include "step-runner/base/files.h"
+#include "step-runner/base/logging.h"
+
+namespace step_runner {
+
+absl::StatusOr<std::unique_ptr<EventLoop>> EventLoop::Create() {
+  UniqueFd epoll(::epoll_create1(EPOLL_CLOEXEC));
+  if (!epoll) return ErrnoStatus(errno, "epoll_create1");
+  UniqueFd wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake) return ErrnoStatus(errno, "eventfd");
+  epoll_event ev{.events = EPOLLIN, .data = {.fd = wake.get()}};
+  if (::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, wake.get(), &ev) != 0) {
+    return ErrnoStatus(errno, "epoll_ctl(eventfd)");
+  }
+  return std::unique_ptr<EventLoop>(new EventLoop(std::move(epoll), std::move(wake)));
+}
+
+EventLoop::EventLoop(UniqueFd epoll, UniqueFd wake)
+    : epoll_fd_(std::move(epoll)), wake_fd_(std::move(wake)) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+EventLoop::~EventLoop() {
+  Stop();
+  if (thread_.joinable()) thread_.join();
+}
+
+bool EventLoop::InLoopThread() const { return std::this_thread::get_id() == thread_.get_id(); }
+
+void EventLoop::Wake() {
+  uint64_t one = 1;
+  ssize_t unused = ::write(wake_fd_.get(), &one, sizeof one);
+  (void)unused;  // EAGAIN means a wake-up is already pending.
+}
+
+void EventLoop::Post(std::function<void()> task) {
+  {
+    absl::MutexLock lock(&mu_);
+    posted_.push_back(std::move(task));
+  }
+  Wake();
+}
+
+void EventLoop::RunSync(std::function<void()> task) {
+  absl::Notification done;
+  Post([&] {
+    task();
+    done.Notify();
+  });
+  done.WaitForNotification();
+}
+
+void EventLoop::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  Wake();
+}
+
+absl::Status EventLoop::WatchFd(int fd, uint32_t events, FdCallback callback) {
+  epoll_event ev{.events = events, .data = {.fd = fd}};
+  if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("epoll_ctl(ADD, ", fd, ")"));
+  }
+  fd_callbacks_[fd] = std::make_shared<FdCallback>(std::move(callback));
+  return absl::OkStatus();
+}
+
+void EventLoop::UnwatchFd(int fd) {
+  if (fd_callbacks_.erase(fd) > 0) ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, fd, nullptr);
+}
+
+EventLoop::TimerId EventLoop::AddTimer(absl::Duration delay, std::function<void()> callback) {
+  TimerId id = next_timer_id_++;
+  auto it = timers_by_deadline_.emplace(absl::Now() + delay, id);
+  timers_.emplace(id, std::make_pair(it, std::move(callback)));
+  return id;
+}
+
+void EventLoop::CancelTimer(TimerId id) {
+  auto it = timers_.find(id);
+  if (it == timers_.end()) return;
+  timers_by_deadline_.erase(it->second.first);
+  timers_.erase(it);
+}
+
+void EventLoop::Loop() {
+  epoll_event events[64];
+  for (;;) {
+    int timeout_ms = -1;
+    if (!timers_by_deadline_.empty()) {
+      absl::Duration until = timers_by_deadline_.begin()->first - absl::Now();
+      timeout_ms = until <= absl::ZeroDuration()
+                       ? 0
+                       : static_cast<int>(absl::ToInt64Milliseconds(until + absl::Milliseconds(1)));
+    }
+    int n = ::epoll_wait(epoll_fd_.get(), events, 64, timeout_ms);
+    if (n < 0 && errno != EINTR) {
+      SR_PLOG(ERROR) << "epoll_wait";
+      continue;
+    }
+    for (int i = 0; i < n; ++i) {
+      int fd = events[i].data.fd;
+      if (fd == wake_fd_.get()) {
+        uint64_t count;
+        ssize_t unused = ::read(wake_fd_.get(), &count, sizeof count);
+        (void)unused;
+        continue;
+      }
+      auto it = fd_callbacks_.find(fd);
+      if (it == fd_callbacks_.end()) continue;  // unwatched by an earlier callback this round
+      std::shared_ptr<FdCallback> callback = it->second;  // survives UnwatchFd inside itself
+      (*callback)(events[i].events);
+    }
+    absl::Time now = absl::Now();
+    while (!timers_by_deadline_.empty() && timers_by_deadline_.begin()->first <= now) {
+      TimerId id = timers_by_deadline_.begin()->second;
+      auto it = timers_.find(id);
+      std::function<void()> callback = std::move(it->second.second);
+      timers_by_deadline_.erase(timers_by_deadline_.begin());
+      timers_.erase(it);
+      callback();
+    }
+    std::vector<std::function<void()>> tasks;
+    bool stop;
+    {
+      absl::MutexLock lock(&mu_);
+      tasks.swap(posted_);
+      stop = stopping_;
+    }
+    for (auto& task : tasks) task();
+    if (stop) {
+      absl::MutexLock lock(&mu_);
+      if (posted_.empty()) return;
+    }
+  }
+}
+
+SerialExecutor::SerialExecutor() { thread_ = std::thread([this] { Loop(); }); }
+
+SerialExecutor::~SerialExecutor() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  thread_.join();
+}
+
+void SerialExecutor::Post(std::function<void()> task) {
+  absl::MutexLock lock(&mu_);
+  queue_.push_back(std::move(task));
+}
+
+void SerialExecutor::Loop() {
+  for (;;) {
+    std::vector<std::function<void()>> tasks;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return !queue_.empty() || stopping_;
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (queue_.empty()) return;  // stopping, and nothing left to run
+      tasks.swap(queue_);
+    }
+    for (auto& task : tasks) task();
+  }
+}
+
+}  // namespace step_runner

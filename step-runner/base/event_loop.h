@@ -1,0 +1,88 @@
+#ifndef STEP_RUNNER_BASE_EVENT_LOOP_H_
+#define STEP_RUNNER_BASE_EVENT_LOOP_H_
+
+#include <sys/epoll.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "step-runner/base/unique_fd.h"
+
+namespace step_runner {
+
+// One thread that owns every watched fd and timer: epoll over the fds, an eventfd for posted
+// work, and a timeout computed from the nearest deadline. Callbacks run on the loop thread,
+// one at a time, so state touched only from callbacks needs no locking.
+//
+// Post() is thread-safe. WatchFd/UnwatchFd/AddTimer/CancelTimer must be called on the loop
+// thread (from a callback or a posted task).
+class EventLoop {
+ public:
+  using FdCallback = std::function<void(uint32_t epoll_events)>;
+  using TimerId = uint64_t;
+
+  static absl::StatusOr<std::unique_ptr<EventLoop>> Create();
+  ~EventLoop();  // stops and joins the thread
+
+  void Post(std::function<void()> task);
+  // Posts `task` and blocks until it has run (must not be called on the loop thread).
+  void RunSync(std::function<void()> task);
+  bool InLoopThread() const;
+
+  absl::Status WatchFd(int fd, uint32_t events, FdCallback callback);
+  void UnwatchFd(int fd);
+  TimerId AddTimer(absl::Duration delay, std::function<void()> callback);
+  void CancelTimer(TimerId id);
+
+  // Stops the loop after the tasks already posted; idempotent.
+  void Stop();
+
+ private:
+  EventLoop(UniqueFd epoll, UniqueFd wake);
+  void Loop();
+  void Wake();
+
+  UniqueFd epoll_fd_;
+  UniqueFd wake_fd_;
+  std::thread thread_;
+
+  absl::Mutex mu_;
+  std::vector<std::function<void()>> posted_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+
+  // Loop-thread state.
+  absl::flat_hash_map<int, std::shared_ptr<FdCallback>> fd_callbacks_;
+  std::multimap<absl::Time, TimerId> timers_by_deadline_;
+  absl::flat_hash_map<TimerId, std::pair<std::multimap<absl::Time, TimerId>::iterator,
+                                         std::function<void()>>> timers_;
+  TimerId next_timer_id_ = 1;
+};
+
+// Runs tasks in order on one background thread. Thread-safe.
+class SerialExecutor {
+ public:
+  SerialExecutor();
+  ~SerialExecutor();  // runs what is queued, then joins
+  void Post(std::function<void()> task);
+
+ private:
+  void Loop();
+  absl::Mutex mu_;
+  std::vector<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
+}  // namespace step_runner
+
+#endif  // STEP_RUNNER_BASE_EVENT_LOOP_H_

@@ -1,0 +1,30 @@
+#ifndef STEP_RUNNER_BASE_FILES_H_
+#define STEP_RUNNER_BASE_FILES_H_
+
+#include <sys/types.h>
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace step_runner {
+
+// errno -> absl::Status, always with the operation and path as context.
+absl::Status ErrnoStatus(int err, absl::string_view what);
+
+absl::StatusOr<std::string> ReadFile(const std::string& path);
+// Writes to a temporary file beside `path`, then renames it over `path`, so readers (and a
+// daemon restarted after SIGKILL) see either the old or the new content, never a torn one.
+absl::Status WriteFileAtomically(const std::string& path, absl::string_view data, mode_t mode);
+// Writes all of `data` to fd, retrying on EINTR and short writes.
+absl::Status WriteAll(int fd, absl::string_view data);
+// mkdir -p with `mode` for directories it creates.
+absl::Status MakeDirs(const std::string& path, mode_t mode);
+// rm -rf; a missing path is fine.
+absl::Status RemoveTree(const std::string& path);
+
+}  // namespace step_runner
+
+#endif  // STEP_RUNNER_BASE_FILES_H_

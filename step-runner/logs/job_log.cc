@@ -1,0 +1,159 @@
+#include "step-runner/logs/job_log.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "step-runner/base/files.h"
+
+namespace step_runner::logs {
+namespace {
+constexpr size_t kIndexRecordBytes = 9;
+
+std::string EncodeSwitch(int64_t offset, Stream stream) {
+  std::string record(kIndexRecordBytes, '\0');
+  uint64_t v = static_cast<uint64_t>(offset);
+  for (int i = 0; i < 8; ++i) record[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+  record[8] = static_cast<char>(stream);
+  return record;
+}
+}  // namespace
+
+JobLog::JobLog(std::string dir, UniqueFd writer, UniqueFd index_writer)
+    : dir_(std::move(dir)), writer_(std::move(writer)), index_writer_(std::move(index_writer)) {}
+
+std::string JobLog::LogPath() const { return dir_ + "/log"; }
+
+absl::StatusOr<std::shared_ptr<JobLog>> JobLog::Create(const std::string& dir) {
+  std::string log_path = dir + "/log";
+  std::string index_path = dir + "/log.idx";
+  UniqueFd writer(::open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600));
+  if (!writer) return ErrnoStatus(errno, absl::StrCat("open(", log_path, ")"));
+  UniqueFd index(::open(index_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600));
+  if (!index) return ErrnoStatus(errno, absl::StrCat("open(", index_path, ")"));
+  return std::shared_ptr<JobLog>(new JobLog(dir, std::move(writer), std::move(index)));
+}
+
+absl::StatusOr<std::shared_ptr<JobLog>> JobLog::OpenFinished(const std::string& dir) {
+  auto log = std::shared_ptr<JobLog>(new JobLog(dir, UniqueFd(), UniqueFd()));
+  struct stat st;
+  if (::stat(log->LogPath().c_str(), &st) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("stat(", log->LogPath(), ")"));
+  }
+  absl::MutexLock lock(&log->mu_);
+  log->size_ = st.st_size;
+  log->finished_ = true;
+  // A missing or torn index only loses stream tags, never bytes; the default is stdout.
+  if (auto index = ReadFile(dir + "/log.idx"); index.ok()) {
+    for (size_t i = 0; i + kIndexRecordBytes <= index->size(); i += kIndexRecordBytes) {
+      uint64_t v = 0;
+      for (int b = 0; b < 8; ++b) v |= static_cast<uint64_t>(static_cast<uint8_t>((*index)[i + b])) << (8 * b);
+      Stream s = static_cast<Stream>((*index)[i + 8]);
+      if (s == Stream::kStdout || s == Stream::kStderr) log->switches_[static_cast<int64_t>(v)] = s;
+    }
+  }
+  return log;
+}
+
+absl::Status JobLog::Append(Stream stream, absl::string_view data) {
+  if (data.empty()) return absl::OkStatus();
+  std::map<WaiterId, std::function<void()>> woken;
+  {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return absl::FailedPreconditionError("append to a finished log");
+    auto last = switches_.empty() ? std::nullopt : std::optional<Stream>(switches_.rbegin()->second);
+    if (last != stream) {
+      // The index record goes first: after a crash it may name an offset no byte reached,
+      // which is harmless, but never leaves bytes with the wrong stream.
+      if (absl::Status s = WriteAll(index_writer_.get(), EncodeSwitch(size_, stream)); !s.ok()) return s;
+      switches_[size_] = stream;
+    }
+    if (absl::Status s = WriteAll(writer_.get(), data); !s.ok()) return s;
+    size_ += static_cast<int64_t>(data.size());
+    woken.swap(waiters_);
+  }
+  for (auto& [id, wake] : woken) wake();
+  return absl::OkStatus();
+}
+
+void JobLog::Finish() {
+  std::map<WaiterId, std::function<void()>> woken;
+  {
+    absl::MutexLock lock(&mu_);
+    if (finished_) return;
+    finished_ = true;
+    writer_.Close();
+    index_writer_.Close();
+    woken.swap(waiters_);
+  }
+  for (auto& [id, wake] : woken) wake();
+}
+
+int64_t JobLog::size() const {
+  absl::MutexLock lock(&mu_);
+  return size_;
+}
+
+bool JobLog::finished() const {
+  absl::MutexLock lock(&mu_);
+  return finished_;
+}
+
+absl::StatusOr<UniqueFd> JobLog::OpenReader() const {
+  UniqueFd fd(::open(LogPath().c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return ErrnoStatus(errno, absl::StrCat("open(", LogPath(), ")"));
+  return fd;
+}
+
+absl::StatusOr<size_t> JobLog::Read(int reader_fd, int64_t offset, size_t max_bytes,
+                                    Chunk* chunk) const {
+  int64_t end;
+  Stream stream = Stream::kStdout;
+  {
+    absl::MutexLock lock(&mu_);
+    if (offset < 0 || offset > size_) {
+      return absl::OutOfRangeError(
+          absl::StrCat("offset ", offset, " is outside the log, which has ", size_, " bytes"));
+    }
+    end = size_;
+    auto next = switches_.upper_bound(offset);
+    if (next != switches_.end()) end = std::min(end, next->first);
+    if (next != switches_.begin()) stream = std::prev(next)->second;
+  }
+  size_t want = static_cast<size_t>(std::min<int64_t>(end - offset, static_cast<int64_t>(max_bytes)));
+  chunk->offset = offset;
+  chunk->stream = stream;
+  chunk->data.resize(want);
+  size_t got = 0;
+  while (got < want) {
+    ssize_t n = ::pread(reader_fd, chunk->data.data() + got, want - got,
+                        static_cast<off_t>(offset + got));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus(errno, "pread(log)");
+    }
+    if (n == 0) break;  // cannot happen for bytes below size_, but never loop forever
+    got += static_cast<size_t>(n);
+  }
+  chunk->data.resize(got);
+  return got;
+}
+
+std::optional<JobLog::WaiterId> JobLog::WaitForData(int64_t offset, std::function<void()> wake) {
+  absl::MutexLock lock(&mu_);
+  if (size_ > offset || finished_) return std::nullopt;
+  WaiterId id = next_waiter_++;
+  waiters_.emplace(id, std::move(wake));
+  return id;
+}
+
+void JobLog::CancelWait(WaiterId id) {
+  absl::MutexLock lock(&mu_);
+  waiters_.erase(id);
+}
+
+}  // namespace step_runner::logs

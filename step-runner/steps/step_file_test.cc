@@ -1,0 +1,108 @@
+#include "step-runner/steps/step_file.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "step-runner/base/testing.h"
+
+namespace step_runner::steps {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(StepFileTest, ParsesExec) {
+  SR_ASSERT_OK_AND_ASSIGN(StepFile f, ParseStepFile(R"({}
+---
+exec:
+  command: [/bin/echo, "a b", ";rm -rf /"]
+  work_dir: /tmp
+env:
+  A: "1"
+)", "steps"));
+  ASSERT_TRUE(f.definition.exec.has_value());
+  EXPECT_THAT(f.definition.exec->command,
+              ::testing::ElementsAre("/bin/echo", "a b", ";rm -rf /"));
+  EXPECT_EQ(f.definition.exec->work_dir, "/tmp");
+  EXPECT_EQ(f.definition.env.at("A"), "1");
+}
+
+TEST(StepFileTest, ParsesRunSequenceOfScripts) {
+  SR_ASSERT_OK_AND_ASSIGN(StepFile f, ParseStepFile(R"(spec: {}
+---
+run:
+  - name: first
+    script: echo one
+    env: {X: y}
+  - name: second
+    script: |
+      echo two
+)", "steps"));
+  ASSERT_EQ(f.definition.run.size(), 2u);
+  EXPECT_EQ(f.definition.run[0].name, "first");
+  EXPECT_EQ(f.definition.run[0].env.at("X"), "y");
+  EXPECT_EQ(f.definition.run[1].script, "echo two\n");
+  EXPECT_EQ(f.definition.run[1].position.line, 7);
+}
+
+TEST(StepFileTest, MalformedYamlHasLineAndColumn) {
+  auto f = ParseStepFile("{}\n---\nrun:\n  - name: a\n    script: [unclosed\n", "steps");
+  ASSERT_FALSE(f.ok());
+  EXPECT_TRUE(absl::IsInvalidArgument(f.status()));
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("malformed YAML"));
+  EXPECT_THAT(std::string(f.status().message()), ::testing::ContainsRegex("steps:[0-9]+:[0-9]+: "));
+}
+
+TEST(StepFileTest, ReportsSeveralViolationsWithPositions) {
+  std::vector<Violation> violations;
+  auto f = ParseStepFile(R"({}
+---
+run:
+  - name: ok_step
+    script: true
+    colour: red
+  - name: 1bad
+    script: [not, a, string]
+)", "job.yml", &violations);
+  ASSERT_FALSE(f.ok());
+  ASSERT_EQ(violations.size(), 3u) << f.status();
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("job.yml:6:5: run[0].colour: unknown key \"colour\""));
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("job.yml:7:11: run[1].name: a step name must match"));
+  EXPECT_THAT(std::string(f.status().message()),
+              HasSubstr("job.yml:8:13: run[1].script: expected a string, found a sequence"));
+}
+
+TEST(StepFileTest, RequiresTwoDocuments) {
+  auto f = ParseStepFile("exec: {command: [true]}\n", "steps");
+  ASSERT_FALSE(f.ok());
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("expected two YAML documents"));
+}
+
+TEST(StepFileTest, ExactlyOneOfExecOrRun) {
+  auto f = ParseStepFile("{}\n---\nenv: {A: b}\n", "steps");
+  ASSERT_FALSE(f.ok());
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("exactly one of \"exec\" or \"run\""));
+}
+
+TEST(StepFileTest, EmptyCommandRejected) {
+  auto f = ParseStepFile("{}\n---\nexec: {command: []}\n", "steps");
+  ASSERT_FALSE(f.ok());
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("exec.command: expected a non-empty sequence"));
+}
+
+TEST(StepFileTest, UnsupportedFeaturesAreRefusedNotIgnored) {
+  auto f = ParseStepFile("{}\n---\nexec: {command: [echo, '${{ inputs.x }}']}\n", "steps");
+  ASSERT_FALSE(f.ok());
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("expressions"));
+  auto g = ParseStepFile("{}\n---\nrun:\n  - name: a\n    step: ./other\n", "steps");
+  ASSERT_FALSE(g.ok());
+  EXPECT_THAT(std::string(g.status().message()), HasSubstr("step references are not supported"));
+}
+
+TEST(StepFileTest, OversizedFileRejectedBeforeParsing) {
+  std::string big(kMaxStepFileBytes + 1, '#');
+  auto f = ParseStepFile(big, "steps");
+  ASSERT_FALSE(f.ok());
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("the limit is"));
+}
+
+}  // namespace
+}  // namespace step_runner::steps
