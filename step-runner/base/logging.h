@@ -29,23 +29,28 @@ class LogMessage {
 void SetMinLogSeverity(Severity severity);
 bool LogEnabled(Severity severity);
 
+// Turns the stream expression into void so the whole macro is one expression (no dangling else).
+struct Voidify {
+  void operator&(std::ostream&) {}
+};
+
 }  // namespace step_runner::internal
 
 #define SR_LOG_SEVERITY_INFO ::step_runner::internal::Severity::kInfo
 #define SR_LOG_SEVERITY_WARNING ::step_runner::internal::Severity::kWarning
 #define SR_LOG_SEVERITY_ERROR ::step_runner::internal::Severity::kError
 
-#define SR_LOG(sev)                                                \
-  if (!::step_runner::internal::LogEnabled(SR_LOG_SEVERITY_##sev)) \
-    ;                                                              \
-  else                                                             \
-    ::step_runner::internal::LogMessage(SR_LOG_SEVERITY_##sev, __FILE__, __LINE__).stream()
+#define SR_LOG(sev)                                                          \
+  !::step_runner::internal::LogEnabled(SR_LOG_SEVERITY_##sev)                \
+      ? (void)0                                                              \
+      : ::step_runner::internal::Voidify() &                                 \
+            ::step_runner::internal::LogMessage(SR_LOG_SEVERITY_##sev, __FILE__, __LINE__).stream()
 
 // Appends ": strerror(errno)" for the errno at the point of the macro.
-#define SR_PLOG(sev)                                               \
-  if (!::step_runner::internal::LogEnabled(SR_LOG_SEVERITY_##sev)) \
-    ;                                                              \
-  else                                                             \
-    ::step_runner::internal::LogMessage(SR_LOG_SEVERITY_##sev, __FILE__, __LINE__, true).stream()
+#define SR_PLOG(sev)                                                         \
+  !::step_runner::internal::LogEnabled(SR_LOG_SEVERITY_##sev)                \
+      ? (void)0                                                              \
+      : ::step_runner::internal::Voidify() &                                 \
+            ::step_runner::internal::LogMessage(SR_LOG_SEVERITY_##sev, __FILE__, __LINE__, true).stream()
 
 #endif  // STEP_RUNNER_BASE_LOGGING_H_

@@ -1,0 +1,495 @@
+#include "step-runner/runner/runner.h"
+
+#include <dirent.h>
+#include <openssl/evp.h>
+#include <signal.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <map>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "google/protobuf/util/time_util.h"
+#include "step-runner/base/files.h"
+#include "step-runner/base/logging.h"
+#include "step-runner/base/status_macros.h"
+#include "step-runner/process/subprocess.h"
+#include "step-runner/steps/step_file.h"
+
+namespace step_runner::runner {
+namespace {
+
+using ::google::protobuf::util::TimeUtil;
+
+constexpr absl::Duration kPruneInterval = absl::Minutes(1);
+
+absl::Status ValidateEnvName(const std::string& name, absl::string_view what) {
+  if (name.empty() || name.find('=') != std::string::npos || name.find('\0') != std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " \"", absl::CHexEscape(name), "\": a name must be non-empty and hold no '=' or NUL"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateEnvValue(const std::string& name, const std::string& value, absl::string_view what) {
+  if (value.find('\0') != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " \"", name, "\": the value holds a NUL byte"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<absl::Duration> DurationField(const google::protobuf::Duration& d, bool present,
+                                             absl::string_view name, absl::Duration fallback) {
+  if (!present) return fallback;
+  if (d.seconds() < 0 || d.nanos() < 0 || d.nanos() >= 1000000000) {
+    return absl::InvalidArgumentError(absl::StrCat(name, " must be a non-negative duration"));
+  }
+  return absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos());
+}
+
+// Environment as an ordered map, so later layers override earlier ones.
+using EnvMap = std::map<std::string, std::string>;
+
+void Layer(EnvMap& env, const std::map<std::string, std::string>& layer) {
+  for (const auto& [k, v] : layer) env[k] = v;
+}
+
+std::vector<std::string> Flatten(const EnvMap& env) {
+  std::vector<std::string> out;
+  out.reserve(env.size());
+  for (const auto& [k, v] : env) out.push_back(absl::StrCat(k, "=", v));
+  return out;
+}
+
+std::string RandomHex(size_t bytes) {
+  std::string raw(bytes, '\0');
+  if (::getrandom(raw.data(), raw.size(), 0) != static_cast<ssize_t>(raw.size())) {
+    // getrandom does not fail for small sizes after boot; fall back to something unique anyway.
+    raw = absl::StrCat(::getpid(), absl::ToUnixNanos(absl::Now()));
+  }
+  return absl::BytesToHexString(raw);
+}
+
+}  // namespace
+
+absl::Status ValidateJobId(const std::string& id) {
+  if (id.empty()) return absl::InvalidArgumentError("id: a job needs a non-empty id");
+  if (id.size() > 256) return absl::InvalidArgumentError("id: at most 256 bytes");
+  for (unsigned char c : id) {
+    if (c < 0x20 || c == 0x7f) {
+      return absl::InvalidArgumentError("id: control characters are not allowed");
+    }
+  }
+  return absl::OkStatus();
+}
+
+Runner::Runner(RunnerOptions options) : options_(std::move(options)) {}
+
+Runner::~Runner() {
+  if (!loop_) return;
+  Shutdown(absl::ZeroDuration());
+  // Whatever still runs is killed outright: no step outlives its supervisor unsupervised.
+  std::vector<std::shared_ptr<Job>> jobs;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, job] : jobs_) jobs.push_back(job);
+  }
+  loop_->Post([jobs] {
+    for (const auto& job : jobs) job->ForceKill();
+  });
+  {
+    absl::MutexLock lock(&mu_);
+    auto all_ended = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return running_ == 0; };
+    mu_.AwaitWithTimeout(absl::Condition(&all_ended), options_.drain_timeout + absl::Seconds(3));
+  }
+  loop_.reset();
+}
+
+absl::StatusOr<std::unique_ptr<Runner>> Runner::Create(RunnerOptions options) {
+  std::unique_ptr<Runner> runner(new Runner(std::move(options)));
+  SR_RETURN_IF_ERROR(runner->Init());
+  return runner;
+}
+
+absl::Status Runner::Init() {
+  if (options_.state_dir.empty()) return absl::InvalidArgumentError("a state dir is required");
+  SR_RETURN_IF_ERROR(MakeDirs(options_.state_dir, 0700));
+  // The state holds job logs (masked) and records; nobody but the daemon's user reads it.
+  if (::chmod(options_.state_dir.c_str(), 0700) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("chmod(", options_.state_dir, ")"));
+  }
+  jobs_dir_ = options_.state_dir + "/jobs";
+  SR_RETURN_IF_ERROR(MakeDirs(jobs_dir_, 0700));
+
+  std::string salt_path = options_.state_dir + "/fingerprint.salt";
+  if (auto salt = ReadFile(salt_path); salt.ok() && salt->size() == 32) {
+    salt_ = *salt;
+  } else {
+    salt_ = RandomHex(16);
+    SR_RETURN_IF_ERROR(WriteFileAtomically(salt_path, salt_, 0600));
+  }
+
+  if (options_.secrets_root.empty()) {
+    std::string shm = absl::StrCat("/dev/shm/step-runner-", ::getuid());
+    if (MakeDirs(shm, 0700).ok() && ::access(shm.c_str(), W_OK) == 0) {
+      options_.secrets_root = shm;
+    } else {
+      options_.secrets_root = options_.state_dir + "/secrets";
+      SR_LOG(WARNING) << "/dev/shm is not writable; file variables go to " << options_.secrets_root;
+    }
+  }
+  SR_RETURN_IF_ERROR(MakeDirs(options_.secrets_root, 0700));
+
+  SR_ASSIGN_OR_RETURN(loop_, EventLoop::Create());
+  SR_RETURN_IF_ERROR(Recover());
+  Prune();
+  // Ages out finished jobs even when no new job finishes to trigger a prune.
+  struct Ticker {
+    static void Arm(Runner* runner, EventLoop* loop) {
+      loop->AddTimer(kPruneInterval, [runner, loop] {
+        runner->Prune();
+        Arm(runner, loop);
+      });
+    }
+  };
+  loop_->Post([this, loop = loop_.get()] { Ticker::Arm(this, loop); });
+  return absl::OkStatus();
+}
+
+absl::Status Runner::Recover() {
+  DIR* dir = ::opendir(jobs_dir_.c_str());
+  if (dir == nullptr) return ErrnoStatus(errno, absl::StrCat("opendir(", jobs_dir_, ")"));
+  std::vector<std::string> names;
+  while (struct dirent* entry = ::readdir(dir)) {
+    std::string name = entry->d_name;
+    if (name != "." && name != "..") names.push_back(name);
+  }
+  ::closedir(dir);
+  std::sort(names.begin(), names.end());  // names start with creation time: oldest first
+
+  const std::string boot_id = process::BootId();
+  int interrupted = 0;
+  absl::MutexLock lock(&mu_);
+  for (const std::string& name : names) {
+    std::string path = absl::StrCat(jobs_dir_, "/", name);
+    auto bytes = ReadFile(path + "/record.pb");
+    proto::JobRecord record;
+    if (!bytes.ok() || !record.ParseFromString(*bytes) || record.status().id().empty()) {
+      // A job folder without a readable record was being created when the daemon died, or is
+      // not ours: nothing in it can be served.
+      SR_LOG(WARNING) << "removing " << path << ": no readable job record";
+      (void)RemoveTree(path);
+      continue;
+    }
+    (void)RemoveTree(absl::StrCat(options_.secrets_root, "/", name));
+    if (record.status().status() == proto::StepResult::running) {
+      ++interrupted;
+      const proto::ProcessGroupRecord& group = record.running_group();
+      if (group.pgid() > 0 && group.boot_id() == boot_id) {
+        // Kill only if the group is provably the one the job started: its leader is the same
+        // process instance, or gone while members remain (then the pgid cannot have been reused).
+        auto ticks = process::ProcessStartTicks(group.pgid());
+        bool same = ticks.ok() ? *ticks == group.leader_start_ticks()
+                               : !process::LiveProcessesInGroup(group.pgid()).empty();
+        if (same) {
+          SR_LOG(WARNING) << "job " << record.status().id() << ": killing leftover process group "
+                          << group.pgid();
+          ::kill(-group.pgid(), SIGKILL);
+        }
+      }
+      proto::Status* status = record.mutable_status();
+      status->set_status(proto::StepResult::failure);
+      status->set_message("the daemon stopped while the job was running");
+      status->mutable_error()->set_kind(proto::StatusError::interrupted);
+      status->mutable_error()->set_message(status->message());
+      *status->mutable_end_time() = TimeUtil::GetCurrentTime();
+      status->mutable_result()->set_status(proto::StepResult::failure);
+      for (proto::StepResult& step : *status->mutable_result()->mutable_sub_step_results()) {
+        if (step.status() == proto::StepResult::running) step.set_status(proto::StepResult::failure);
+      }
+      record.clear_running_group();
+      if (auto size = ReadFile(path + "/log"); size.ok()) status->set_log_size(size->size());
+      (void)WriteFileAtomically(path + "/record.pb", record.SerializeAsString(), 0600);
+    }
+    auto job = Job::Recover(path, std::move(record));
+    if (!job.ok()) {
+      SR_LOG(WARNING) << "skipping " << path << ": " << job.status();
+      continue;
+    }
+    auto [it, inserted] = jobs_.emplace((*job)->id(), *job);
+    if (!inserted) {
+      // Two folders for one id (a Close whose deletion the crash cut short): newest wins.
+      std::swap(it->second, *job);
+      (void)RemoveTree((*job)->dir());
+    }
+  }
+  if (!jobs_.empty()) {
+    SR_LOG(INFO) << "recovered " << jobs_.size() << " jobs from " << jobs_dir_ << " ("
+                 << interrupted << " interrupted)";
+  }
+  return absl::OkStatus();
+}
+
+std::string Runner::Fingerprint(const proto::RunRequest& request) const {
+  std::string serialized;
+  {
+    google::protobuf::io::StringOutputStream stream(&serialized);
+    google::protobuf::io::CodedOutputStream coded(&stream);
+    coded.SetSerializationDeterministic(true);  // map order must not change the fingerprint
+    request.SerializeToCodedStream(&coded);
+  }
+  // Salted, so that the record on disk does not let anyone test guesses of masked values.
+  std::string input = salt_ + serialized;
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_Digest(input.data(), input.size(), digest, &length, EVP_sha256(), nullptr);
+  return std::string(reinterpret_cast<char*>(digest), length);
+}
+
+absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const std::string& dir_name) {
+  JobConfig config;
+  config.id = request.id();
+  config.dir = absl::StrCat(jobs_dir_, "/", dir_name);
+  SR_ASSIGN_OR_RETURN(config.timeout, DurationField(request.timeout(), request.has_timeout(),
+                                                    "timeout", absl::InfiniteDuration()));
+  if (request.has_timeout() && config.timeout == absl::ZeroDuration()) {
+    config.timeout = absl::InfiniteDuration();  // 0 means no limit, as in GitLab's client
+  }
+  SR_ASSIGN_OR_RETURN(config.graceful_exit_timeout,
+                      DurationField(request.graceful_exit_timeout(), request.has_graceful_exit_timeout(),
+                                    "graceful_exit_timeout", options_.default_graceful_exit_timeout));
+  config.drain_timeout = options_.drain_timeout;
+
+  SR_ASSIGN_OR_RETURN(steps::StepFile file, steps::ParseStepFile(request.steps(), "steps"));
+
+  // Job.build_dir overrides work_dir, as in GitLab.
+  config.work_dir = !request.job().build_dir().empty() ? request.job().build_dir() : request.work_dir();
+  if (!config.work_dir.empty() && config.work_dir[0] != '/') {
+    return absl::InvalidArgumentError(
+        absl::StrCat("work_dir \"", config.work_dir, "\" must be an absolute path"));
+  }
+  if (config.work_dir.empty()) config.work_dir = config.dir + "/work";
+
+  EnvMap env;
+  for (const std::string& entry : options_.base_env) {
+    size_t eq = entry.find('=');
+    if (eq != std::string::npos) env[entry.substr(0, eq)] = entry.substr(eq + 1);
+  }
+  for (const auto& [k, v] : request.env()) {
+    SR_RETURN_IF_ERROR(ValidateEnvName(k, "env"));
+    SR_RETURN_IF_ERROR(ValidateEnvValue(k, v, "env"));
+    env[k] = v;
+  }
+  bool any_file = false;
+  for (const proto::Variable& var : request.job().variables()) {
+    SR_RETURN_IF_ERROR(ValidateEnvName(var.key(), "job.variables"));
+    if (var.masked() && !var.value().empty()) config.secrets.push_back(var.value());
+    if (var.file()) {
+      if (var.key().find('/') != std::string::npos || var.key() == "." || var.key() == "..") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("job.variables \"", var.key(), "\": a file variable's name cannot hold '/'"));
+      }
+      any_file = true;
+      env[var.key()] = absl::StrCat(options_.secrets_root, "/", dir_name, "/", var.key());
+    } else {
+      SR_RETURN_IF_ERROR(ValidateEnvValue(var.key(), var.value(), "job.variables"));
+      env[var.key()] = var.value();
+    }
+  }
+  if (any_file) config.secrets_dir = absl::StrCat(options_.secrets_root, "/", dir_name);
+  Layer(env, file.definition.env);
+
+  const std::vector<std::string> job_env = Flatten(env);
+  if (file.definition.exec) {
+    PlannedStep step;
+    step.name = "exec";
+    step.argv = file.definition.exec->command;
+    step.env = job_env;
+    step.work_dir = file.definition.exec->work_dir.empty() ? config.work_dir : file.definition.exec->work_dir;
+    config.steps.push_back(std::move(step));
+  }
+  // bash with errexit and pipefail, as GitLab's script step; sh where there is no bash.
+  std::vector<std::string> shell = {"sh", "-e", "-c"};
+  if (process::FindExecutable("bash", job_env).ok()) {
+    shell = {"bash", "--noprofile", "--norc", "-e", "-o", "pipefail", "-c"};
+  }
+  for (const steps::Invocation& inv : file.definition.run) {
+    EnvMap step_env = env;
+    Layer(step_env, inv.env);
+    PlannedStep step;
+    step.name = inv.name;
+    step.argv = shell;
+    step.argv.push_back(inv.script);
+    step.env = Flatten(step_env);
+    step.work_dir = config.work_dir;
+    config.steps.push_back(std::move(step));
+  }
+  return config;
+}
+
+absl::Status Runner::Run(const proto::RunRequest& request) {
+  SR_RETURN_IF_ERROR(ValidateJobId(request.id()));
+  const std::string fingerprint = Fingerprint(request);
+  absl::MutexLock lock(&mu_);
+  if (shutting_down_) return absl::UnavailableError("step-runner is shutting down");
+  if (auto it = jobs_.find(request.id()); it != jobs_.end()) {
+    if (it->second->fingerprint() == fingerprint) return absl::OkStatus();  // a retried Run
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job \"", request.id(), "\" already exists with a different request; Close it first or use another id"));
+  }
+
+  // Names sort by creation time, which recovery relies on.
+  const std::string dir_name =
+      absl::StrFormat("%020d-%s", absl::ToUnixMicros(absl::Now()), RandomHex(4));
+  SR_ASSIGN_OR_RETURN(JobConfig config, Plan(request, dir_name));
+  config.fingerprint = fingerprint;
+
+  // Nothing is created until the whole request is valid.
+  if (absl::Status s = MakeDirs(config.work_dir, 0700); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("work_dir: cannot create it: ", s.message()));
+  }
+  SR_RETURN_IF_ERROR(MakeDirs(config.dir, 0700));
+  absl::Status prepared = absl::OkStatus();
+  if (!config.secrets_dir.empty()) {
+    prepared = MakeDirs(config.secrets_dir, 0700);
+    for (const proto::Variable& var : request.job().variables()) {
+      if (!var.file() || !prepared.ok()) continue;
+      prepared = WriteFileAtomically(absl::StrCat(config.secrets_dir, "/", var.key()), var.value(), 0600);
+    }
+  }
+  absl::StatusOr<std::shared_ptr<Job>> job =
+      prepared.ok() ? Job::Create(std::move(config), loop_.get(),
+                                  [this](Job& finished) { OnJobFinished(finished); })
+                    : absl::StatusOr<std::shared_ptr<Job>>(prepared);
+  if (!job.ok()) {
+    (void)RemoveTree(absl::StrCat(jobs_dir_, "/", dir_name));
+    (void)RemoveTree(absl::StrCat(options_.secrets_root, "/", dir_name));
+    return absl::InternalError(absl::StrCat("cannot prepare the job: ", job.status().message()));
+  }
+  jobs_[request.id()] = *job;
+  ++running_;
+  loop_->Post([job = *job] { job->Start(); });
+  return absl::OkStatus();
+}
+
+absl::Status Runner::Cancel(const std::string& id) {
+  std::shared_ptr<Job> job;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job with id \"", id, "\""));
+    job = it->second;
+  }
+  loop_->Post([job] { job->RequestCancel(proto::StatusError::cancelled, "the job was cancelled"); });
+  return absl::OkStatus();
+}
+
+absl::Status Runner::Close(const std::string& id) {
+  std::shared_ptr<Job> job;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) return absl::OkStatus();
+    job = std::move(it->second);
+    jobs_.erase(it);
+  }
+  // The id is free at once; the processes get their graceful exit and the folders go after.
+  job->DeleteWhenFinished();
+  loop_->Post([job] { job->RequestCancel(proto::StatusError::cancelled, "the job was closed"); });
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<proto::Status>> Runner::GetStatus(const std::string& id) const {
+  std::vector<std::shared_ptr<Job>> jobs;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!id.empty()) {
+      auto it = jobs_.find(id);
+      if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job with id \"", id, "\""));
+      jobs.push_back(it->second);
+    } else {
+      for (const auto& [key, job] : jobs_) jobs.push_back(job);
+    }
+  }
+  std::vector<proto::Status> out;
+  out.reserve(jobs.size());
+  for (const auto& job : jobs) out.push_back(job->status());
+  std::sort(out.begin(), out.end(), [](const proto::Status& a, const proto::Status& b) {
+    return TimeUtil::TimestampToNanoseconds(a.start_time()) < TimeUtil::TimestampToNanoseconds(b.start_time());
+  });
+  return out;
+}
+
+absl::StatusOr<std::shared_ptr<logs::JobLog>> Runner::GetLog(const std::string& id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job with id \"", id, "\""));
+  return it->second->log();
+}
+
+size_t Runner::running_jobs() const {
+  absl::MutexLock lock(&mu_);
+  return running_;
+}
+
+void Runner::OnJobFinished(Job&) {
+  {
+    absl::MutexLock lock(&mu_);
+    --running_;
+  }
+  Prune();
+}
+
+void Runner::Prune() {
+  std::vector<std::shared_ptr<Job>> dropped;
+  {
+    absl::MutexLock lock(&mu_);
+    std::vector<std::pair<absl::Time, std::string>> finished;
+    for (const auto& [id, job] : jobs_) {
+      if (job->finished()) finished.emplace_back(job->end_time(), id);
+    }
+    std::sort(finished.begin(), finished.end());
+    const absl::Time oldest_kept = absl::Now() - options_.max_job_age;
+    size_t excess = finished.size() > options_.max_retained_jobs
+                        ? finished.size() - options_.max_retained_jobs
+                        : 0;
+    for (size_t i = 0; i < finished.size(); ++i) {
+      if (i >= excess && finished[i].first >= oldest_kept) break;
+      auto it = jobs_.find(finished[i].second);
+      dropped.push_back(std::move(it->second));
+      jobs_.erase(it);
+    }
+  }
+  // Followers still reading a dropped job keep their open fd; only the names go.
+  for (auto& job : dropped) job->DeleteWhenFinished();
+}
+
+void Runner::Shutdown(absl::Duration deadline) {
+  std::vector<std::shared_ptr<Job>> jobs;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!shutting_down_) {
+      shutting_down_ = true;
+      for (const auto& [id, job] : jobs_) jobs.push_back(job);
+    }
+  }
+  if (!jobs.empty() && loop_) {
+    loop_->Post([jobs] {
+      for (const auto& job : jobs) {
+        job->RequestCancel(proto::StatusError::cancelled, "step-runner is shutting down");
+      }
+    });
+  }
+  absl::MutexLock lock(&mu_);
+  auto all_ended = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return running_ == 0; };
+  mu_.AwaitWithTimeout(absl::Condition(&all_ended), deadline);
+}
+
+}  // namespace step_runner::runner
