@@ -1,1 +1,511 @@
-int main(){}
+// step-runner: the daemon, its stdio bridge, and the client CLI.
+//
+//   step-runner serve --socket PATH --state-dir DIR     the daemon
+//   step-runner proxy [--socket PATH]                    stdin/stdout <-> the daemon's socket
+//   step-runner run FILE [--id ID] [--env K=V] [--follow] ...
+//   step-runner logs ID [--offset N] [--follow]
+//   step-runner status [ID] | cancel ID | close ID
+//
+// Guarantees of the client commands:
+//  - a dropped connection is redialled with backoff, then Status, then FollowLogs from the last
+//    byte delivered: no byte is printed twice or missed;
+//  - `run` may be retried with the same id: it never starts a second job;
+//  - a client killed while following and started again (same id, same daemon) resumes where the
+//    killed one stopped, from the resume point it keeps in $XDG_STATE_HOME/step-runner/follow;
+//  - the exit code follows the job's outcome (see README.md).
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/time.h"
+#include "google/protobuf/util/time_util.h"
+#include "step-runner/base/files.h"
+#include "step-runner/base/logging.h"
+#include "step-runner/client/client.h"
+#include "step-runner/server/daemon.h"
+
+namespace step_runner {
+namespace {
+
+// CLI exit codes beyond the job's own (documented in README.md).
+constexpr int kExitUsage = 2;
+constexpr int kExitTimeout = 124;
+constexpr int kExitCancelled = 130;
+constexpr int kExitInvalid = 65;       // EX_DATAERR: the daemon rejected the request
+constexpr int kExitNotFound = 66;      // EX_NOINPUT: no such job or file
+constexpr int kExitUnavailable = 69;   // EX_UNAVAILABLE: the daemon could not be reached
+constexpr int kExitInterrupted = 75;   // EX_TEMPFAIL: the daemon died while the job ran
+constexpr int kExitSoftware = 70;      // EX_SOFTWARE: anything else
+
+constexpr char kUsage[] = R"(usage:
+  step-runner serve [--socket PATH] [--state-dir DIR] [--allow-uid UID]...
+                    [--max-jobs N] [--max-age DURATION] [--graceful-exit-timeout DURATION]
+                    [--log-level info|warning|error]
+  step-runner proxy [--socket PATH]
+  step-runner run FILE|- [--id ID] [--env K=V]... [--var K=V]... [--masked-var K=V]...
+                    [--file-var K=V]... [--work-dir DIR] [--timeout DURATION]
+                    [--graceful-exit-timeout DURATION] [--follow] [--split-streams]
+  step-runner logs ID [--offset N] [--follow] [--split-streams]
+  step-runner status [ID]
+  step-runner cancel ID
+  step-runner close ID
+
+Client commands reach the daemon through --socket PATH (default: $STEP_RUNNER_SOCKET) or
+--via 'COMMAND' (a command whose stdin/stdout reach `step-runner proxy`, e.g.
+--via 'ssh workspace step-runner proxy').
+)";
+
+struct Args {
+  std::vector<std::string> positional;
+  std::multimap<std::string, std::string> values;
+  std::map<std::string, bool> switches;
+
+  std::optional<std::string> Get(const std::string& name) const {
+    auto it = values.find(name);
+    if (it == values.end()) return std::nullopt;
+    return it->second;
+  }
+  std::vector<std::string> All(const std::string& name) const {
+    std::vector<std::string> out;
+    for (auto [it, end] = values.equal_range(name); it != end; ++it) out.push_back(it->second);
+    return out;
+  }
+  bool Has(const std::string& name) const { return switches.count(name) > 0; }
+};
+
+struct UsageError {
+  std::string message;
+};
+
+// Parses "--flag value", "--flag=value" and "--switch" against the allowed sets.
+std::optional<Args> Parse(int argc, char** argv, int first, const std::vector<std::string>& valued,
+                          const std::vector<std::string>& boolean, std::string* error) {
+  Args args;
+  auto is = [](const std::vector<std::string>& set, const std::string& name) {
+    return std::find(set.begin(), set.end(), name) != set.end();
+  };
+  for (int i = first; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg.size() < 3 || arg.rfind("--", 0) != 0) {
+      args.positional.push_back(arg);
+      continue;
+    }
+    std::string name = arg.substr(2);
+    std::optional<std::string> value;
+    if (size_t eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+    }
+    if (is(boolean, name) && !value) {
+      args.switches[name] = true;
+    } else if (is(valued, name)) {
+      if (!value) {
+        if (i + 1 >= argc) {
+          *error = absl::StrCat("--", name, " needs a value");
+          return std::nullopt;
+        }
+        value = argv[++i];
+      }
+      args.values.emplace(name, *value);
+    } else {
+      *error = absl::StrCat("unknown flag --", name);
+      return std::nullopt;
+    }
+  }
+  return args;
+}
+
+void Notice(const std::string& message) { std::cerr << "step-runner: " << message << std::endl; }
+
+int ExitForStatus(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kOutOfRange:
+      return kExitInvalid;
+    case absl::StatusCode::kNotFound:
+      return kExitNotFound;
+    case absl::StatusCode::kUnavailable:
+      return kExitUnavailable;
+    default:
+      return kExitSoftware;
+  }
+}
+
+int Fail(const absl::Status& status) {
+  Notice(std::string(status.message()));
+  return ExitForStatus(status);
+}
+
+int ExitForJob(const proto::Status& job) {
+  switch (job.status()) {
+    case proto::StepResult::success:
+      return 0;
+    case proto::StepResult::cancelled:
+      return job.error().kind() == proto::StatusError::timeout ? kExitTimeout : kExitCancelled;
+    case proto::StepResult::failure:
+      if (job.error().kind() == proto::StatusError::interrupted) return kExitInterrupted;
+      return job.exit_code() > 0 && job.exit_code() < 256 ? job.exit_code() : 1;
+    default:
+      return kExitSoftware;
+  }
+}
+
+std::string StatusName(proto::StepResult::Status s) {
+  return proto::StepResult::Status_Name(s);
+}
+
+std::string DefaultSocket() {
+  if (const char* env = std::getenv("STEP_RUNNER_SOCKET"); env && *env) return env;
+  return absl::StrCat("/tmp/step-runner-", ::getuid(), "/step-runner.sock");
+}
+
+std::string StateHome() {
+  if (const char* xdg = std::getenv("XDG_STATE_HOME"); xdg && *xdg) return absl::StrCat(xdg, "/step-runner");
+  if (const char* home = std::getenv("HOME"); home && *home) return absl::StrCat(home, "/.local/state/step-runner");
+  return absl::StrCat("/tmp/step-runner-", ::getuid(), "/state");
+}
+
+client::ClientOptions ClientOptionsFrom(const Args& args) {
+  client::ClientOptions options;
+  options.endpoint.socket_path = args.Get("socket").value_or(DefaultSocket());
+  options.endpoint.via_command = args.Get("via").value_or("");
+  options.on_notice = Notice;
+  return options;
+}
+
+// Where a follower keeps how far it got, so that a killed client started again resumes there.
+class ResumePoint {
+ public:
+  ResumePoint(const client::Endpoint& endpoint, const std::string& id) {
+    uint64_t hash = 1469598103934665603ull;  // FNV-1a over endpoint and id
+    const absl::string_view nul("\0", 1);
+    for (char c : absl::StrCat(endpoint.via_command, nul, endpoint.socket_path, nul, id)) {
+      hash = (hash ^ static_cast<unsigned char>(c)) * 1099511628211ull;
+    }
+    dir_ = StateHome() + "/follow";
+    path_ = absl::StrFormat("%s/%016x.offset", dir_, hash);
+  }
+  int64_t Load() const {
+    auto text = ReadFile(path_);
+    int64_t offset = 0;
+    if (text.ok() && absl::SimpleAtoi(*text, &offset) && offset > 0) return offset;
+    return 0;
+  }
+  void Save(int64_t offset) {
+    if (!dir_made_) dir_made_ = MakeDirs(dir_, 0700).ok();
+    (void)WriteFileAtomically(path_, absl::StrCat(offset), 0600);
+  }
+  void Clear() { ::unlink(path_.c_str()); }
+
+ private:
+  std::string dir_;
+  std::string path_;
+  bool dir_made_ = false;
+};
+
+// Streams a job's log to stdout (stderr chunks to stderr with --split-streams) and returns the
+// CLI exit code.
+int FollowToTerminal(client::Client& client, const client::Endpoint& endpoint, const std::string& id,
+                     std::optional<int64_t> explicit_offset, bool split_streams, bool follow) {
+  ResumePoint resume(endpoint, id);
+  int64_t offset = explicit_offset ? *explicit_offset : (follow ? resume.Load() : 0);
+  if (follow && !explicit_offset && offset > 0) Notice(absl::StrCat("resuming job ", id, " at byte ", offset));
+  std::optional<int64_t> stop_at;
+  if (!follow) {
+    auto status = client.GetStatus(id);
+    if (!status.ok()) return Fail(status.status());
+    stop_at = status->log_size();
+  }
+  auto sink = [&](const proto::FollowLogsResponse& chunk) {
+    int fd = split_streams && chunk.stream() == proto::FollowLogsResponse::STREAM_STDERR ? 2 : 1;
+    if (absl::Status s = WriteAll(fd, chunk.data()); !s.ok()) {
+      Notice(absl::StrCat("cannot write the output: ", s.message()));
+      std::exit(kExitSoftware);
+    }
+    if (follow) resume.Save(chunk.offset() + static_cast<int64_t>(chunk.data().size()));
+  };
+  auto final_status = client.Follow(id, offset, sink, nullptr, stop_at);
+  if (!final_status.ok()) {
+    if (absl::IsOutOfRange(final_status.status()) && follow && !explicit_offset) resume.Clear();
+    return Fail(final_status.status());
+  }
+  if (!follow) return 0;
+  resume.Clear();
+  const proto::Status& job = *final_status;
+  if (job.status() == proto::StepResult::success) {
+    Notice(absl::StrCat("job ", id, " succeeded"));
+  } else {
+    Notice(absl::StrCat("job ", id, " ", StatusName(job.status()), ": ", job.message(),
+                        job.exit_code() ? absl::StrCat(" (exit code ", job.exit_code(), ")") : ""));
+  }
+  return ExitForJob(job);
+}
+
+absl::StatusOr<absl::Duration> ParseDurationFlag(const std::string& name, const std::string& text) {
+  absl::Duration d;
+  if (!absl::ParseDuration(text, &d) || d < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat("--", name, ": expected a duration like 90s or 5m, got \"", text, "\""));
+  }
+  return d;
+}
+
+void SetDuration(absl::Duration d, google::protobuf::Duration* out) {
+  out->set_seconds(absl::ToInt64Seconds(d));
+  out->set_nanos(static_cast<int32_t>(absl::ToInt64Nanoseconds(d - absl::Seconds(out->seconds()))));
+}
+
+int CmdServe(const Args& args) {
+  server::DaemonOptions options;
+  options.socket_path = args.Get("socket").value_or(DefaultSocket());
+  options.runner.state_dir = args.Get("state-dir").value_or(StateHome() + "/daemon");
+  for (const std::string& uid : args.All("allow-uid")) {
+    uint32_t value;
+    if (!absl::SimpleAtoi(uid, &value)) return Fail(absl::InvalidArgumentError("--allow-uid: not a uid: " + uid));
+    options.extra_allowed_uids.insert(value);
+  }
+  if (auto n = args.Get("max-jobs")) {
+    if (!absl::SimpleAtoi(*n, &options.runner.max_retained_jobs) || options.runner.max_retained_jobs == 0) {
+      return Fail(absl::InvalidArgumentError("--max-jobs: expected a positive number"));
+    }
+  }
+  if (auto age = args.Get("max-age")) {
+    auto d = ParseDurationFlag("max-age", *age);
+    if (!d.ok()) return Fail(d.status());
+    options.runner.max_job_age = *d;
+  }
+  if (auto grace = args.Get("graceful-exit-timeout")) {
+    auto d = ParseDurationFlag("graceful-exit-timeout", *grace);
+    if (!d.ok()) return Fail(d.status());
+    options.runner.default_graceful_exit_timeout = *d;
+  }
+  if (auto level = args.Get("log-level")) {
+    if (*level == "info") internal::SetMinLogSeverity(internal::Severity::kInfo);
+    else if (*level == "warning") internal::SetMinLogSeverity(internal::Severity::kWarning);
+    else if (*level == "error") internal::SetMinLogSeverity(internal::Severity::kError);
+    else return Fail(absl::InvalidArgumentError("--log-level: expected info, warning or error"));
+  }
+  // Steps start from a small, known environment (GitLab's list plus HOME), not the daemon's.
+  for (const char* name : {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "LOGNAME", "USER", "SHELL",
+                           "TERM", "TMPDIR", "TZ", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+                           "http_proxy", "https_proxy", "no_proxy", "all_proxy"}) {
+    if (const char* value = std::getenv(name)) options.runner.base_env.push_back(absl::StrCat(name, "=", value));
+  }
+  if (!std::getenv("PATH")) options.runner.base_env.push_back("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+  absl::Status s = server::Serve(options);
+  if (!s.ok()) return Fail(s);
+  return 0;
+}
+
+// Copies bytes both ways between stdin/stdout and the daemon's socket until either side closes.
+int CmdProxy(const Args& args) {
+  std::string path = args.Get("socket").value_or(DefaultSocket());
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof addr.sun_path) return Fail(absl::InvalidArgumentError("socket path too long"));
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  UniqueFd sock(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (::connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    return Fail(absl::UnavailableError(absl::StrCat("cannot connect to ", path, ": ", std::strerror(errno))));
+  }
+  Notice(absl::StrCat("proxy connected to ", path));
+  std::vector<char> buffer(256 << 10);
+  pollfd fds[2] = {{.fd = STDIN_FILENO, .events = POLLIN}, {.fd = sock.get(), .events = POLLIN}};
+  const int outputs[2] = {sock.get(), STDOUT_FILENO};
+  for (;;) {
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      return Fail(ErrnoStatus(errno, "poll"));
+    }
+    for (int i = 0; i < 2; ++i) {
+      if (!fds[i].revents) continue;
+      ssize_t n = ::read(fds[i].fd, buffer.data(), buffer.size());
+      if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+      if (n <= 0) return 0;  // either side closed: the bridge is done
+      if (!WriteAll(outputs[i], absl::string_view(buffer.data(), static_cast<size_t>(n))).ok()) return 0;
+    }
+  }
+}
+
+int CmdRun(const Args& args) {
+  if (args.positional.size() != 1) throw UsageError{"run takes one step file (or - for stdin)"};
+  const std::string& file = args.positional[0];
+  proto::RunRequest request;
+  if (file == "-") {
+    request.set_steps(std::string(std::istreambuf_iterator<char>(std::cin), {}));
+  } else {
+    auto steps = ReadFile(file);
+    if (!steps.ok()) return Fail(steps.status());
+    request.set_steps(*steps);
+  }
+  std::string id = args.Get("id").value_or("");
+  if (id.empty()) {
+    id = absl::StrFormat("job-%d-%d", absl::ToUnixMillis(absl::Now()), ::getpid());
+  }
+  request.set_id(id);
+  auto split = [](const std::string& flag, const std::string& kv) -> absl::StatusOr<std::pair<std::string, std::string>> {
+    size_t eq = kv.find('=');
+    if (eq == std::string::npos || eq == 0) return absl::InvalidArgumentError(absl::StrCat("--", flag, ": expected KEY=VALUE, got \"", kv, "\""));
+    return std::make_pair(kv.substr(0, eq), kv.substr(eq + 1));
+  };
+  for (const std::string& kv : args.All("env")) {
+    auto p = split("env", kv);
+    if (!p.ok()) return Fail(p.status());
+    (*request.mutable_env())[p->first] = p->second;
+  }
+  for (const char* flag : {"var", "masked-var", "file-var"}) {
+    for (const std::string& kv : args.All(flag)) {
+      auto p = split(flag, kv);
+      if (!p.ok()) return Fail(p.status());
+      proto::Variable* var = request.mutable_job()->add_variables();
+      var->set_key(p->first);
+      var->set_value(p->second);
+      var->set_masked(std::string(flag) == "masked-var");
+      var->set_file(std::string(flag) == "file-var");
+    }
+  }
+  if (auto dir = args.Get("work-dir")) request.set_work_dir(*dir);
+  if (auto t = args.Get("timeout")) {
+    auto d = ParseDurationFlag("timeout", *t);
+    if (!d.ok()) return Fail(d.status());
+    SetDuration(*d, request.mutable_timeout());
+  }
+  if (auto t = args.Get("graceful-exit-timeout")) {
+    auto d = ParseDurationFlag("graceful-exit-timeout", *t);
+    if (!d.ok()) return Fail(d.status());
+    SetDuration(*d, request.mutable_graceful_exit_timeout());
+  }
+  client::ClientOptions options = ClientOptionsFrom(args);
+  client::Client client(options);
+  if (absl::Status s = client.Run(request); !s.ok()) return Fail(s);
+  if (!args.Has("follow")) {
+    std::cout << id << std::endl;
+    return 0;
+  }
+  Notice(absl::StrCat("job ", id, " started"));
+  return FollowToTerminal(client, options.endpoint, id, std::nullopt, args.Has("split-streams"), true);
+}
+
+int CmdLogs(const Args& args) {
+  if (args.positional.size() != 1) throw UsageError{"logs takes one job id"};
+  std::optional<int64_t> offset;
+  if (auto o = args.Get("offset")) {
+    int64_t value;
+    if (!absl::SimpleAtoi(*o, &value) || value < 0) return Fail(absl::InvalidArgumentError("--offset: expected a byte offset"));
+    offset = value;
+  }
+  client::ClientOptions options = ClientOptionsFrom(args);
+  client::Client client(options);
+  return FollowToTerminal(client, options.endpoint, args.positional[0], offset, args.Has("split-streams"),
+                          args.Has("follow"));
+}
+
+std::string FormatTime(const google::protobuf::Timestamp& t) {
+  if (t.seconds() == 0 && t.nanos() == 0) return "-";
+  return absl::FormatTime("%Y-%m-%dT%H:%M:%SZ",
+                          absl::FromUnixNanos(google::protobuf::util::TimeUtil::TimestampToNanoseconds(t)),
+                          absl::UTCTimeZone());
+}
+
+int CmdStatus(const Args& args) {
+  if (args.positional.size() > 1) throw UsageError{"status takes at most one job id"};
+  client::Client client(ClientOptionsFrom(args));
+  std::vector<proto::Status> jobs;
+  if (args.positional.empty()) {
+    auto all = client.ListJobs();
+    if (!all.ok()) return Fail(all.status());
+    jobs = *std::move(all);
+  } else {
+    auto one = client.GetStatus(args.positional[0]);
+    if (!one.ok()) return Fail(one.status());
+    jobs.push_back(*std::move(one));
+  }
+  std::cout << absl::StrFormat("%-24s %-10s %-12s %5s %12s  %-20s %s\n", "ID", "STATUS", "ERROR", "EXIT",
+                               "LOG BYTES", "ENDED", "MESSAGE");
+  for (const proto::Status& job : jobs) {
+    std::string error = job.has_error() ? proto::StatusError::Kind_Name(job.error().kind()) : "-";
+    std::cout << absl::StrFormat("%-24s %-10s %-12s %5d %12d  %-20s %s\n", job.id(), StatusName(job.status()),
+                                 error, job.exit_code(), job.log_size(), FormatTime(job.end_time()), job.message());
+  }
+  if (args.positional.size() == 1) return ExitForJob(jobs[0]) == kExitSoftware ? 0 : ExitForJob(jobs[0]);
+  return 0;
+}
+
+int CmdCancelOrClose(const Args& args, bool close) {
+  if (args.positional.size() != 1) throw UsageError{close ? "close takes one job id" : "cancel takes one job id"};
+  client::Client client(ClientOptionsFrom(args));
+  absl::Status s = close ? client.Close(args.positional[0]) : client.Cancel(args.positional[0]);
+  if (!s.ok()) return Fail(s);
+  return 0;
+}
+
+int Main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
+    std::cout << kUsage;
+    return argc < 2 ? kExitUsage : 0;
+  }
+  const std::string command = argv[1];
+  const std::vector<std::string> endpoint = {"socket", "via"};
+  auto with = [&](std::vector<std::string> more) {
+    more.insert(more.end(), endpoint.begin(), endpoint.end());
+    return more;
+  };
+  struct Spec {
+    std::vector<std::string> valued;
+    std::vector<std::string> boolean;
+    std::function<int(const Args&)> run;
+  };
+  std::map<std::string, Spec> commands = {
+      {"serve", {{"socket", "state-dir", "allow-uid", "max-jobs", "max-age", "graceful-exit-timeout", "log-level"}, {}, CmdServe}},
+      {"proxy", {{"socket"}, {}, CmdProxy}},
+      {"run", {with({"id", "env", "var", "masked-var", "file-var", "work-dir", "timeout", "graceful-exit-timeout"}),
+               {"follow", "split-streams"}, CmdRun}},
+      {"logs", {with({"offset"}), {"follow", "split-streams"}, CmdLogs}},
+      {"status", {with({}), {}, CmdStatus}},
+      {"cancel", {with({}), {}, [](const Args& a) { return CmdCancelOrClose(a, false); }}},
+      {"close", {with({}), {}, [](const Args& a) { return CmdCancelOrClose(a, true); }}},
+  };
+  auto it = commands.find(command);
+  if (it == commands.end()) {
+    std::cerr << "step-runner: unknown command \"" << command << "\"\n" << kUsage;
+    return kExitUsage;
+  }
+  if (command == "serve") server::BlockShutdownSignals();
+  std::string error;
+  std::optional<Args> args = Parse(argc, argv, 2, it->second.valued, it->second.boolean, &error);
+  if (!args) {
+    std::cerr << "step-runner " << command << ": " << error << "\n" << kUsage;
+    return kExitUsage;
+  }
+  try {
+    return it->second.run(*args);
+  } catch (const UsageError& e) {
+    std::cerr << "step-runner " << command << ": " << e.message << "\n" << kUsage;
+    return kExitUsage;
+  }
+}
+
+}  // namespace
+}  // namespace step_runner
+
+int main(int argc, char** argv) {
+  // A client writing into a closed pipe (`... | head`) should stop quietly, not die by SIGPIPE
+  // halfway through a write; the write error ends it.
+  ::signal(SIGPIPE, SIG_IGN);
+  return step_runner::Main(argc, argv);
+}

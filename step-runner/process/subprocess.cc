@@ -65,16 +65,13 @@ absl::StatusOr<Subprocess> Subprocess::Spawn(const SpawnOptions& options) {
   posix_spawnattr_init(&attr);
   absl::Cleanup destroy_attr = [&] { posix_spawnattr_destroy(&attr); };
 
-  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
-  if (options.stdout_fd >= 0) {
-    posix_spawn_file_actions_adddup2(&actions, options.stdout_fd, 1);
-  } else {
-    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
-  }
-  if (options.stderr_fd >= 0) {
-    posix_spawn_file_actions_adddup2(&actions, options.stderr_fd, 2);
-  } else {
-    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+  const int wanted[3] = {options.stdin_fd, options.stdout_fd, options.stderr_fd};
+  for (int target = 0; target < 3; ++target) {
+    if (wanted[target] >= 0) {
+      posix_spawn_file_actions_adddup2(&actions, wanted[target], target);
+    } else if (wanted[target] != kInheritFd) {
+      posix_spawn_file_actions_addopen(&actions, target, "/dev/null", target == 0 ? O_RDONLY : O_WRONLY, 0);
+    }
   }
   // Nothing of the daemon's (sockets, logs, other jobs' pipes) leaks into a step.
   posix_spawn_file_actions_addclosefrom_np(&actions, 3);

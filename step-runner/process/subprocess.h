@@ -11,16 +11,20 @@
 
 namespace step_runner::process {
 
+// For SpawnOptions fds: keep the parent's fd of the same number.
+inline constexpr int kInheritFd = -2;
+
 struct SpawnOptions {
   std::vector<std::string> argv;  // argv[0] without a '/' is looked up in env's PATH
   std::vector<std::string> env;   // "KEY=VALUE"; the child gets exactly this
   std::string work_dir;           // empty: inherit
   int stdout_fd = -1;             // dup'ed onto fd 1 in the child (-1: /dev/null)
   int stderr_fd = -1;             // dup'ed onto fd 2 in the child (-1: /dev/null)
+  int stdin_fd = -1;              // dup'ed onto fd 0 in the child (-1: /dev/null)
 };
 
 // A child started with posix_spawn into its own session and process group, with stdin on
-// /dev/null, default signal dispositions, an empty signal mask and no fds but 0, 1 and 2.
+// /dev/null unless given, default signal dispositions, an empty signal mask and no fds but 0, 1 and 2.
 // Holds a pidfd from straight after the spawn, so signalling and reaping never race with pid
 // reuse. Not thread-safe; move-only.
 class Subprocess {

@@ -1,0 +1,110 @@
+#include "step-runner/server/daemon.h"
+
+#include <signal.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "step-runner/base/logging.h"
+#include "step-runner/base/status_macros.h"
+#include "step-runner/server/listener.h"
+#include "step-runner/server/service.h"
+
+namespace step_runner::server {
+namespace {
+
+sigset_t ShutdownSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  return set;
+}
+
+// Many concurrent jobs each hold a few pipes; the soft limit is often a stingy 1024.
+void RaiseFdLimit() {
+  rlimit limit;
+  if (::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+    limit.rlim_cur = limit.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &limit);
+  }
+}
+
+}  // namespace
+
+void BlockShutdownSignals() {
+  sigset_t set = ShutdownSignals();
+  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+}
+
+absl::Status Serve(const DaemonOptions& options) {
+  RaiseFdLimit();
+  std::set<uid_t> allowed = options.extra_allowed_uids;
+  allowed.insert(::getuid());
+  allowed.insert(0);
+  SR_ASSIGN_OR_RETURN(std::unique_ptr<UnixListener> listener,
+                      UnixListener::Bind(options.socket_path, allowed));
+  SR_ASSIGN_OR_RETURN(std::unique_ptr<runner::Runner> runner, runner::Runner::Create(options.runner));
+
+  StepRunnerService service(runner.get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.RegisterService(&service);
+  // Step files up to the parser's limit must reach the parser, which explains what is wrong.
+  builder.SetMaxReceiveMessageSize(16 << 20);
+  // Clients ping to notice a dead SSH hop quickly; allow it, and ping them too so the streams of
+  // vanished clients are released.
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 1000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  // We accept on our own socket (to check peer credentials) and hand each connection to gRPC
+  // as if its own listener had accepted it.
+  std::unique_ptr<grpc::experimental::ExternalConnectionAcceptor> acceptor =
+      builder.experimental().AddExternalConnectionAcceptor(
+          grpc::ServerBuilder::experimental_type::ExternalConnectionType::FROM_FD,
+          grpc::InsecureServerCredentials());
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server) return absl::InternalError("could not start the gRPC server");
+  server->GetHealthCheckService()->SetServingStatus(true);
+
+  const int listen_fd = listener->fd();
+  listener->Start([&acceptor, listen_fd](UniqueFd connection, pid_t, uid_t) {
+    grpc::experimental::ExternalConnectionAcceptor::NewConnectionParameters params;
+    params.listener_fd = listen_fd;
+    params.fd = connection.Release();  // gRPC owns it from here
+    acceptor->HandleNewConnection(&params);
+  });
+  // The same marker as GitLab's step-runner, which gitlab-runner's executors wait for.
+  std::string ready = absl::StrCat("step-runner is listening on socket ", options.socket_path, "\n");
+  ssize_t unused = ::write(STDERR_FILENO, ready.data(), ready.size());
+  (void)unused;
+
+  sigset_t signals = ShutdownSignals();
+  int signo = 0;
+  ::sigwait(&signals, &signo);
+  SR_LOG(INFO) << "received signal " << signo << "; shutting down";
+
+  listener->Stop();
+  server->GetHealthCheckService()->SetServingStatus(false);
+  // Jobs first: their logs end, so the followers' streams end cleanly with every byte.
+  runner->Shutdown(options.runner.default_graceful_exit_timeout + options.runner.drain_timeout +
+                   absl::Seconds(1));
+  server->Shutdown(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(absl::ToInt64Milliseconds(options.stream_drain_timeout)));
+  server->Wait();
+  runner.reset();
+  SR_LOG(INFO) << "stopped";
+  return absl::OkStatus();
+}
+
+}  // namespace step_runner::server

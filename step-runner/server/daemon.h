@@ -1,0 +1,38 @@
+#ifndef STEP_RUNNER_SERVER_DAEMON_H_
+#define STEP_RUNNER_SERVER_DAEMON_H_
+
+#include <sys/types.h>
+
+#include <set>
+#include <string>
+
+#include "absl/status/status.h"
+#include "step-runner/runner/runner.h"
+
+namespace step_runner::server {
+
+struct DaemonOptions {
+  std::string socket_path;
+  // Besides the daemon's own uid and root.
+  std::set<uid_t> extra_allowed_uids;
+  runner::RunnerOptions runner;
+  // How long streams get to drain at shutdown, after the jobs have ended.
+  absl::Duration stream_drain_timeout = absl::Seconds(5);
+};
+
+// `step-runner serve`: runs until SIGTERM, SIGINT or SIGHUP, then cancels running jobs
+// gracefully, records their state, ends every stream and returns.
+//
+// Guarantees:
+//  - the socket is 0600 and each peer's uid is checked (SO_PEERCRED);
+//  - job records and logs live in the state dir and survive a restart, even after SIGKILL;
+//  - the standard gRPC health service and server reflection are served.
+//
+// REQUIRES: SIGTERM, SIGINT and SIGHUP are blocked in every thread (call BlockShutdownSignals
+// first thing in main, before any thread starts).
+absl::Status Serve(const DaemonOptions& options);
+void BlockShutdownSignals();
+
+}  // namespace step_runner::server
+
+#endif  // STEP_RUNNER_SERVER_DAEMON_H_

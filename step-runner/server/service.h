@@ -1,0 +1,49 @@
+#ifndef STEP_RUNNER_SERVER_SERVICE_H_
+#define STEP_RUNNER_SERVER_SERVICE_H_
+
+#include <atomic>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/step_runner.grpc.pb.h"
+#include "step-runner/base/event_loop.h"
+#include "step-runner/runner/runner.h"
+
+namespace step_runner::server {
+
+// The one place absl::Status becomes grpc::Status (the codes share their numbers).
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// Translates the StepRunner RPCs into calls on the Runner; holds no job state of its own.
+// FollowLogs streams through a write reactor that keeps at most one write in flight, so a slow
+// follower costs one chunk of memory and never slows the job or other followers.
+class StepRunnerService final : public proto::StepRunner::CallbackService {
+ public:
+  explicit StepRunnerService(runner::Runner* runner);
+  ~StepRunnerService() override;
+
+  grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* context, const proto::RunRequest* request,
+                                proto::RunResponse* response) override;
+  grpc::ServerUnaryReactor* Close(grpc::CallbackServerContext* context, const proto::CloseRequest* request,
+                                  proto::CloseResponse* response) override;
+  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* context, const proto::CancelRequest* request,
+                                   proto::CancelResponse* response) override;
+  grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* context, const proto::StatusRequest* request,
+                                   proto::StatusResponse* response) override;
+  grpc::ServerWriteReactor<proto::FollowLogsResponse>* FollowLogs(
+      grpc::CallbackServerContext* context, const proto::FollowLogsRequest* request) override;
+
+  // Followers currently streaming (diagnostics and tests).
+  int live_followers() const { return live_followers_.load(); }
+
+ private:
+  runner::Runner* runner_;
+  // Wake-ups of caught-up followers run here, off the event loop that appends to the logs.
+  SerialExecutor pump_;
+  std::atomic<int> live_followers_{0};
+};
+
+}  // namespace step_runner::server
+
+#endif  // STEP_RUNNER_SERVER_SERVICE_H_
