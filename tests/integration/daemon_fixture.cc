@@ -1,0 +1,185 @@
+#include "tests/integration/daemon_fixture.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "absl/strings/str_cat.h"
+#include "step-runner/base/files.h"
+
+namespace step_runner::testing {
+namespace {
+
+std::vector<std::string> TestEnvironment(const std::vector<std::string>& extra) {
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e) env.emplace_back(*e);
+  env.insert(env.end(), extra.begin(), extra.end());
+  return env;
+}
+
+}  // namespace
+
+std::string StepRunnerBinary() { return SR_BINARY_DIR "/step-runner/step-runner"; }
+std::string PatternWriterBinary() { return SR_BINARY_DIR "/tests/pattern_writer"; }
+
+TempDir::TempDir() {
+  char tmpl[] = "/tmp/sr_test.XXXXXX";
+  path_ = ::mkdtemp(tmpl);
+}
+TempDir::~TempDir() { (void)RemoveTree(path_); }
+
+absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const std::string& dir,
+                                                      std::vector<std::string> extra_args,
+                                                      absl::Duration deadline) {
+  std::unique_ptr<Daemon> daemon(new Daemon());
+  daemon->socket_ = dir + "/sr.sock";
+  daemon->state_ = dir + "/state";
+  daemon->stderr_path_ = dir + "/daemon.stderr";
+  UniqueFd err(::open(daemon->stderr_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
+  if (!err) return ErrnoStatus(errno, "open(daemon.stderr)");
+  std::vector<std::string> argv = {StepRunnerBinary(), "serve", "--socket", daemon->socket_,
+                                   "--state-dir", daemon->state_, "--log-level", "warning"};
+  argv.insert(argv.end(), extra_args.begin(), extra_args.end());
+  auto child = process::Subprocess::Spawn(
+      {.argv = argv, .env = TestEnvironment({}), .stdout_fd = err.get(), .stderr_fd = err.get()});
+  if (!child.ok()) return child.status();
+  daemon->child_.emplace(*std::move(child));
+  absl::Time until = absl::Now() + deadline;
+  while (absl::Now() < until) {
+    if (daemon->stderr_output().find("step-runner is listening on socket") != std::string::npos) {
+      return daemon;
+    }
+    pollfd pfd{.fd = daemon->child_->pidfd(), .events = POLLIN};
+    if (::poll(&pfd, 1, 5) > 0) {
+      return absl::InternalError(absl::StrCat("the daemon exited at start: ", daemon->stderr_output()));
+    }
+  }
+  return absl::DeadlineExceededError(absl::StrCat("the daemon did not become ready: ", daemon->stderr_output()));
+}
+
+Daemon::~Daemon() {
+  if (child_ && !exited_) {
+    (void)child_->SignalGroup(SIGKILL);
+    (void)child_->Reap();
+  }
+}
+
+std::string Daemon::stderr_output() const { return ReadFile(stderr_path_).value_or(""); }
+
+void Daemon::Signal(int signo) {
+  if (!exited_) ::kill(child_->pid(), signo);
+}
+
+absl::StatusOr<int> Daemon::Wait(absl::Duration deadline) {
+  if (exited_) return absl::FailedPreconditionError("already reaped");
+  pollfd pfd{.fd = child_->pidfd(), .events = POLLIN};
+  if (::poll(&pfd, 1, static_cast<int>(absl::ToInt64Milliseconds(deadline))) <= 0) {
+    return absl::DeadlineExceededError("the daemon did not exit in time");
+  }
+  exited_ = true;
+  return child_->Reap();
+}
+
+client::ClientOptions Daemon::ClientOptions() const {
+  client::ClientOptions options;
+  options.endpoint.socket_path = socket_;
+  options.reconnect_timeout = absl::Seconds(20);
+  return options;
+}
+
+std::string Steps(const std::string& definition) { return "{}\n---\n" + definition; }
+
+proto::RunRequest Request(const std::string& id, const std::string& definition) {
+  proto::RunRequest request;
+  request.set_id(id);
+  request.set_steps(Steps(definition));
+  return request;
+}
+
+absl::StatusOr<proto::Status> WaitForJob(client::Client& client, const std::string& id,
+                                         absl::Duration deadline) {
+  absl::Time until = absl::Now() + deadline;
+  for (;;) {
+    auto status = client.GetStatus(id);
+    if (!status.ok()) return status.status();
+    if (status->status() != proto::StepResult::running) return *status;
+    if (absl::Now() > until) return absl::DeadlineExceededError(absl::StrCat("job ", id, " still running"));
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+}
+
+absl::StatusOr<std::string> ReadLog(client::Client& client, const std::string& id) {
+  std::string log;
+  auto status = client.Follow(id, 0, [&](const proto::FollowLogsResponse& chunk) { log += chunk.data(); });
+  if (!status.ok()) return status.status();
+  return log;
+}
+
+absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv, absl::Duration deadline,
+                                         const std::vector<std::string>& env, const std::string& input) {
+  auto out = process::MakeOutputPipe();
+  auto err = process::MakeOutputPipe();
+  if (!out.ok() || !err.ok()) return absl::InternalError("pipe");
+  TempDir tmp;
+  std::string input_path = tmp.path() + "/stdin";
+  if (absl::Status s = WriteFileAtomically(input_path, input, 0600); !s.ok()) return s;
+  UniqueFd in(::open(input_path.c_str(), O_RDONLY | O_CLOEXEC));
+  auto child = process::Subprocess::Spawn({.argv = argv,
+                                           .env = TestEnvironment(env),
+                                           .stdout_fd = out->write_end.get(),
+                                           .stderr_fd = err->write_end.get(),
+                                           .stdin_fd = in.get()});
+  if (!child.ok()) return child.status();
+  out->write_end.Close();
+  err->write_end.Close();
+  CommandResult result;
+  absl::Time until = absl::Now() + deadline;
+  bool out_open = true, err_open = true;
+  char buf[65536];
+  while (out_open || err_open) {
+    int remaining = static_cast<int>(absl::ToInt64Milliseconds(until - absl::Now()));
+    if (remaining <= 0) {
+      (void)child->SignalGroup(SIGKILL);
+      (void)child->Reap();
+      return absl::DeadlineExceededError(absl::StrCat(argv[0], " did not finish in time; stderr: ", result.err));
+    }
+    pollfd fds[2] = {{.fd = out_open ? out->read_end.get() : -1, .events = POLLIN},
+                     {.fd = err_open ? err->read_end.get() : -1, .events = POLLIN}};
+    if (::poll(fds, 2, remaining) <= 0) continue;
+    for (int i = 0; i < 2; ++i) {
+      if (!fds[i].revents) continue;
+      ssize_t n = ::read(fds[i].fd, buf, sizeof buf);
+      if (n > 0) {
+        (i == 0 ? result.out : result.err).append(buf, static_cast<size_t>(n));
+      } else if (n == 0 || errno != EAGAIN) {
+        (i == 0 ? out_open : err_open) = false;
+      }
+    }
+  }
+  pollfd pfd{.fd = child->pidfd(), .events = POLLIN};
+  if (::poll(&pfd, 1, static_cast<int>(std::max<int64_t>(0, absl::ToInt64Milliseconds(until - absl::Now())))) <= 0) {
+    (void)child->SignalGroup(SIGKILL);
+  }
+  auto code = child->Reap();
+  if (!code.ok()) return code.status();
+  result.exit_code = *code;
+  return result;
+}
+
+int CountOpenFds(pid_t pid) {
+  DIR* dir = ::opendir(absl::StrCat("/proc/", pid, "/fd").c_str());
+  if (dir == nullptr) return -1;
+  int count = 0;
+  while (struct dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] != '.') ++count;
+  }
+  ::closedir(dir);
+  return count;
+}
+
+}  // namespace step_runner::testing

@@ -1,0 +1,92 @@
+#ifndef STEP_RUNNER_TESTS_INTEGRATION_DAEMON_FIXTURE_H_
+#define STEP_RUNNER_TESTS_INTEGRATION_DAEMON_FIXTURE_H_
+
+#include <sys/types.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "proto/step_runner.pb.h"
+#include "step-runner/client/client.h"
+#include "step-runner/process/subprocess.h"
+
+namespace step_runner::testing {
+
+// Paths of the binaries under test (built into the CMake binary dir).
+std::string StepRunnerBinary();
+std::string PatternWriterBinary();
+
+// A temporary folder, removed with everything in it on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// The real `step-runner serve` as a child process on `<dir>/sr.sock` with state in
+// `<dir>/state`. Start() returns once the daemon printed its ready marker.
+class Daemon {
+ public:
+  static absl::StatusOr<std::unique_ptr<Daemon>> Start(const std::string& dir,
+                                                       std::vector<std::string> extra_args = {},
+                                                       absl::Duration deadline = absl::Seconds(20));
+  ~Daemon();  // SIGKILLs the daemon if it still runs
+
+  pid_t pid() const { return child_->pid(); }
+  const std::string& socket_path() const { return socket_; }
+  const std::string& state_dir() const { return state_; }
+  // What the daemon wrote to stderr so far.
+  std::string stderr_output() const;
+
+  void Signal(int signo);
+  // Waits for the daemon to exit; its exit code (128+N for signal N), or DEADLINE_EXCEEDED.
+  absl::StatusOr<int> Wait(absl::Duration deadline);
+
+  client::ClientOptions ClientOptions() const;
+
+ private:
+  Daemon() = default;
+  std::optional<process::Subprocess> child_;
+  std::string socket_;
+  std::string state_;
+  std::string stderr_path_;
+  bool exited_ = false;
+};
+
+// A step file from a definition document (the spec document is empty).
+std::string Steps(const std::string& definition);
+proto::RunRequest Request(const std::string& id, const std::string& definition);
+
+// Polls Status until the job is no longer running (with a deadline).
+absl::StatusOr<proto::Status> WaitForJob(client::Client& client, const std::string& id,
+                                         absl::Duration deadline = absl::Seconds(30));
+
+// Reads the whole log of a job through FollowLogs (it must have finished).
+absl::StatusOr<std::string> ReadLog(client::Client& client, const std::string& id);
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+// Runs a command (argv, with the test's environment plus `env`), feeding `input` on stdin;
+// gives up after `deadline` (killing it) with DEADLINE_EXCEEDED.
+absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv,
+                                         absl::Duration deadline = absl::Seconds(60),
+                                         const std::vector<std::string>& env = {},
+                                         const std::string& input = "");
+
+// Open fds of a process, from /proc/<pid>/fd.
+int CountOpenFds(pid_t pid);
+
+}  // namespace step_runner::testing
+
+#endif  // STEP_RUNNER_TESTS_INTEGRATION_DAEMON_FIXTURE_H_

@@ -1,0 +1,2 @@
+// Placeholder replaced by the reconnect/durability tests.
+#include "gtest/gtest.h"
