@@ -40,6 +40,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const std::string& dir,
   daemon->socket_ = dir + "/sr.sock";
   daemon->state_ = dir + "/state";
   daemon->stderr_path_ = dir + "/daemon.stderr";
+  // A restarted daemon appends to the same file; only what this one writes counts as ready.
+  const size_t skip = ReadFile(daemon->stderr_path_).value_or("").size();
   UniqueFd err(::open(daemon->stderr_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600));
   if (!err) return ErrnoStatus(errno, "open(daemon.stderr)");
   std::vector<std::string> argv = {StepRunnerBinary(), "serve", "--socket", daemon->socket_,
@@ -51,7 +53,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const std::string& dir,
   daemon->child_.emplace(*std::move(child));
   absl::Time until = absl::Now() + deadline;
   while (absl::Now() < until) {
-    if (daemon->stderr_output().find("step-runner is listening on socket") != std::string::npos) {
+    if (daemon->stderr_output().find("step-runner is listening on socket", skip) != std::string::npos) {
       return daemon;
     }
     pollfd pfd{.fd = daemon->child_->pidfd(), .events = POLLIN};

@@ -9,12 +9,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
 #include <thread>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "step-runner/base/files.h"
 #include "step-runner/base/testing.h"
@@ -63,6 +68,352 @@ TEST_F(DaemonTest, RunFollowAndStatusThroughTheCli) {
   CommandResult status = Cli({"status"});
   EXPECT_THAT(status.out, HasSubstr("cli-1"));
   EXPECT_THAT(status.out, HasSubstr("success"));
+}
+
+TEST_F(DaemonTest, SocketIsOwnerOnly) {
+  struct stat st;
+  ASSERT_EQ(::stat(daemon_->socket_path().c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+}
+
+TEST_F(DaemonTest, ExitCodesAndSignalDeathsThroughTheCli) {
+  std::string file = dir_.path() + "/exit.yml";
+  SR_ASSERT_OK(WriteFileAtomically(file, Steps("exec: {command: [sh, -c, 'exit 42']}\n"), 0600));
+  EXPECT_EQ(Cli({"run", file, "--id", "e42", "--follow"}).exit_code, 42);
+  SR_ASSERT_OK(WriteFileAtomically(file, Steps("exec: {command: [sh, -c, 'kill -KILL $$']}\n"), 0600));
+  CommandResult killed = Cli({"run", file, "--id", "sig", "--follow"});
+  EXPECT_EQ(killed.exit_code, 128 + SIGKILL);
+  EXPECT_THAT(killed.err, HasSubstr("killed by signal 9"));
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status status, client_->GetStatus("sig"));
+  EXPECT_EQ(status.exit_code(), 128 + SIGKILL);
+  EXPECT_EQ(status.error().kind(), proto::StatusError::failed);
+}
+
+TEST_F(DaemonTest, InvalidStepsAreRejectedWithLineAndColumnAndNothingStarts) {
+  proto::RunRequest request = Request("bad", "run:\n  - name: ok\n    script: touch " + dir_.path() +
+                                                 "/ran\n  - name: broken\n    scrpt: echo\n");
+  absl::Status s = client_->Run(request);
+  ASSERT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("steps:7:5: run[1].scrpt: unknown key \"scrpt\""));
+  EXPECT_TRUE(absl::IsNotFound(client_->GetStatus("bad").status()));
+  absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_NE(::access((dir_.path() + "/ran").c_str(), F_OK), 0);
+  // Malformed YAML: the CLI exits with its "rejected" code and shows the position.
+  CommandResult r = Cli({"run", "-", "--id", "bad2"}, "{}\n---\nexec: {command: [true]\n");
+  EXPECT_EQ(r.exit_code, 65);
+  EXPECT_THAT(r.err, ::testing::ContainsRegex("steps:[0-9]+:[0-9]+: malformed YAML"));
+}
+
+TEST_F(DaemonTest, IdempotentRunAndConflictingRequest) {
+  proto::RunRequest request = Request("same", "run:\n  - name: count\n    script: echo x >> " + dir_.path() + "/count\n");
+  SR_ASSERT_OK(client_->Run(request));
+  SR_ASSERT_OK(client_->Run(request));
+  SR_ASSERT_OK(WaitForJob(*client_, "same").status());
+  SR_ASSERT_OK(client_->Run(request));
+  SR_ASSERT_OK_AND_ASSIGN(std::string count, ReadFile(dir_.path() + "/count"));
+  EXPECT_EQ(count, "x\n");
+  request.set_work_dir(dir_.path());
+  EXPECT_TRUE(absl::IsFailedPrecondition(client_->Run(request)));
+}
+
+TEST_F(DaemonTest, MaskedVariablesNeverReachTheLog) {
+  std::string file = dir_.path() + "/mask.yml";
+  SR_ASSERT_OK(WriteFileAtomically(file, Steps(R"y(run:
+  - name: leak
+    script: |
+      echo "token is $TOKEN"
+      printf '%s' "$TOKEN" | fold -w 3
+      echo "$TOKEN" >&2
+)y"), 0600));
+  CommandResult r = Cli({"run", file, "--id", "m", "--follow", "--masked-var", "TOKEN=glpat-s3cr3tvalue"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("token is [MASKED]"));
+  EXPECT_EQ(r.out.find("s3cr3tvalue"), std::string::npos) << r.out;
+  // Nor anywhere in the daemon's state on disk.
+  CommandResult grep = RunCommand({"grep", "-r", "s3cr3tvalue", daemon_->state_dir()}).value();
+  EXPECT_EQ(grep.exit_code, 1) << grep.out;
+}
+
+TEST_F(DaemonTest, LogsAreByteExactWithOffsetsAndStreams) {
+  // Blank lines, \r, a 4 MiB line without a newline in it, bytes that are not UTF-8.
+  const int64_t kPattern = 3 << 20;
+  std::string script = absl::StrCat(
+      "printf 'a\\n\\n\\nb\\r\\nc\\r'; head -c 4194304 /dev/zero | tr '\\0' 'x'; printf '\\n'; ",
+      PatternWriterBinary(), " ", kPattern, " 65536; printf 'E\\n' >&2; printf '\\377\\376\\n'");
+  proto::RunRequest request = Request("bytes", "exec:\n  command: [sh, -c, \"" + absl::CEscape(script) + "\"]\n");
+  SR_ASSERT_OK(client_->Run(request));
+  // Each stream is byte-exact; how the two interleave is up to the scheduler (two pipes).
+  const std::string expected_stdout =
+      "a\n\n\nb\r\nc\r" + std::string(4 << 20, 'x') + "\n" +
+      RunCommand({PatternWriterBinary(), "--expect", std::to_string(kPattern)}).value().out + "\xff\xfe\n";
+  std::string got;
+  std::string stdout_bytes;
+  std::string stderr_bytes;
+  int64_t next = 0;
+  auto final_status = client_->Follow("bytes", 0, [&](const proto::FollowLogsResponse& chunk) {
+    EXPECT_EQ(chunk.offset(), next);
+    next += static_cast<int64_t>(chunk.data().size());
+    got += chunk.data();
+    (chunk.stream() == proto::FollowLogsResponse::STREAM_STDERR ? stderr_bytes : stdout_bytes) += chunk.data();
+  });
+  SR_ASSERT_OK(final_status.status());
+  EXPECT_EQ(final_status->status(), proto::StepResult::success) << final_status->message();
+  ASSERT_EQ(stdout_bytes.size(), expected_stdout.size());
+  EXPECT_TRUE(stdout_bytes == expected_stdout) << "stdout in the log differs from what the step wrote";
+  EXPECT_EQ(stderr_bytes, "E\n");
+  const std::string expected = got;
+  EXPECT_EQ(final_status->log_size(), static_cast<int64_t>(expected.size()));
+
+  // Resuming from any offset returns exactly the rest.
+  for (int64_t offset : {int64_t{1}, int64_t{5}, int64_t{4 << 20}, static_cast<int64_t>(expected.size()) - 3}) {
+    std::string rest;
+    SR_ASSERT_OK(client_->Follow("bytes", offset, [&](const proto::FollowLogsResponse& c) { rest += c.data(); }).status());
+    EXPECT_TRUE(rest == expected.substr(static_cast<size_t>(offset))) << "offset " << offset;
+  }
+  // At the end of a finished job: an empty, finished stream. Past the end: an error.
+  std::string none;
+  SR_ASSERT_OK(client_->Follow("bytes", static_cast<int64_t>(expected.size()),
+                               [&](const proto::FollowLogsResponse& c) { none += c.data(); }).status());
+  EXPECT_EQ(none, "");
+  auto past = client_->Follow("bytes", static_cast<int64_t>(expected.size()) + 1, [](const auto&) {});
+  EXPECT_TRUE(absl::IsOutOfRange(past.status())) << past.status();
+  EXPECT_TRUE(absl::IsNotFound(client_->Follow("nope", 0, [](const auto&) {}).status()));
+}
+
+TEST_F(DaemonTest, GracefulCancelForcedCancelAndGrandchildrenHoldingPipes) {
+  SR_ASSERT_OK(client_->Run(Request("graceful", "exec: {command: [sh, -c, 'trap \"echo bye; exit 0\" TERM; echo up; while :; do sleep 0.05; done']}\n")));
+  proto::RunRequest stubborn = Request("stubborn", "exec: {command: [sh, -c, 'trap \"\" TERM; echo up; while :; do sleep 0.05; done']}\n");
+  stubborn.mutable_graceful_exit_timeout()->set_nanos(500 * 1000 * 1000);
+  SR_ASSERT_OK(client_->Run(stubborn));
+  // The leader exits at once on SIGTERM but leaves a grandchild that ignores it and holds the
+  // pipes open: cancel must still end the job promptly.
+  proto::RunRequest holder = Request("holder", "exec: {command: [sh, -c, '(trap \"\" TERM; sleep 300) & echo up; wait']}\n");
+  holder.mutable_graceful_exit_timeout()->set_seconds(1);
+  SR_ASSERT_OK(client_->Run(holder));
+  for (const char* id : {"graceful", "stubborn", "holder"}) {
+    absl::Time until = absl::Now() + absl::Seconds(10);
+    while (client_->GetStatus(id)->log_size() == 0 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(10));
+  }
+  absl::Time start = absl::Now();
+  for (const char* id : {"graceful", "stubborn", "holder"}) SR_ASSERT_OK(client_->Cancel(id));
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status graceful, WaitForJob(*client_, "graceful"));
+  EXPECT_EQ(graceful.status(), proto::StepResult::cancelled);
+  EXPECT_EQ(graceful.error().kind(), proto::StatusError::cancelled);
+  EXPECT_THAT(ReadLog(*client_, "graceful").value(), HasSubstr("bye"));
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status forced, WaitForJob(*client_, "stubborn"));
+  EXPECT_EQ(forced.status(), proto::StepResult::cancelled);
+  EXPECT_EQ(forced.exit_code(), 128 + SIGKILL);
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status held, WaitForJob(*client_, "holder"));
+  EXPECT_EQ(held.status(), proto::StepResult::cancelled);
+  // Grace 1s plus the 2s pipe drain at most, not the grandchild's 300s.
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  // Cancel of a finished job is a no-op; of an unknown job, NOT_FOUND.
+  SR_EXPECT_OK(client_->Cancel("graceful"));
+  EXPECT_TRUE(absl::IsNotFound(client_->Cancel("unknown")));
+}
+
+TEST_F(DaemonTest, JobTimeoutCancelsWithKindTimeout) {
+  std::string file = dir_.path() + "/slow.yml";
+  SR_ASSERT_OK(WriteFileAtomically(file, Steps("exec: {command: [sleep, '60']}\n"), 0600));
+  absl::Time start = absl::Now();
+  CommandResult r = Cli({"run", file, "--id", "slow", "--follow", "--timeout", "300ms"});
+  EXPECT_EQ(r.exit_code, 124) << r.err;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(20));
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status status, client_->GetStatus("slow"));
+  EXPECT_EQ(status.status(), proto::StepResult::cancelled);
+  EXPECT_EQ(status.error().kind(), proto::StatusError::timeout);
+}
+
+TEST_F(DaemonTest, CloseDeletesStateAtOnceAndIsIdempotent) {
+  SR_ASSERT_OK(client_->Run(Request("c", "exec: {command: [echo, hi]}\n")));
+  SR_ASSERT_OK(WaitForJob(*client_, "c").status());
+  auto job_dirs = [&] { return RunCommand({"ls", daemon_->state_dir() + "/jobs"}).value().out; };
+  EXPECT_FALSE(job_dirs().empty());
+  SR_ASSERT_OK(client_->Close("c"));
+  EXPECT_EQ(job_dirs(), "");
+  EXPECT_TRUE(absl::IsNotFound(client_->GetStatus("c").status()));
+  SR_EXPECT_OK(client_->Close("c"));
+  SR_EXPECT_OK(client_->Close("never-existed"));
+}
+
+TEST_F(DaemonTest, HundredConcurrentJobs) {
+  for (int i = 0; i < 100; ++i) {
+    SR_ASSERT_OK(client_->Run(Request(absl::StrCat("c", i),
+        absl::StrCat("exec: {command: [sh, -c, 'sleep 0.5; echo job ", i, "']}\n"))));
+  }
+  SR_ASSERT_OK_AND_ASSIGN(auto all, client_->ListJobs());
+  int running = 0;
+  for (const auto& job : all) running += job.status() == proto::StepResult::running;
+  EXPECT_GT(running, 50) << "jobs should run concurrently, not one after another";
+  for (int i = 0; i < 100; ++i) {
+    std::string id = absl::StrCat("c", i);
+    SR_ASSERT_OK_AND_ASSIGN(proto::Status status, WaitForJob(*client_, id));
+    EXPECT_EQ(status.status(), proto::StepResult::success) << id;
+    EXPECT_EQ(ReadLog(*client_, id).value(), absl::StrCat("job ", i, "\n"));
+  }
+}
+
+TEST_F(DaemonTest, ManyFollowersAndOneThatNeverReads) {
+  const int64_t kBytes = 32 << 20;
+  SR_ASSERT_OK(client_->Run(Request("big", absl::StrCat("exec: {command: [", PatternWriterBinary(), ", '", kBytes, "', '65536', '200']}\n"))));
+  // A raw stream that is opened and never read: flow control stops the daemon from sending to
+  // it, and nothing else may slow down because of it.
+  auto connection = client::Connection::Dial({.socket_path = daemon_->socket_path()}).value();
+  grpc::ClientContext stalled_context;
+  proto::FollowLogsRequest stalled_request;
+  stalled_request.set_id("big");
+  auto stalled = connection->stub()->FollowLogs(&stalled_context, stalled_request);
+  std::vector<std::thread> followers;
+  std::vector<int64_t> received(8, 0);
+  for (int i = 0; i < 8; ++i) {
+    followers.emplace_back([&, i] {
+      client::Client c(daemon_->ClientOptions());
+      auto s = c.Follow("big", 0, [&](const proto::FollowLogsResponse& chunk) { received[i] += chunk.data().size(); });
+      EXPECT_TRUE(s.ok()) << s.status();
+    });
+  }
+  for (auto& t : followers) t.join();
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(received[i], kBytes) << "follower " << i;
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status status, client_->GetStatus("big"));
+  EXPECT_EQ(status.status(), proto::StepResult::success);
+  // The daemon still answers, and the stalled stream can be dropped cleanly.
+  stalled_context.TryCancel();
+  SR_EXPECT_OK(client_->ListJobs().status());
+}
+
+TEST_F(DaemonTest, NoFileDescriptorLeaksIntoStepsOrAcrossAThousandJobs) {
+  SR_ASSERT_OK(client_->Run(Request("fds", "exec: {command: [ls, /proc/self/fd]}\n")));
+  SR_ASSERT_OK(WaitForJob(*client_, "fds").status());
+  EXPECT_EQ(ReadLog(*client_, "fds").value(), "0\n1\n2\n3\n");  // 3 is ls's own directory fd
+  // Warm up (gRPC and the loop allocate their fds lazily), then measure.
+  for (int i = 0; i < 20; ++i) {
+    SR_ASSERT_OK(client_->Run(Request(absl::StrCat("w", i), "exec: {command: [true]}\n")));
+    SR_ASSERT_OK(WaitForJob(*client_, absl::StrCat("w", i)).status());
+  }
+  int before = CountOpenFds(daemon_->pid());
+  for (int i = 0; i < 1000; ++i) {
+    std::string id = absl::StrCat("j", i);
+    SR_ASSERT_OK(client_->Run(Request(id, "exec: {command: [true]}\n")));
+    auto status = client_->Follow(id, 0, [](const auto&) {});
+    SR_ASSERT_OK(status.status());
+    ASSERT_EQ(status->status(), proto::StepResult::success);
+  }
+  EXPECT_EQ(CountOpenFds(daemon_->pid()), before);
+}
+
+// A process running as another user connects. File permissions (0600) stop it first; with
+// those loosened, the daemon's SO_PEERCRED check still refuses it, unless --allow-uid names it.
+TEST_F(DaemonTest, PeerWithAnotherUidIsRefused) {
+  if (::getuid() != 0) GTEST_SKIP() << "needs root to act as another uid";
+  constexpr uid_t kNobody = 65534;
+  // Returns: 0 connected and the daemon spoke HTTP/2, 1 connected and the daemon hung up,
+  // 2 connect() failed, 3 setup failed.
+  auto probe = [&](const std::string& socket_path) {
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      // Only async-signal-safe calls between fork and _exit.
+      if (::setgroups(0, nullptr) != 0 || ::setresgid(kNobody, kNobody, kNobody) != 0 ||
+          ::setresuid(kNobody, kNobody, kNobody) != 0) {
+        ::_exit(3);
+      }
+      int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      std::memcpy(addr.sun_path, socket_path.c_str(), socket_path.size() + 1);
+      if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) ::_exit(2);
+      timeval tv{.tv_sec = 5, .tv_usec = 0};
+      ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+      char buf[64];
+      ssize_t n = ::read(fd, buf, sizeof buf);  // the server speaks first (SETTINGS)
+      ::_exit(n > 0 ? 0 : 1);
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  };
+  // The parent dirs must be traversable by nobody for the test; the socket itself stays 0600.
+  ASSERT_EQ(::chmod(dir_.path().c_str(), 0755), 0);
+  EXPECT_EQ(probe(daemon_->socket_path()), 2) << "0600 socket must refuse other users";
+  ASSERT_EQ(::chmod(daemon_->socket_path().c_str(), 0666), 0);
+  EXPECT_EQ(probe(daemon_->socket_path()), 1) << "SO_PEERCRED check must refuse uid 65534";
+  EXPECT_THAT(daemon_->stderr_output(), HasSubstr("refused a connection from uid 65534"));
+  // With --allow-uid, the same peer is served.
+  daemon_.reset();
+  StartDaemon({"--allow-uid", "65534"});
+  ASSERT_EQ(::chmod(daemon_->socket_path().c_str(), 0666), 0);
+  EXPECT_EQ(probe(daemon_->socket_path()), 0);
+}
+
+TEST_F(DaemonTest, HealthServiceAndReflectionForStockTools) {
+  auto channel = grpc::CreateChannel("unix:" + daemon_->socket_path(), grpc::InsecureChannelCredentials());
+  grpc::GenericStub generic(channel);
+  // grpc.health.v1.Health/Check with an empty service name: SERVING is status=1 (bytes 08 01).
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::ByteBuffer request_buffer;
+  grpc::Slice empty("", 0);
+  request_buffer = grpc::ByteBuffer(&empty, 1);
+  grpc::ByteBuffer response;
+  grpc::Status status;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  generic.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request_buffer, &response,
+                    [&](grpc::Status s) {
+                      std::lock_guard<std::mutex> lock(mu);
+                      status = s;
+                      done = true;
+                      cv.notify_all();
+                    });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(10), [&] { return done; }));
+  }
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(response.Dump(&slices).ok());
+  std::string bytes;
+  for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  EXPECT_EQ(bytes, std::string("\x08\x01", 2));
+
+  // Reflection lists the StepRunner service (ServerReflectionRequest{list_services: ""}).
+  grpc::ClientContext reflection_context;
+  reflection_context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::CompletionQueue cq;
+  auto call = generic.PrepareCall(&reflection_context, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  void* tag;
+  bool ok;
+  call->StartCall(reinterpret_cast<void*>(1));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  grpc::Slice list("\x3a\x00", 2);
+  grpc::ByteBuffer list_request(&list, 1);
+  call->WriteLast(list_request, grpc::WriteOptions(), reinterpret_cast<void*>(2));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  grpc::ByteBuffer reply;
+  call->Read(&reply, reinterpret_cast<void*>(3));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  slices.clear();
+  ASSERT_TRUE(reply.Dump(&slices).ok());
+  bytes.clear();
+  for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  EXPECT_THAT(bytes, HasSubstr("proto.StepRunner"));
+  grpc::Status finish;
+  call->Finish(&finish, reinterpret_cast<void*>(4));
+  ASSERT_TRUE(cq.Next(&tag, &ok));
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+}
+
+TEST_F(DaemonTest, SecondDaemonOnTheSameSocketIsRefused) {
+  TempDir other;
+  auto second = RunCommand({StepRunnerBinary(), "serve", "--socket", daemon_->socket_path(), "--state-dir",
+                            other.path() + "/state"}, absl::Seconds(20));
+  SR_ASSERT_OK(second.status());
+  EXPECT_NE(second->exit_code, 0);
+  EXPECT_THAT(second->err, HasSubstr("already listening"));
+  SR_EXPECT_OK(client_->ListJobs().status());  // the first one is unaffected
 }
 
 }  // namespace
