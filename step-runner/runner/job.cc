@@ -336,7 +336,6 @@ void Job::ForceKill() {
 void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind,
                  const std::string& message, int exit_code) {
   if (timeout_timer_) loop_->CancelTimer(std::exchange(timeout_timer_, 0));
-  log_->Finish();
   bool remove;
   {
     absl::MutexLock lock(&mu_);
@@ -353,6 +352,9 @@ void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind
     finished_ = true;
     remove = delete_when_finished_;
   }
+  // Only now may followers' streams end: a client that asks for the status when its stream
+  // ends must already see the final one.
+  log_->Finish();
   if (!config_.secrets_dir.empty()) (void)RemoveTree(config_.secrets_dir);
   if (remove) {
     RemoveFolders();
