@@ -356,6 +356,8 @@ void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind
   // ends must already see the final one.
   log_->Finish();
   if (!config_.secrets_dir.empty()) (void)RemoveTree(config_.secrets_dir);
+  // A retained job needs its status and log, not its plan (argv and env copies per step).
+  std::vector<PlannedStep>().swap(config_.steps);
   if (remove) {
     RemoveFolders();
   } else {

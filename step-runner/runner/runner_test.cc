@@ -2,6 +2,7 @@
 
 #include <signal.h>
 #include <stdlib.h>
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include <thread>
@@ -290,6 +291,33 @@ TEST_F(RunnerTest, RetentionByCount) {
   ASSERT_EQ(all.size(), 3u);
   EXPECT_EQ(all[0].id(), "r3");
   EXPECT_EQ(all[2].id(), "r5");
+}
+
+TEST_F(RunnerTest, RetentionByAge) {
+  runner_.reset();
+  RunnerOptions options{.state_dir = dir_ + "/state", .base_env = {"PATH=/usr/bin:/bin"},
+                        .max_job_age = absl::Milliseconds(300), .secrets_root = dir_ + "/secrets"};
+  SR_ASSERT_OK_AND_ASSIGN(runner_, Runner::Create(options));
+  SR_ASSERT_OK(runner_->Run(Request("old", "exec: {command: [true]}\n")));
+  WaitFinished("old");
+  absl::SleepFor(absl::Milliseconds(400));
+  // Each finished job prunes what has aged out.
+  SR_ASSERT_OK(runner_->Run(Request("new", "exec: {command: [true]}\n")));
+  WaitFinished("new");
+  EXPECT_TRUE(absl::IsNotFound(runner_->GetStatus("old").status()));
+  SR_EXPECT_OK(runner_->GetStatus("new").status());
+  // Its files are gone too.
+  std::string jobs = dir_ + "/state/jobs";
+  int entries = 0;
+  for (DIR* d = ::opendir(jobs.c_str()); d != nullptr;) {
+    struct dirent* e = ::readdir(d);
+    if (e == nullptr) {
+      ::closedir(d);
+      break;
+    }
+    if (e->d_name[0] != '.') ++entries;
+  }
+  EXPECT_EQ(entries, 1);
 }
 
 }  // namespace
