@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "yaml-cpp/depthguard.h"
 #include "yaml-cpp/yaml.h"
 
 namespace step_runner::steps {
@@ -236,6 +237,9 @@ absl::StatusOr<StepFile> ParseStepFile(absl::string_view text, absl::string_view
         parser.ParseSpec(docs[0]);
         parser.ParseDefinition(docs[1], file.definition);
       }
+    } catch (const YAML::DeepRecursion& e) {
+      violations.push_back({PositionOf(e.mark), "",
+                            absl::StrCat("the YAML is nested deeper than ", e.depth(), " levels")});
     } catch (const YAML::Exception& e) {
       violations.push_back({PositionOf(e.mark), "", absl::StrCat("malformed YAML: ", e.msg)});
     }

@@ -104,5 +104,43 @@ TEST(StepFileTest, OversizedFileRejectedBeforeParsing) {
   EXPECT_THAT(std::string(f.status().message()), HasSubstr("the limit is"));
 }
 
+// Step files come from untrusted clients (often a model): hostile YAML must end in an error,
+// never a crash of the daemon or unbounded memory.
+TEST(StepFileTest, NestingTenThousandDeepIsAnError) {
+  for (const char* open_close : {"[]", "{}"}) {
+    std::string deep = "{}\n---\nexec: {command: [true]}\nenv: ";
+    for (int i = 0; i < 10000; ++i) deep += open_close[0];
+    for (int i = 0; i < 10000; ++i) deep += open_close[1];
+    auto f = ParseStepFile(deep, "steps");
+    ASSERT_FALSE(f.ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(f.status()));
+    // yaml-cpp's own guard names the problem for sequences; for maps it reports the flow as
+    // unterminated. Either way: a positioned error, no crash.
+    if (open_close[0] == '[') {
+      EXPECT_THAT(std::string(f.status().message()), HasSubstr("nested deeper than"));
+    } else {
+      EXPECT_THAT(std::string(f.status().message()), ::testing::ContainsRegex("steps:[0-9]+:[0-9]+: malformed YAML"));
+    }
+  }
+  std::string block = "{}\n---\nexec: {command: [true]}\nenv:\n";
+  for (int i = 0; i < 10000; ++i) block += std::string(static_cast<size_t>(i) + 1, ' ') + "- \n";
+  auto f = ParseStepFile(block, "steps");
+  ASSERT_FALSE(f.ok());
+}
+
+TEST(StepFileTest, AliasBombIsAQuickClearError) {
+  // A billion "lol"s if expanded; the parser never expands aliases it does not need.
+  std::string bomb = "{}\n---\nexec: {command: [true]}\nenv:\n";
+  bomb += "  x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n";
+  for (int i = 1; i < 10; ++i) {
+    bomb += "  x" + std::to_string(i) + ": &a" + std::to_string(i) + " [";
+    for (int j = 0; j < 10; ++j) bomb += std::string(j ? ", " : "") + "*a" + std::to_string(i - 1);
+    bomb += "]\n";
+  }
+  auto f = ParseStepFile(bomb, "steps");
+  ASSERT_FALSE(f.ok());
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("env.x9: expected a string, found a sequence"));
+}
+
 }  // namespace
 }  // namespace step_runner::steps
