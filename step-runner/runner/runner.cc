@@ -30,17 +30,22 @@ using ::google::protobuf::util::TimeUtil;
 
 constexpr absl::Duration kPruneInterval = absl::Minutes(1);
 
+// A request problem outside the step file, in the same structured form as step-file problems.
+absl::Status Invalid(const std::string& field, std::string description) {
+  return steps::InvalidArgument({steps::Violation{{}, field, std::move(description)}}, "request");
+}
+
 absl::Status ValidateEnvName(const std::string& name, absl::string_view what) {
   if (name.empty() || name.find('=') != std::string::npos || name.find('\0') != std::string::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, " \"", absl::CHexEscape(name), "\": a name must be non-empty and hold no '=' or NUL"));
+    return Invalid(absl::StrCat(what, "[\"", absl::CHexEscape(name), "\"]"),
+                   "a name must be non-empty and hold no '=' or NUL");
   }
   return absl::OkStatus();
 }
 
 absl::Status ValidateEnvValue(const std::string& name, const std::string& value, absl::string_view what) {
   if (value.find('\0') != std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " \"", name, "\": the value holds a NUL byte"));
+    return Invalid(absl::StrCat(what, "[\"", name, "\"]"), "the value holds a NUL byte");
   }
   return absl::OkStatus();
 }
@@ -49,7 +54,7 @@ absl::StatusOr<absl::Duration> DurationField(const google::protobuf::Duration& d
                                              absl::string_view name, absl::Duration fallback) {
   if (!present) return fallback;
   if (d.seconds() < 0 || d.nanos() < 0 || d.nanos() >= 1000000000) {
-    return absl::InvalidArgumentError(absl::StrCat(name, " must be a non-negative duration"));
+    return Invalid(std::string(name), "must be a non-negative duration");
   }
   return absl::Seconds(d.seconds()) + absl::Nanoseconds(d.nanos());
 }
@@ -80,12 +85,10 @@ std::string RandomHex(size_t bytes) {
 }  // namespace
 
 absl::Status ValidateJobId(const std::string& id) {
-  if (id.empty()) return absl::InvalidArgumentError("id: a job needs a non-empty id");
-  if (id.size() > 256) return absl::InvalidArgumentError("id: at most 256 bytes");
+  if (id.empty()) return Invalid("id", "a job needs a non-empty id");
+  if (id.size() > 256) return Invalid("id", "at most 256 bytes");
   for (unsigned char c : id) {
-    if (c < 0x20 || c == 0x7f) {
-      return absl::InvalidArgumentError("id: control characters are not allowed");
-    }
+    if (c < 0x20 || c == 0x7f) return Invalid("id", "control characters are not allowed");
   }
   return absl::OkStatus();
 }
@@ -272,8 +275,8 @@ absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const s
   // Job.build_dir overrides work_dir, as in GitLab.
   config.work_dir = !request.job().build_dir().empty() ? request.job().build_dir() : request.work_dir();
   if (!config.work_dir.empty() && config.work_dir[0] != '/') {
-    return absl::InvalidArgumentError(
-        absl::StrCat("work_dir \"", config.work_dir, "\" must be an absolute path"));
+    return Invalid(request.job().build_dir().empty() ? "work_dir" : "job.build_dir",
+                   absl::StrCat("\"", config.work_dir, "\" must be an absolute path"));
   }
   if (config.work_dir.empty()) config.work_dir = config.dir + "/work";
 
@@ -293,8 +296,7 @@ absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const s
     if (var.masked() && !var.value().empty()) config.secrets.push_back(var.value());
     if (var.file()) {
       if (var.key().find('/') != std::string::npos || var.key() == "." || var.key() == "..") {
-        return absl::InvalidArgumentError(
-            absl::StrCat("job.variables \"", var.key(), "\": a file variable's name cannot hold '/'"));
+        return Invalid(absl::StrCat("job.variables[\"", var.key(), "\"]"), "a file variable's name cannot hold '/'");
       }
       any_file = true;
       env[var.key()] = absl::StrCat(options_.secrets_root, "/", dir_name, "/", var.key());
@@ -353,7 +355,7 @@ absl::Status Runner::Run(const proto::RunRequest& request) {
 
   // Nothing is created until the whole request is valid.
   if (absl::Status s = MakeDirs(config.work_dir, 0700); !s.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("work_dir: cannot create it: ", s.message()));
+    return Invalid("work_dir", absl::StrCat("cannot create it: ", s.message()));
   }
   SR_RETURN_IF_ERROR(MakeDirs(config.dir, 0700));
   absl::Status prepared = absl::OkStatus();

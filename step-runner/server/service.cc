@@ -6,7 +6,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "step-runner/base/logging.h"
+#include "google/rpc/status.pb.h"
 #include "step-runner/logs/job_log.h"
+#include "step-runner/steps/step_file.h"
 
 namespace step_runner::server {
 namespace {
@@ -161,7 +163,18 @@ class LogTailReactor : public grpc::ServerWriteReactor<proto::FollowLogsResponse
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+  const auto code = static_cast<grpc::StatusCode>(status.code());
+  auto bad_request = status.GetPayload(steps::kBadRequestTypeUrl);
+  if (!bad_request) return grpc::Status(code, std::string(status.message()));
+  // Structured violations travel as google.rpc.Status in grpc-status-details-bin, where stock
+  // clients (and gateways handing errors back to a model) look for them.
+  google::rpc::Status rich;
+  rich.set_code(static_cast<int>(status.code()));
+  rich.set_message(std::string(status.message()));
+  google::protobuf::Any* any = rich.add_details();
+  any->set_type_url(steps::kBadRequestTypeUrl);
+  any->set_value(std::string(*bad_request));
+  return grpc::Status(code, std::string(status.message()), rich.SerializeAsString());
 }
 
 StepRunnerService::StepRunnerService(runner::Runner* runner) : runner_(runner) {}

@@ -3,8 +3,10 @@
 #include <regex>
 #include <set>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "google/rpc/error_details.pb.h"
 #include "yaml-cpp/depthguard.h"
 #include "yaml-cpp/yaml.h"
 
@@ -245,13 +247,26 @@ absl::StatusOr<StepFile> ParseStepFile(absl::string_view text, absl::string_view
     }
   }
   if (violations.empty()) return file;
-  std::vector<std::string> lines;
-  for (const Violation& v : violations) {
-    lines.push_back(absl::StrCat(source_name, ":", v.position.line, ":", v.position.column, ": ",
-                                 v.field.empty() ? "" : v.field + ": ", v.description));
-  }
+  absl::Status status = InvalidArgument(violations, source_name);
   if (violations_out) *violations_out = std::move(violations);
-  return absl::InvalidArgumentError(absl::StrJoin(lines, "\n"));
+  return status;
+}
+
+absl::Status InvalidArgument(const std::vector<Violation>& violations, absl::string_view source_name) {
+  std::vector<std::string> lines;
+  google::rpc::BadRequest details;
+  for (const Violation& v : violations) {
+    std::string where = v.position.line > 0
+                            ? absl::StrCat(source_name, ":", v.position.line, ":", v.position.column, ": ")
+                            : "";
+    lines.push_back(absl::StrCat(where, v.field.empty() ? "" : v.field + ": ", v.description));
+    google::rpc::BadRequest::FieldViolation* fv = details.add_field_violations();
+    fv->set_field(v.field.empty() ? std::string(source_name) : absl::StrCat(source_name, ".", v.field));
+    fv->set_description(absl::StrCat(where, v.description));
+  }
+  absl::Status status = absl::InvalidArgumentError(absl::StrJoin(lines, "\n"));
+  status.SetPayload(kBadRequestTypeUrl, absl::Cord(details.SerializeAsString()));
+  return status;
 }
 
 }  // namespace step_runner::steps

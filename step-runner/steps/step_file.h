@@ -57,6 +57,12 @@ struct StepFile {
 absl::StatusOr<StepFile> ParseStepFile(absl::string_view text, absl::string_view source_name,
                                        std::vector<Violation>* violations = nullptr);
 
+// INVALID_ARGUMENT whose message lists the violations, one per line, as
+// "<source>:<line>:<column>: <field>: <description>" (the position is left out when unknown),
+// with the same violations attached as a google.rpc.BadRequest payload (kBadRequestTypeUrl).
+absl::Status InvalidArgument(const std::vector<Violation>& violations, absl::string_view source_name);
+inline constexpr char kBadRequestTypeUrl[] = "type.googleapis.com/google.rpc.BadRequest";
+
 // Step files larger than this are rejected before parsing.
 inline constexpr size_t kMaxStepFileBytes = 4 << 20;
 

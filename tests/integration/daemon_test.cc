@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
+#include "google/rpc/error_details.pb.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -96,6 +97,17 @@ TEST_F(DaemonTest, InvalidStepsAreRejectedWithLineAndColumnAndNothingStarts) {
   absl::Status s = client_->Run(request);
   ASSERT_TRUE(absl::IsInvalidArgument(s)) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("steps:7:5: run[1].scrpt: unknown key \"scrpt\""));
+  // The same violations, structured, as google.rpc.BadRequest details for a gateway's model.
+  auto payload = s.GetPayload("type.googleapis.com/google.rpc.BadRequest");
+  ASSERT_TRUE(payload.has_value());
+  google::rpc::BadRequest bad_request;
+  ASSERT_TRUE(bad_request.ParseFromString(std::string(*payload)));
+  // Both problems at once: the unknown key, and a step that now has neither script nor step.
+  ASSERT_EQ(bad_request.field_violations_size(), 2);
+  EXPECT_EQ(bad_request.field_violations(0).field(), "steps.run[1].scrpt");
+  EXPECT_THAT(bad_request.field_violations(0).description(), HasSubstr("steps:7:5: unknown key \"scrpt\""));
+  EXPECT_EQ(bad_request.field_violations(1).field(), "steps.run[1]");
+  EXPECT_THAT(bad_request.field_violations(1).description(), HasSubstr("exactly one of \"script\" or \"step\""));
   EXPECT_TRUE(absl::IsNotFound(client_->GetStatus("bad").status()));
   absl::SleepFor(absl::Milliseconds(100));
   EXPECT_NE(::access((dir_.path() + "/ran").c_str(), F_OK), 0);
