@@ -4,6 +4,7 @@
 //   step-runner proxy [--socket PATH]                    stdin/stdout <-> the daemon's socket
 //   step-runner run FILE [--id ID] [--env K=V] [--follow] ...
 //   step-runner logs ID [--offset N] [--follow]
+//   step-runner events ID [--after-seq N]
 //   step-runner status [ID] | cancel ID | close ID
 //
 // Guarantees of the client commands:
@@ -61,6 +62,7 @@ constexpr char kUsage[] = R"(usage:
                     [--file-var K=V]... [--work-dir DIR] [--timeout DURATION]
                     [--graceful-exit-timeout DURATION] [--follow] [--split-streams]
   step-runner logs ID [--offset N] [--follow] [--split-streams]
+  step-runner events ID [--after-seq N]
   step-runner status [ID]
   step-runner cancel ID
   step-runner close ID
@@ -446,6 +448,37 @@ int CmdStatus(const Args& args) {
   return 0;
 }
 
+// Prints a job's step events, one line each, until the job has finished.
+int CmdEvents(const Args& args) {
+  if (args.positional.size() != 1) throw UsageError{"events takes one job id"};
+  int64_t after = 0;
+  if (auto a = args.Get("after-seq")) {
+    if (!absl::SimpleAtoi(*a, &after) || after < 0) return Fail(absl::InvalidArgumentError("--after-seq: expected a number"));
+  }
+  client::Client client(ClientOptionsFrom(args));
+  absl::Status s = client.FollowSteps(args.positional[0], after, [](const proto::FollowStepsResponse& e) {
+    const proto::StepResult& r = e.result();
+    std::string what;
+    switch (e.kind()) {
+      case proto::FollowStepsResponse::STEP_STARTED:
+        what = absl::StrCat("step ", r.name(), " started");
+        break;
+      case proto::FollowStepsResponse::STEP_FINISHED:
+        what = absl::StrCat("step ", r.name(), " ", StatusName(r.status()), " (exit code ", r.exec_result().exit_code(), ")");
+        break;
+      case proto::FollowStepsResponse::JOB_FINISHED:
+        what = absl::StrCat("job ", StatusName(e.job_status().status()),
+                            e.job_status().message().empty() ? "" : ": " + e.job_status().message());
+        break;
+      default:
+        what = "unknown event";
+    }
+    std::cout << absl::StrFormat("%4d %s %s\n", e.seq(), FormatTime(e.time()), what) << std::flush;
+  });
+  if (!s.ok()) return Fail(s);
+  return 0;
+}
+
 int CmdCancelOrClose(const Args& args, bool close) {
   if (args.positional.size() != 1) throw UsageError{close ? "close takes one job id" : "cancel takes one job id"};
   client::Client client(ClientOptionsFrom(args));
@@ -477,6 +510,7 @@ int Main(int argc, char** argv) {
                {"follow", "split-streams"}, CmdRun}},
       {"logs", {with({"offset"}), {"follow", "split-streams"}, CmdLogs}},
       {"status", {with({}), {}, CmdStatus}},
+      {"events", {with({"after-seq"}), {}, CmdEvents}},
       {"cancel", {with({}), {}, [](const Args& a) { return CmdCancelOrClose(a, false); }}},
       {"close", {with({}), {}, [](const Args& a) { return CmdCancelOrClose(a, true); }}},
   };

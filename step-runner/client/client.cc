@@ -272,4 +272,21 @@ absl::StatusOr<proto::Status> Client::Follow(const std::string& id, int64_t offs
   return GetStatus(id);
 }
 
+absl::Status Client::FollowSteps(const std::string& id, int64_t after_seq, const EventSink& sink) {
+  return WithReconnect([&](proto::StepRunner::Stub* stub) -> grpc::Status {
+    proto::FollowStepsRequest request;
+    request.set_id(id);
+    request.set_after_seq(after_seq);
+    auto context = NewContext(false);
+    auto reader = stub->FollowSteps(context.get(), request);
+    proto::FollowStepsResponse event;
+    while (reader->Read(&event)) {
+      if (event.seq() <= after_seq) continue;  // never deliver an event twice
+      sink(event);
+      after_seq = event.seq();
+    }
+    return reader->Finish();
+  });
+}
+
 }  // namespace step_runner::client

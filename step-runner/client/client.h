@@ -73,6 +73,11 @@ class Client {
                                        int64_t* end_offset = nullptr,
                                        std::optional<int64_t> stop_at = std::nullopt);
 
+  using EventSink = std::function<void(const proto::FollowStepsResponse& event)>;
+  // Streams the step events of job `id` after `after_seq` into `sink` until the job-finished
+  // event, reconnecting as needed and resuming after the last event delivered.
+  absl::Status FollowSteps(const std::string& id, int64_t after_seq, const EventSink& sink);
+
   // Connections dialled so far (1 + reconnects).
   int dials() const { return dials_; }
 

@@ -41,6 +41,9 @@ absl::StatusOr<std::shared_ptr<Job>> Job::Create(JobConfig config, EventLoop* lo
   auto log = logs::JobLog::Create(job->dir_);
   if (!log.ok()) return log.status();
   job->log_ = *std::move(log);
+  auto events = logs::EventLog::Create(job->dir_);
+  if (!events.ok()) return events.status();
+  job->events_ = *std::move(events);
   {
     absl::MutexLock lock(&job->mu_);
     job->status_.set_id(job->id_);
@@ -52,16 +55,40 @@ absl::StatusOr<std::shared_ptr<Job>> Job::Create(JobConfig config, EventLoop* lo
   return job;
 }
 
-absl::StatusOr<std::shared_ptr<Job>> Job::Recover(const std::string& dir, proto::JobRecord record) {
+absl::StatusOr<std::shared_ptr<Job>> Job::Recover(const std::string& dir, proto::JobRecord record,
+                                                  bool interrupted) {
   std::shared_ptr<Job> job(
       new Job(record.status().id(), dir, record.request_fingerprint()));
   auto log = logs::JobLog::OpenFinished(dir);
   if (!log.ok()) return log.status();
   job->log_ = *std::move(log);
-  absl::MutexLock lock(&job->mu_);
-  job->status_ = record.status();
-  job->finished_ = true;
+  auto events = interrupted ? logs::EventLog::Reopen(dir) : logs::EventLog::OpenFinished(dir);
+  if (!events.ok()) return events.status();
+  job->events_ = *std::move(events);
+  {
+    absl::MutexLock lock(&job->mu_);
+    job->status_ = record.status();
+    job->finished_ = true;
+  }
+  if (interrupted) {
+    job->Emit(proto::FollowStepsResponse::JOB_FINISHED, nullptr);
+    job->events_->Finish();
+  }
   return job;
+}
+
+void Job::Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step) {
+  proto::FollowStepsResponse event;
+  event.set_kind(kind);
+  *event.mutable_time() = ToProto(absl::Now());
+  if (step) *event.mutable_result() = *step;
+  if (kind == proto::FollowStepsResponse::JOB_FINISHED) {
+    *event.mutable_job_status() = status();
+    *event.mutable_result() = event.job_status().result();
+  }
+  if (absl::Status s = events_->Append(std::move(event)); !s.ok()) {
+    SR_LOG(ERROR) << "job " << id_ << ": cannot record a step event: " << s;
+  }
 }
 
 proto::Status Job::status() const {
@@ -141,6 +168,7 @@ void Job::StartNextStep() {
   const size_t index = next_step_++;
   const PlannedStep& step = config_.steps[index];
   absl::Time start = absl::Now();
+  proto::StepResult started;
   {
     absl::MutexLock lock(&mu_);
     proto::StepResult* result = status_.mutable_result()->add_sub_step_results();
@@ -149,7 +177,9 @@ void Job::StartNextStep() {
     *result->mutable_start_time() = ToProto(start);
     for (const std::string& arg : step.argv) result->mutable_exec_result()->add_command(Mask(arg));
     result->mutable_exec_result()->set_work_dir(step.work_dir);
+    started = *result;
   }
+  Emit(proto::FollowStepsResponse::STEP_STARTED, &started);
 
   absl::StatusOr<process::OutputPipe> out = process::MakeOutputPipe();
   absl::StatusOr<process::OutputPipe> err =
@@ -166,13 +196,16 @@ void Job::StartNextStep() {
     std::string message = Mask(absl::StrCat("step \"", step.name, "\": ", child.status().message()));
     AppendOutput(1, absl::StrCat("step-runner: ", message, "\n"));
     last_exit_code_ = absl::IsNotFound(child.status()) ? 127 : 126;
+    proto::StepResult finished;
     {
       absl::MutexLock lock(&mu_);
       proto::StepResult* result = status_.mutable_result()->mutable_sub_step_results(index);
       result->set_status(proto::StepResult::failure);
       result->mutable_exec_result()->set_exit_code(last_exit_code_);
       *result->mutable_end_time() = ToProto(absl::Now());
+      finished = *result;
     }
+    Emit(proto::FollowStepsResponse::STEP_FINISHED, &finished);
     Finish(proto::StepResult::failure, proto::StatusError::failed, message, last_exit_code_);
     return;
   }
@@ -286,6 +319,7 @@ void Job::StepFinished() {
   live_.reset();
   last_exit_code_ = exit_code;
   const std::string& name = config_.steps[index].name;
+  proto::StepResult finished;
   {
     absl::MutexLock lock(&mu_);
     proto::StepResult* result = status_.mutable_result()->mutable_sub_step_results(index);
@@ -294,7 +328,9 @@ void Job::StepFinished() {
     result->set_status(cancel_ ? proto::StepResult::cancelled
                        : exit_code == 0 ? proto::StepResult::success
                                         : proto::StepResult::failure);
+    finished = *result;
   }
+  Emit(proto::FollowStepsResponse::STEP_FINISHED, &finished);
   if (cancel_) {
     Finish(proto::StepResult::cancelled, cancel_->first, cancel_->second, exit_code);
   } else if (exit_code != 0) {
@@ -354,6 +390,8 @@ void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind
   }
   // Only now may followers' streams end: a client that asks for the status when its stream
   // ends must already see the final one.
+  Emit(proto::FollowStepsResponse::JOB_FINISHED, nullptr);
+  events_->Finish();
   log_->Finish();
   if (!config_.secrets_dir.empty()) (void)RemoveTree(config_.secrets_dir);
   // A retained job needs its status and log, not its plan (argv and env copies per step).

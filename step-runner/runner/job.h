@@ -14,6 +14,7 @@
 #include "proto/job_record.pb.h"
 #include "proto/step_runner.pb.h"
 #include "step-runner/base/event_loop.h"
+#include "step-runner/logs/event_log.h"
 #include "step-runner/logs/job_log.h"
 #include "step-runner/logs/masker.h"
 #include "step-runner/process/subprocess.h"
@@ -54,9 +55,10 @@ class Job : public std::enable_shared_from_this<Job> {
   // A job that starts now (call Start on the loop thread).
   static absl::StatusOr<std::shared_ptr<Job>> Create(JobConfig config, EventLoop* loop,
                                                      FinishedCallback on_finished);
-  // A job read back from record.pb (a previous daemon's); it is finished.
+  // A job read back from record.pb (a previous daemon's); it is finished. `interrupted`: the
+  // previous daemon died while it ran, and its event stream gets the job-finished event now.
   static absl::StatusOr<std::shared_ptr<Job>> Recover(const std::string& dir,
-                                                      proto::JobRecord record);
+                                                      proto::JobRecord record, bool interrupted);
 
   void Start();
   void RequestCancel(proto::StatusError::Kind kind, std::string message);
@@ -67,6 +69,7 @@ class Job : public std::enable_shared_from_this<Job> {
   const std::string& dir() const { return dir_; }
   const std::string& fingerprint() const { return fingerprint_; }
   std::shared_ptr<logs::JobLog> log() const { return log_; }
+  std::shared_ptr<logs::EventLog> events() const { return events_; }
   proto::Status status() const;
   bool finished() const;
   absl::Time end_time() const;
@@ -104,6 +107,7 @@ class Job : public std::enable_shared_from_this<Job> {
   void WriteRecord(const proto::ProcessGroupRecord* running_group);
   void RemoveFolders();
   std::string Mask(absl::string_view text) const;
+  void Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step);
 
   const std::string id_;
   const std::string dir_;
@@ -112,6 +116,7 @@ class Job : public std::enable_shared_from_this<Job> {
   EventLoop* loop_ = nullptr;
   FinishedCallback on_finished_;
   std::shared_ptr<logs::JobLog> log_;
+  std::shared_ptr<logs::EventLog> events_;
 
   // Loop-thread state.
   bool started_ = false;

@@ -192,7 +192,8 @@ absl::Status Runner::Recover() {
       continue;
     }
     (void)RemoveTree(absl::StrCat(options_.secrets_root, "/", name));
-    if (record.status().status() == proto::StepResult::running) {
+    const bool was_running = record.status().status() == proto::StepResult::running;
+    if (was_running) {
       ++interrupted;
       const proto::ProcessGroupRecord& group = record.running_group();
       if (group.pgid() > 0 && group.boot_id() == boot_id) {
@@ -221,7 +222,7 @@ absl::Status Runner::Recover() {
       if (auto size = ReadFile(path + "/log"); size.ok()) status->set_log_size(size->size());
       (void)WriteFileAtomically(path + "/record.pb", record.SerializeAsString(), 0600);
     }
-    auto job = Job::Recover(path, std::move(record));
+    auto job = Job::Recover(path, std::move(record), was_running);
     if (!job.ok()) {
       SR_LOG(WARNING) << "skipping " << path << ": " << job.status();
       continue;
@@ -427,6 +428,13 @@ absl::StatusOr<std::vector<proto::Status>> Runner::GetStatus(const std::string& 
     return TimeUtil::TimestampToNanoseconds(a.start_time()) < TimeUtil::TimestampToNanoseconds(b.start_time());
   });
   return out;
+}
+
+absl::StatusOr<std::shared_ptr<logs::EventLog>> Runner::GetEvents(const std::string& id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job with id \"", id, "\""));
+  return it->second->events();
 }
 
 absl::StatusOr<std::shared_ptr<logs::JobLog>> Runner::GetLog(const std::string& id) const {

@@ -56,6 +56,7 @@ class Runner {
   // One job (NOT_FOUND if unknown), or every retained job when `id` is empty, oldest first.
   absl::StatusOr<std::vector<proto::Status>> GetStatus(const std::string& id) const;
   absl::StatusOr<std::shared_ptr<logs::JobLog>> GetLog(const std::string& id) const;
+  absl::StatusOr<std::shared_ptr<logs::EventLog>> GetEvents(const std::string& id) const;
 
   // Refuses new jobs, cancels running ones gracefully, and waits up to `deadline` for them to
   // end. Their final states are recorded.

@@ -27,22 +27,21 @@ proto::FollowLogsResponse::Stream ToProto(logs::Stream s) {
                                     : proto::FollowLogsResponse::STREAM_STDOUT;
 }
 
-class ErrorReactor : public grpc::ServerWriteReactor<proto::FollowLogsResponse> {
+// A server stream that replays a growing source from a position, then follows it live, and
+// finishes once the source is finished and fully sent. At most one write is in flight, so a
+// slow client holds one message of memory and slows nothing else. Subclasses say how to fill
+// the next message and how to wait for more; this class owns the gRPC choreography.
+template <typename Response>
+class TailReactor : public grpc::ServerWriteReactor<Response> {
  public:
-  explicit ErrorReactor(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
-  void OnDone() override { delete this; }
-};
-
-// Streams one job's log from an offset: replays what is on disk, then follows live appends, and
-// finishes once the job has ended and every byte went out.
-class LogTailReactor : public grpc::ServerWriteReactor<proto::FollowLogsResponse> {
- public:
-  LogTailReactor(std::shared_ptr<logs::JobLog> log, UniqueFd reader, int64_t offset,
-                 SerialExecutor* pump, std::atomic<int>* live)
-      : log_(std::move(log)), reader_(std::move(reader)), pump_(pump), live_(live),
-        handle_(std::make_shared<Handle>()), offset_(offset) {
+  TailReactor(SerialExecutor* pump, std::atomic<int>* live)
+      : pump_(pump), live_(live), handle_(std::make_shared<Handle>()) {
     handle_->reactor = this;
     ++*live_;
+  }
+
+  // Call once, after construction (it calls the subclass).
+  void Begin() {
     absl::MutexLock lock(&mu_);
     NextLocked();
   }
@@ -77,11 +76,20 @@ class LogTailReactor : public grpc::ServerWriteReactor<proto::FollowLogsResponse
     delete this;
   }
 
+ protected:
+  using WaiterId = uint64_t;
+  // Fills `response` with the next message: true if there was one, false if caught up.
+  virtual absl::StatusOr<bool> FillNext(Response* response) = 0;
+  virtual bool SourceFinished() const = 0;
+  // Registers `wake` for when more is available; nullopt if it already is.
+  virtual std::optional<WaiterId> WaitForMore(std::function<void()> wake) = 0;
+  virtual void CancelWait(WaiterId id) = 0;
+
  private:
   // Outlives the reactor so that a wake-up queued on the pump can tell it is gone.
   struct Handle {
     absl::Mutex mu;
-    LogTailReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
+    TailReactor* reactor ABSL_GUARDED_BY(mu) = nullptr;
   };
 
   void Wake() {
@@ -97,22 +105,17 @@ class LogTailReactor : public grpc::ServerWriteReactor<proto::FollowLogsResponse
         FinishLocked(grpc::Status::CANCELLED);
         return;
       }
-      // Read the finished flag before reading: a log that is finished has its final size, so
-      // reaching it then means the stream is complete.
-      const bool was_finished = log_->finished();
-      logs::JobLog::Chunk chunk;
-      absl::StatusOr<size_t> n = log_->Read(reader_.get(), offset_, kChunkBytes, &chunk);
-      if (!n.ok()) {
-        FinishLocked(ToGrpcStatus(n.status()));
+      // Ask before filling: a finished source has its final size, so being caught up with it
+      // then means the stream is complete.
+      const bool was_finished = SourceFinished();
+      absl::StatusOr<bool> filled = FillNext(&response_);
+      if (!filled.ok()) {
+        FinishLocked(ToGrpcStatus(filled.status()));
         return;
       }
-      if (*n > 0) {
-        response_.set_data(std::move(chunk.data));
-        response_.set_offset(chunk.offset);
-        response_.set_stream(ToProto(chunk.stream));
-        offset_ += static_cast<int64_t>(*n);
+      if (*filled) {
         write_pending_ = true;
-        StartWrite(&response_);
+        this->StartWrite(&response_);
         return;
       }
       if (was_finished) {
@@ -121,7 +124,8 @@ class LogTailReactor : public grpc::ServerWriteReactor<proto::FollowLogsResponse
       }
       std::weak_ptr<Handle> weak = handle_;
       SerialExecutor* pump = pump_;
-      waiter_ = log_->WaitForData(offset_, [weak, pump] {
+      // Wake-ups come from the thread that appends; the follow-up reading happens on the pump.
+      waiter_ = WaitForMore([weak, pump] {
         pump->Post([weak] {
           std::shared_ptr<Handle> handle = weak.lock();
           if (!handle) return;
@@ -129,34 +133,94 @@ class LogTailReactor : public grpc::ServerWriteReactor<proto::FollowLogsResponse
           if (handle->reactor) handle->reactor->Wake();
         });
       });
-      // nullopt: bytes arrived (or the log finished) since the read; go round again.
+      // nullopt: more arrived (or the source finished) since FillNext; go round again.
     }
   }
 
   void CancelWaitLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (waiter_) log_->CancelWait(*std::exchange(waiter_, std::nullopt));
+    if (waiter_) CancelWait(*std::exchange(waiter_, std::nullopt));
   }
 
   void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_) return;
     finished_ = true;
     CancelWaitLocked();
-    Finish(status);
+    this->Finish(status);
   }
 
-  const std::shared_ptr<logs::JobLog> log_;
-  const UniqueFd reader_;
   SerialExecutor* const pump_;
   std::atomic<int>* const live_;
   std::shared_ptr<Handle> handle_;
 
   absl::Mutex mu_;
-  int64_t offset_ ABSL_GUARDED_BY(mu_);
-  proto::FollowLogsResponse response_ ABSL_GUARDED_BY(mu_);
+  Response response_ ABSL_GUARDED_BY(mu_);
   bool write_pending_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  std::optional<logs::JobLog::WaiterId> waiter_ ABSL_GUARDED_BY(mu_);
+  std::optional<WaiterId> waiter_ ABSL_GUARDED_BY(mu_);
+};
+
+// FollowLogs: a job's log from a byte offset, in chunks that never mix stdout and stderr.
+class LogTailReactor final : public TailReactor<proto::FollowLogsResponse> {
+ public:
+  LogTailReactor(std::shared_ptr<logs::JobLog> log, UniqueFd reader, int64_t offset, SerialExecutor* pump,
+                 std::atomic<int>* live)
+      : TailReactor(pump, live), log_(std::move(log)), reader_(std::move(reader)), offset_(offset) {}
+
+ private:
+  absl::StatusOr<bool> FillNext(proto::FollowLogsResponse* response) override {
+    logs::JobLog::Chunk chunk;
+    absl::StatusOr<size_t> n = log_->Read(reader_.get(), offset_, kChunkBytes, &chunk);
+    if (!n.ok()) return n.status();
+    if (*n == 0) return false;
+    response->set_data(std::move(chunk.data));
+    response->set_offset(chunk.offset);
+    response->set_stream(ToProto(chunk.stream));
+    offset_ += static_cast<int64_t>(*n);
+    return true;
+  }
+  bool SourceFinished() const override { return log_->finished(); }
+  std::optional<WaiterId> WaitForMore(std::function<void()> wake) override {
+    return log_->WaitForData(offset_, std::move(wake));
+  }
+  void CancelWait(WaiterId id) override { log_->CancelWait(id); }
+
+  const std::shared_ptr<logs::JobLog> log_;
+  const UniqueFd reader_;
+  int64_t offset_;  // only touched under the base's lock, from FillNext/WaitForMore
+};
+
+// FollowSteps: a job's step events after a sequence number.
+class StepsTailReactor final : public TailReactor<proto::FollowStepsResponse> {
+ public:
+  StepsTailReactor(std::shared_ptr<logs::EventLog> events, int64_t after_seq, SerialExecutor* pump,
+                   std::atomic<int>* live)
+      : TailReactor(pump, live), events_(std::move(events)), after_seq_(after_seq) {}
+
+ private:
+  absl::StatusOr<bool> FillNext(proto::FollowStepsResponse* response) override {
+    absl::StatusOr<std::vector<proto::FollowStepsResponse>> next = events_->ReadAfter(after_seq_, 1);
+    if (!next.ok()) return next.status();
+    if (next->empty()) return false;
+    *response = std::move(next->front());
+    after_seq_ = response->seq();
+    return true;
+  }
+  bool SourceFinished() const override { return events_->finished(); }
+  std::optional<WaiterId> WaitForMore(std::function<void()> wake) override {
+    return events_->WaitForEvents(after_seq_, std::move(wake));
+  }
+  void CancelWait(WaiterId id) override { events_->CancelWait(id); }
+
+  const std::shared_ptr<logs::EventLog> events_;
+  int64_t after_seq_;
+};
+
+template <typename Response>
+class ErrorReactor : public grpc::ServerWriteReactor<Response> {
+ public:
+  explicit ErrorReactor(const absl::Status& status) { this->Finish(ToGrpcStatus(status)); }
+  void OnDone() override { delete this; }
 };
 
 }  // namespace
@@ -207,17 +271,33 @@ grpc::ServerUnaryReactor* StepRunnerService::Status(grpc::CallbackServerContext*
 
 grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::FollowLogs(
     grpc::CallbackServerContext*, const proto::FollowLogsRequest* request) {
+  using Error = ErrorReactor<proto::FollowLogsResponse>;
   absl::StatusOr<std::shared_ptr<logs::JobLog>> log = runner_->GetLog(request->id());
-  if (!log.ok()) return new ErrorReactor(log.status());
+  if (!log.ok()) return new Error(log.status());
   if (request->offset() < 0 || request->offset() > (*log)->size()) {
-    return new ErrorReactor(absl::OutOfRangeError(absl::StrCat(
+    return new Error(absl::OutOfRangeError(absl::StrCat(
         "offset ", request->offset(), " is outside the log of job \"", request->id(), "\", which has ",
         (*log)->size(), " bytes")));
   }
   absl::StatusOr<UniqueFd> reader = (*log)->OpenReader();
-  if (!reader.ok()) return new ErrorReactor(reader.status());
-  return new LogTailReactor(*std::move(log), *std::move(reader), request->offset(), &pump_,
-                            &live_followers_);
+  if (!reader.ok()) return new Error(reader.status());
+  auto* reactor = new LogTailReactor(*std::move(log), *std::move(reader), request->offset(), &pump_, &live_followers_);
+  reactor->Begin();
+  return reactor;
+}
+
+grpc::ServerWriteReactor<proto::FollowStepsResponse>* StepRunnerService::FollowSteps(
+    grpc::CallbackServerContext*, const proto::FollowStepsRequest* request) {
+  using Error = ErrorReactor<proto::FollowStepsResponse>;
+  absl::StatusOr<std::shared_ptr<logs::EventLog>> events = runner_->GetEvents(request->id());
+  if (!events.ok()) return new Error(events.status());
+  if (request->after_seq() < 0 || request->after_seq() > (*events)->last_seq()) {
+    return new Error(absl::OutOfRangeError(absl::StrCat("after_seq ", request->after_seq(), " is outside the ",
+                                                        (*events)->last_seq(), " events of job \"", request->id(), "\"")));
+  }
+  auto* reactor = new StepsTailReactor(*std::move(events), request->after_seq(), &pump_, &live_followers_);
+  reactor->Begin();
+  return reactor;
 }
 
 }  // namespace step_runner::server

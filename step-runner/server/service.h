@@ -33,6 +33,8 @@ class StepRunnerService final : public proto::StepRunner::CallbackService {
                                    proto::StatusResponse* response) override;
   grpc::ServerWriteReactor<proto::FollowLogsResponse>* FollowLogs(
       grpc::CallbackServerContext* context, const proto::FollowLogsRequest* request) override;
+  grpc::ServerWriteReactor<proto::FollowStepsResponse>* FollowSteps(
+      grpc::CallbackServerContext* context, const proto::FollowStepsRequest* request) override;
 
   // Followers currently streaming (diagnostics and tests).
   int live_followers() const { return live_followers_.load(); }

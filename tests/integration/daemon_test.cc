@@ -422,6 +422,57 @@ TEST_F(DaemonTest, HealthServiceAndReflectionForStockTools) {
   }
 }
 
+TEST_F(DaemonTest, FollowStepsStreamsEventsAndResumesBySequence) {
+  SR_ASSERT_OK(client_->Run(Request("ev", "run:\n  - name: first\n    script: echo 1\n  - name: second\n    script: exit 3\n")));
+  std::vector<proto::FollowStepsResponse> events;
+  SR_ASSERT_OK(client_->FollowSteps("ev", 0, [&](const proto::FollowStepsResponse& e) { events.push_back(e); }));
+  ASSERT_EQ(events.size(), 5u);
+  for (size_t i = 0; i < events.size(); ++i) EXPECT_EQ(events[i].seq(), static_cast<int64_t>(i) + 1);
+  EXPECT_EQ(events[0].kind(), proto::FollowStepsResponse::STEP_STARTED);
+  EXPECT_EQ(events[0].result().name(), "first");
+  EXPECT_EQ(events[1].kind(), proto::FollowStepsResponse::STEP_FINISHED);
+  EXPECT_EQ(events[1].result().status(), proto::StepResult::success);
+  EXPECT_EQ(events[3].result().name(), "second");
+  EXPECT_EQ(events[3].result().exec_result().exit_code(), 3);
+  EXPECT_EQ(events[4].kind(), proto::FollowStepsResponse::JOB_FINISHED);
+  EXPECT_EQ(events[4].job_status().status(), proto::StepResult::failure);
+  // Resuming after seq 2 gives exactly the rest.
+  std::vector<int64_t> rest;
+  SR_ASSERT_OK(client_->FollowSteps("ev", 2, [&](const proto::FollowStepsResponse& e) { rest.push_back(e.seq()); }));
+  EXPECT_EQ(rest, (std::vector<int64_t>{3, 4, 5}));
+  EXPECT_TRUE(absl::IsOutOfRange(client_->FollowSteps("ev", 6, [](const auto&) {})));
+  // The CLI prints them for people.
+  CommandResult cli = Cli({"events", "ev"});
+  EXPECT_EQ(cli.exit_code, 0) << cli.err;
+  EXPECT_THAT(cli.out, HasSubstr("step second failure (exit code 3)"));
+  EXPECT_THAT(cli.out, HasSubstr("job failure: step \"second\" exited with code 3"));
+}
+
+TEST_F(DaemonTest, StepEventsSurviveARestartAndInterruptedJobsGetTheirEnd) {
+  SR_ASSERT_OK(client_->Run(Request("done", "exec: {command: [true]}\n")));
+  SR_ASSERT_OK(WaitForJob(*client_, "done").status());
+  SR_ASSERT_OK(client_->Run(Request("live", "exec: {command: [sleep, '30']}\n")));
+  // Wait until the step has started (its event exists).
+  absl::Time until = absl::Now() + absl::Seconds(10);
+  while (absl::Now() < until) {
+    auto status = client_->GetStatus("live");
+    if (status.ok() && status->result().sub_step_results_size() > 0) break;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  daemon_->Signal(SIGKILL);
+  SR_ASSERT_OK(daemon_->Wait(absl::Seconds(10)).status());
+  StartDaemon();
+  std::vector<proto::FollowStepsResponse> done, live;
+  SR_ASSERT_OK(client_->FollowSteps("done", 0, [&](const auto& e) { done.push_back(e); }));
+  ASSERT_EQ(done.size(), 3u);
+  EXPECT_EQ(done[2].kind(), proto::FollowStepsResponse::JOB_FINISHED);
+  SR_ASSERT_OK(client_->FollowSteps("live", 0, [&](const auto& e) { live.push_back(e); }));
+  ASSERT_EQ(live.size(), 2u);
+  EXPECT_EQ(live[0].kind(), proto::FollowStepsResponse::STEP_STARTED);
+  EXPECT_EQ(live[1].kind(), proto::FollowStepsResponse::JOB_FINISHED);
+  EXPECT_EQ(live[1].job_status().error().kind(), proto::StatusError::interrupted);
+}
+
 TEST_F(DaemonTest, SecondDaemonOnTheSameSocketIsRefused) {
   TempDir other;
   auto second = RunCommand({StepRunnerBinary(), "serve", "--socket", daemon_->socket_path(), "--state-dir",
