@@ -287,7 +287,12 @@ TEST_F(RunnerTest, RetentionByCount) {
     SR_ASSERT_OK(runner_->Run(Request(id, "exec: {command: [true]}\n")));
     WaitFinished(id);
   }
-  SR_ASSERT_OK_AND_ASSIGN(auto all, runner_->GetStatus(""));
+  // The prune runs right after the last job's status turned final; wait for it.
+  std::vector<proto::Status> all;
+  absl::Time until = absl::Now() + absl::Seconds(10);
+  do {
+    SR_ASSERT_OK_AND_ASSIGN(all, runner_->GetStatus(""));
+  } while (all.size() != 3 && absl::Now() < until && (absl::SleepFor(absl::Milliseconds(5)), true));
   ASSERT_EQ(all.size(), 3u);
   EXPECT_EQ(all[0].id(), "r3");
   EXPECT_EQ(all[2].id(), "r5");
@@ -304,6 +309,9 @@ TEST_F(RunnerTest, RetentionByAge) {
   // Each finished job prunes what has aged out.
   SR_ASSERT_OK(runner_->Run(Request("new", "exec: {command: [true]}\n")));
   WaitFinished("new");
+  // The prune runs right after "new"'s status turned final; wait for it.
+  absl::Time until = absl::Now() + absl::Seconds(10);
+  while (runner_->GetStatus("old").ok() && absl::Now() < until) absl::SleepFor(absl::Milliseconds(5));
   EXPECT_TRUE(absl::IsNotFound(runner_->GetStatus("old").status()));
   SR_EXPECT_OK(runner_->GetStatus("new").status());
   // Its files are gone too.
