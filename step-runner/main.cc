@@ -5,6 +5,7 @@
 //   step-runner run FILE [--id ID] [--env K=V] [--follow] ...
 //   step-runner logs ID [--offset N] [--follow]
 //   step-runner events ID [--after-seq N]
+//   step-runner exec FILE [--env K=V]                    in-process, no daemon
 //   step-runner status [ID] | cancel ID | close ID
 //
 // Guarantees of the client commands:
@@ -34,7 +35,10 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
+#include "absl/synchronization/notification.h"
+#include "google/protobuf/util/json_util.h"
 #include "google/protobuf/util/time_util.h"
+#include "step-runner/runner/runner.h"
 #include "step-runner/base/files.h"
 #include "step-runner/base/logging.h"
 #include "step-runner/client/client.h"
@@ -63,6 +67,8 @@ constexpr char kUsage[] = R"(usage:
                     [--graceful-exit-timeout DURATION] [--follow] [--split-streams]
   step-runner logs ID [--offset N] [--follow] [--split-streams]
   step-runner events ID [--after-seq N]
+  step-runner exec FILE|- [--env K=V]... [--work-dir DIR] [--timeout DURATION] [--result FILE]
+                    (runs in-process, no daemon; prints the log, then the result tree as JSON)
   step-runner status [ID]
   step-runner cancel ID
   step-runner close ID
@@ -448,6 +454,83 @@ int CmdStatus(const Args& args) {
   return 0;
 }
 
+// The local runner: the daemon's engine in-process, for an agent inside the workspace. State goes
+// to a temporary folder that is removed at the end; steps run in the current directory.
+int CmdExec(const Args& args) {
+  if (args.positional.size() != 1) throw UsageError{"exec takes one step file (or - for stdin)"};
+  proto::RunRequest request;
+  request.set_id("exec");
+  const std::string& file = args.positional[0];
+  if (file == "-") {
+    request.set_steps(std::string(std::istreambuf_iterator<char>(std::cin), {}));
+  } else {
+    auto steps = ReadFile(file);
+    if (!steps.ok()) return Fail(steps.status());
+    request.set_steps(*steps);
+  }
+  for (const std::string& kv : args.All("env")) {
+    size_t eq = kv.find('=');
+    if (eq == std::string::npos || eq == 0) return Fail(absl::InvalidArgumentError("--env: expected KEY=VALUE, got \"" + kv + "\""));
+    (*request.mutable_env())[kv.substr(0, eq)] = kv.substr(eq + 1);
+  }
+  char cwd[4096];
+  request.set_work_dir(args.Get("work-dir").value_or(::getcwd(cwd, sizeof cwd) ? cwd : "/"));
+  if (auto t = args.Get("timeout")) {
+    auto d = ParseDurationFlag("timeout", *t);
+    if (!d.ok()) return Fail(d.status());
+    SetDuration(*d, request.mutable_timeout());
+  }
+  char tmpl[] = "/tmp/step-runner-exec.XXXXXX";
+  if (::mkdtemp(tmpl) == nullptr) return Fail(ErrnoStatus(errno, "mkdtemp"));
+  const std::string state = tmpl;
+  int code;
+  {
+    runner::RunnerOptions options;
+    options.state_dir = state + "/state";
+    options.secrets_root = state + "/secrets";
+    for (char** e = environ; *e; ++e) options.base_env.emplace_back(*e);  // the caller's own environment
+    internal::SetMinLogSeverity(internal::Severity::kWarning);
+    auto local = runner::Runner::Create(options);
+    if (!local.ok()) return Fail(local.status());
+    if (absl::Status s = (*local)->Run(request); !s.ok()) {
+      (void)RemoveTree(state);
+      return Fail(s);
+    }
+    auto log = (*local)->GetLog("exec");
+    auto reader = (*log)->OpenReader();
+    if (!reader.ok()) return Fail(reader.status());
+    int64_t offset = 0;
+    for (;;) {
+      bool finished = (*log)->finished();
+      logs::JobLog::Chunk chunk;
+      auto n = (*log)->Read(reader->get(), offset, 1 << 20, &chunk);
+      if (!n.ok()) return Fail(n.status());
+      if (*n > 0) {
+        (void)WriteAll(chunk.stream == logs::Stream::kStderr ? 2 : 1, chunk.data);
+        offset += static_cast<int64_t>(*n);
+        continue;
+      }
+      if (finished) break;
+      absl::Notification more;
+      auto waiter = (*log)->WaitForData(offset, [&more] { more.Notify(); });
+      if (waiter) more.WaitForNotification();
+    }
+    proto::Status status = (*(*local)->GetStatus("exec"))[0];
+    std::string json;
+    google::protobuf::util::JsonPrintOptions print;
+    print.add_whitespace = true;
+    (void)google::protobuf::util::MessageToJsonString(status, &json, print);
+    if (auto path = args.Get("result")) {
+      if (absl::Status s = WriteFileAtomically(*path, json, 0600); !s.ok()) Notice(std::string(s.message()));
+    } else {
+      std::cerr << json;
+    }
+    code = ExitForJob(status);
+  }
+  (void)RemoveTree(state);
+  return code;
+}
+
 // Prints a job's step events, one line each, until the job has finished.
 int CmdEvents(const Args& args) {
   if (args.positional.size() != 1) throw UsageError{"events takes one job id"};
@@ -511,6 +594,7 @@ int Main(int argc, char** argv) {
       {"logs", {with({"offset"}), {"follow", "split-streams"}, CmdLogs}},
       {"status", {with({}), {}, CmdStatus}},
       {"events", {with({"after-seq"}), {}, CmdEvents}},
+      {"exec", {{"env", "work-dir", "timeout", "result"}, {}, CmdExec}},
       {"cancel", {with({}), {}, [](const Args& a) { return CmdCancelOrClose(a, false); }}},
       {"close", {with({}), {}, [](const Args& a) { return CmdCancelOrClose(a, true); }}},
   };

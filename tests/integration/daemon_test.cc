@@ -476,6 +476,27 @@ TEST_F(DaemonTest, StepEventsSurviveARestartAndInterruptedJobsGetTheirEnd) {
   EXPECT_EQ(live[1].job_status().error().kind(), proto::StatusError::interrupted);
 }
 
+// `step-runner exec` needs no daemon: the same engine runs in-process.
+TEST(LocalRunnerTest, ExecRunsAStepFileWithoutADaemon) {
+  TempDir dir;
+  std::string file = dir.path() + "/steps.yml";
+  SR_ASSERT_OK(WriteFileAtomically(file, Steps("run:\n  - name: hi\n    script: echo \"hi $WHO from $(pwd)\"; echo oops >&2\n  - name: fail\n    script: exit 4\n"), 0600));
+  auto r = RunCommand({StepRunnerBinary(), "exec", file, "--env", "WHO=agent", "--work-dir", dir.path(),
+                       "--result", dir.path() + "/result.json"});
+  SR_ASSERT_OK(r.status());
+  EXPECT_EQ(r->exit_code, 4);
+  EXPECT_EQ(r->out, "hi agent from " + dir.path() + "\n");
+  EXPECT_EQ(r->err, "oops\n");
+  SR_ASSERT_OK_AND_ASSIGN(std::string result, ReadFile(dir.path() + "/result.json"));
+  EXPECT_THAT(result, HasSubstr("\"status\": \"failure\""));
+  EXPECT_THAT(result, HasSubstr("\"name\": \"fail\""));
+  // Bad input: a clear error and the "rejected" exit code.
+  auto bad = RunCommand({StepRunnerBinary(), "exec", "-"}, absl::Seconds(30), {}, "{}\n---\nexec: {}\n");
+  SR_ASSERT_OK(bad.status());
+  EXPECT_EQ(bad->exit_code, 65);
+  EXPECT_THAT(bad->err, HasSubstr("steps:3:7: exec.command: missing required key"));
+}
+
 TEST_F(DaemonTest, SecondDaemonOnTheSameSocketIsRefused) {
   TempDir other;
   auto second = RunCommand({StepRunnerBinary(), "serve", "--socket", daemon_->socket_path(), "--state-dir",
