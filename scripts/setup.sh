@@ -6,7 +6,8 @@ set -euo pipefail
 PACKAGES=(
   build-essential cmake ninja-build pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libabsl-dev libyaml-cpp-dev libssl-dev
+  libabsl-dev libyaml-cpp-dev libyaml-dev libssl-dev
+  clang libclang-rt-14-dev
   libgtest-dev libgmock-dev
 )
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Runs every test: installs packages, builds, then CTest (unit, integration and the benchmark
-# smoke run). Ends with CTest's summary; exits non-zero if anything failed.
+# Runs every test: installs packages, builds, fuzzes the parsers for a bounded time, then CTest
+# (unit, integration and the benchmark smoke run). Ends with CTest's summary; exits non-zero if
+# anything failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh
+# The parser and the expression evaluator under libFuzzer, for a bounded time.
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
 BUILD_DIR=${BUILD_DIR:-build}
 cd "$BUILD_DIR"
 ctest --output-on-failure -j "${CTEST_JOBS:-2}" --timeout 900

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "google/rpc/error_details.pb.h"
+#include "yaml.h"  // libyaml
 #include "yaml-cpp/depthguard.h"
 #include "yaml-cpp/yaml.h"
 
@@ -218,6 +219,78 @@ class Parser {
   std::vector<Violation>* violations_;
 };
 
+// Checks the text with libyaml before yaml-cpp sees it. yaml-cpp 0.7 loops forever, with
+// growing memory, on some malformed input (a "," outside any flow collection, found by
+// fuzzing); libyaml, the reference parser, rejects such input with an exact position. Its event
+// stream also bounds what yaml-cpp will build: nesting depth, aliases and node count.
+std::optional<Violation> PrevalidateYaml(absl::string_view text) {
+  yaml_parser_t parser;
+  if (!yaml_parser_initialize(&parser)) return Violation{{1, 1}, "", "out of memory"};
+  yaml_parser_set_input_string(&parser, reinterpret_cast<const unsigned char*>(text.data()), text.size());
+  yaml_parser_set_encoding(&parser, YAML_UTF8_ENCODING);
+  std::optional<Violation> violation;
+  int depth = 0;
+  size_t nodes = 0;
+  size_t aliases = 0;
+  for (bool done = false; !done && !violation;) {
+    yaml_event_t event;
+    if (!yaml_parser_parse(&parser, &event)) {
+      SourcePosition at{static_cast<int>(parser.problem_mark.line) + 1, static_cast<int>(parser.problem_mark.column) + 1};
+      std::string what = "malformed YAML: ";
+      if (parser.error == YAML_READER_ERROR) {
+        // The reader reports a byte offset, not a mark.
+        at = {1, 1};
+        for (size_t i = 0; i < parser.problem_offset && i < text.size(); ++i) {
+          if (text[i] == '\n') {
+            ++at.line;
+            at.column = 1;
+          } else {
+            ++at.column;
+          }
+        }
+        what = "the step file is not valid UTF-8: ";
+      }
+      violation = Violation{at, "", absl::StrCat(what, parser.problem ? parser.problem : "parse error",
+                                                 parser.context ? absl::StrCat(" (", parser.context, ")") : "")};
+      break;
+    }
+    const SourcePosition at{static_cast<int>(event.start_mark.line) + 1, static_cast<int>(event.start_mark.column) + 1};
+    switch (event.type) {
+      case YAML_SEQUENCE_START_EVENT:
+      case YAML_MAPPING_START_EVENT:
+        if (++depth > kMaxYamlDepth) {
+          violation = Violation{at, "", absl::StrCat("the YAML is nested deeper than ", kMaxYamlDepth, " levels")};
+        }
+        ++nodes;
+        break;
+      case YAML_SEQUENCE_END_EVENT:
+      case YAML_MAPPING_END_EVENT:
+        --depth;
+        break;
+      case YAML_SCALAR_EVENT:
+        ++nodes;
+        break;
+      case YAML_ALIAS_EVENT:
+        if (++aliases > kMaxYamlAliases) {
+          violation = Violation{at, "", absl::StrCat("the YAML uses more than ", kMaxYamlAliases,
+                                                     " aliases; step files have no need for so many")};
+        }
+        break;
+      case YAML_STREAM_END_EVENT:
+        done = true;
+        break;
+      default:
+        break;
+    }
+    if (!violation && nodes > kMaxYamlNodes) {
+      violation = Violation{at, "", absl::StrCat("the YAML has more than ", kMaxYamlNodes, " nodes")};
+    }
+    yaml_event_delete(&event);
+  }
+  yaml_parser_delete(&parser);
+  return violation;
+}
+
 }  // namespace
 
 absl::StatusOr<StepFile> ParseStepFile(absl::string_view text, absl::string_view source_name,
@@ -227,6 +300,8 @@ absl::StatusOr<StepFile> ParseStepFile(absl::string_view text, absl::string_view
   if (text.size() > kMaxStepFileBytes) {
     violations.push_back({{1, 1}, "", absl::StrCat("the step file is ", text.size(),
                                                    " bytes; the limit is ", kMaxStepFileBytes)});
+  } else if (std::optional<Violation> invalid = PrevalidateYaml(text)) {
+    violations.push_back(*std::move(invalid));
   } else {
     try {
       std::vector<YAML::Node> docs = YAML::LoadAll(std::string(text));

@@ -65,6 +65,10 @@ inline constexpr char kBadRequestTypeUrl[] = "type.googleapis.com/google.rpc.Bad
 
 // Step files larger than this are rejected before parsing.
 inline constexpr size_t kMaxStepFileBytes = 4 << 20;
+// Bounds on the YAML itself, checked before a tree is built.
+inline constexpr int kMaxYamlDepth = 64;
+inline constexpr size_t kMaxYamlAliases = 1000;
+inline constexpr size_t kMaxYamlNodes = 200000;
 
 }  // namespace step_runner::steps
 
