@@ -265,6 +265,20 @@ int FollowToTerminal(client::Client& client, const client::Endpoint& endpoint, c
   return ExitForJob(job);
 }
 
+// A step file named on the command line, or "-" for stdin.
+absl::StatusOr<std::string> ReadStepFileArg(const std::string& file) {
+  if (file == "-") return std::string(std::istreambuf_iterator<char>(std::cin), {});
+  return ReadFile(file);
+}
+
+absl::StatusOr<std::pair<std::string, std::string>> SplitKeyValue(const std::string& flag, const std::string& kv) {
+  size_t eq = kv.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--", flag, ": expected KEY=VALUE, got \"", kv, "\""));
+  }
+  return std::make_pair(kv.substr(0, eq), kv.substr(eq + 1));
+}
+
 absl::StatusOr<absl::Duration> ParseDurationFlag(const std::string& name, const std::string& text) {
   absl::Duration d;
   if (!absl::ParseDuration(text, &d) || d < absl::ZeroDuration()) {
@@ -352,33 +366,23 @@ int CmdProxy(const Args& args) {
 
 int CmdRun(const Args& args) {
   if (args.positional.size() != 1) throw UsageError{"run takes one step file (or - for stdin)"};
-  const std::string& file = args.positional[0];
   proto::RunRequest request;
-  if (file == "-") {
-    request.set_steps(std::string(std::istreambuf_iterator<char>(std::cin), {}));
-  } else {
-    auto steps = ReadFile(file);
-    if (!steps.ok()) return Fail(steps.status());
-    request.set_steps(*steps);
-  }
+  auto steps = ReadStepFileArg(args.positional[0]);
+  if (!steps.ok()) return Fail(steps.status());
+  request.set_steps(*std::move(steps));
   std::string id = args.Get("id").value_or("");
   if (id.empty()) {
     id = absl::StrFormat("job-%d-%d", absl::ToUnixMillis(absl::Now()), ::getpid());
   }
   request.set_id(id);
-  auto split = [](const std::string& flag, const std::string& kv) -> absl::StatusOr<std::pair<std::string, std::string>> {
-    size_t eq = kv.find('=');
-    if (eq == std::string::npos || eq == 0) return absl::InvalidArgumentError(absl::StrCat("--", flag, ": expected KEY=VALUE, got \"", kv, "\""));
-    return std::make_pair(kv.substr(0, eq), kv.substr(eq + 1));
-  };
   for (const std::string& kv : args.All("env")) {
-    auto p = split("env", kv);
+    auto p = SplitKeyValue("env", kv);
     if (!p.ok()) return Fail(p.status());
     (*request.mutable_env())[p->first] = p->second;
   }
   for (const char* flag : {"var", "masked-var", "file-var"}) {
     for (const std::string& kv : args.All(flag)) {
-      auto p = split(flag, kv);
+      auto p = SplitKeyValue(flag, kv);
       if (!p.ok()) return Fail(p.status());
       proto::Variable* var = request.mutable_job()->add_variables();
       var->set_key(p->first);
@@ -460,18 +464,13 @@ int CmdExec(const Args& args) {
   if (args.positional.size() != 1) throw UsageError{"exec takes one step file (or - for stdin)"};
   proto::RunRequest request;
   request.set_id("exec");
-  const std::string& file = args.positional[0];
-  if (file == "-") {
-    request.set_steps(std::string(std::istreambuf_iterator<char>(std::cin), {}));
-  } else {
-    auto steps = ReadFile(file);
-    if (!steps.ok()) return Fail(steps.status());
-    request.set_steps(*steps);
-  }
+  auto steps = ReadStepFileArg(args.positional[0]);
+  if (!steps.ok()) return Fail(steps.status());
+  request.set_steps(*std::move(steps));
   for (const std::string& kv : args.All("env")) {
-    size_t eq = kv.find('=');
-    if (eq == std::string::npos || eq == 0) return Fail(absl::InvalidArgumentError("--env: expected KEY=VALUE, got \"" + kv + "\""));
-    (*request.mutable_env())[kv.substr(0, eq)] = kv.substr(eq + 1);
+    auto p = SplitKeyValue("env", kv);
+    if (!p.ok()) return Fail(p.status());
+    (*request.mutable_env())[p->first] = p->second;
   }
   char cwd[4096];
   request.set_work_dir(args.Get("work-dir").value_or(::getcwd(cwd, sizeof cwd) ? cwd : "/"));

@@ -57,7 +57,7 @@ absl::StatusOr<std::shared_ptr<EventLog>> EventLog::Load(const std::string& dir,
 }
 
 absl::Status EventLog::Append(proto::FollowStepsResponse event) {
-  std::map<WaiterId, std::function<void()>> woken;
+  std::vector<std::function<void()>> woken;
   {
     absl::MutexLock lock(&mu_);
     if (finished_) return absl::FailedPreconditionError("append to a finished event log");
@@ -72,23 +72,23 @@ absl::Status EventLog::Append(proto::FollowStepsResponse event) {
     // One write per record, so a crash leaves at most the last one torn.
     absl::Status written = WriteAll(writer_.get(), record);
     events_.push_back(std::move(event));
-    woken.swap(waiters_);
+    woken = waiters_.TakeAll();
     if (!written.ok()) return written;
   }
-  for (auto& [id, wake] : woken) wake();
+  WakeAll(std::move(woken));
   return absl::OkStatus();
 }
 
 void EventLog::Finish() {
-  std::map<WaiterId, std::function<void()>> woken;
+  std::vector<std::function<void()>> woken;
   {
     absl::MutexLock lock(&mu_);
     if (finished_) return;
     finished_ = true;
     writer_.Close();
-    woken.swap(waiters_);
+    woken = waiters_.TakeAll();
   }
-  for (auto& [id, wake] : woken) wake();
+  WakeAll(std::move(woken));
 }
 
 bool EventLog::finished() const {
@@ -118,14 +118,12 @@ absl::StatusOr<std::vector<proto::FollowStepsResponse>> EventLog::ReadAfter(int6
 std::optional<EventLog::WaiterId> EventLog::WaitForEvents(int64_t after_seq, std::function<void()> wake) {
   absl::MutexLock lock(&mu_);
   if (static_cast<int64_t>(events_.size()) > after_seq || finished_) return std::nullopt;
-  WaiterId id = next_waiter_++;
-  waiters_.emplace(id, std::move(wake));
-  return id;
+  return waiters_.Add(std::move(wake));
 }
 
 void EventLog::CancelWait(WaiterId id) {
   absl::MutexLock lock(&mu_);
-  waiters_.erase(id);
+  waiters_.Remove(id);
 }
 
 }  // namespace step_runner::logs

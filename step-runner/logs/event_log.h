@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "proto/step_runner.pb.h"
 #include "step-runner/base/unique_fd.h"
+#include "step-runner/logs/waiters.h"
 
 namespace step_runner::logs {
 
@@ -37,7 +38,7 @@ class EventLog {
   // beyond the last event.
   absl::StatusOr<std::vector<proto::FollowStepsResponse>> ReadAfter(int64_t after_seq, size_t max_count) const;
 
-  using WaiterId = uint64_t;
+  using WaiterId = Waiters::Id;
   // Calls `wake` once when an event after `after_seq` exists or the log finishes; nullopt (and
   // nothing registered) if that is already so.
   std::optional<WaiterId> WaitForEvents(int64_t after_seq, std::function<void()> wake);
@@ -51,8 +52,7 @@ class EventLog {
   UniqueFd writer_ ABSL_GUARDED_BY(mu_);
   std::vector<proto::FollowStepsResponse> events_ ABSL_GUARDED_BY(mu_);
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  std::map<WaiterId, std::function<void()>> waiters_ ABSL_GUARDED_BY(mu_);
-  WaiterId next_waiter_ ABSL_GUARDED_BY(mu_) = 1;
+  Waiters waiters_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace step_runner::logs

@@ -61,7 +61,7 @@ absl::StatusOr<std::shared_ptr<JobLog>> JobLog::OpenFinished(const std::string& 
 
 absl::Status JobLog::Append(Stream stream, absl::string_view data) {
   if (data.empty()) return absl::OkStatus();
-  std::map<WaiterId, std::function<void()>> woken;
+  std::vector<std::function<void()>> woken;
   {
     absl::MutexLock lock(&mu_);
     if (finished_) return absl::FailedPreconditionError("append to a finished log");
@@ -74,23 +74,23 @@ absl::Status JobLog::Append(Stream stream, absl::string_view data) {
     }
     if (absl::Status s = WriteAll(writer_.get(), data); !s.ok()) return s;
     size_ += static_cast<int64_t>(data.size());
-    woken.swap(waiters_);
+    woken = waiters_.TakeAll();
   }
-  for (auto& [id, wake] : woken) wake();
+  WakeAll(std::move(woken));
   return absl::OkStatus();
 }
 
 void JobLog::Finish() {
-  std::map<WaiterId, std::function<void()>> woken;
+  std::vector<std::function<void()>> woken;
   {
     absl::MutexLock lock(&mu_);
     if (finished_) return;
     finished_ = true;
     writer_.Close();
     index_writer_.Close();
-    woken.swap(waiters_);
+    woken = waiters_.TakeAll();
   }
-  for (auto& [id, wake] : woken) wake();
+  WakeAll(std::move(woken));
 }
 
 int64_t JobLog::size() const {
@@ -146,14 +146,12 @@ absl::StatusOr<size_t> JobLog::Read(int reader_fd, int64_t offset, size_t max_by
 std::optional<JobLog::WaiterId> JobLog::WaitForData(int64_t offset, std::function<void()> wake) {
   absl::MutexLock lock(&mu_);
   if (size_ > offset || finished_) return std::nullopt;
-  WaiterId id = next_waiter_++;
-  waiters_.emplace(id, std::move(wake));
-  return id;
+  return waiters_.Add(std::move(wake));
 }
 
 void JobLog::CancelWait(WaiterId id) {
   absl::MutexLock lock(&mu_);
-  waiters_.erase(id);
+  waiters_.Remove(id);
 }
 
 }  // namespace step_runner::logs

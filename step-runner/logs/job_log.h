@@ -14,6 +14,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "step-runner/base/unique_fd.h"
+#include "step-runner/logs/waiters.h"
 
 namespace step_runner::logs {
 
@@ -54,7 +55,7 @@ class JobLog {
   // OUT_OF_RANGE if offset is negative or past the end.
   absl::StatusOr<size_t> Read(int reader_fd, int64_t offset, size_t max_bytes, Chunk* chunk) const;
 
-  using WaiterId = uint64_t;
+  using WaiterId = Waiters::Id;
   // Calls `wake` once (from the appending thread; keep it cheap) when the log grows past
   // `offset` or finishes. Returns nullopt, registering nothing, if that is already so.
   std::optional<WaiterId> WaitForData(int64_t offset, std::function<void()> wake);
@@ -72,8 +73,7 @@ class JobLog {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   // Offset -> stream that starts there (and runs until the next entry).
   std::map<int64_t, Stream> switches_ ABSL_GUARDED_BY(mu_);
-  std::map<WaiterId, std::function<void()>> waiters_ ABSL_GUARDED_BY(mu_);
-  WaiterId next_waiter_ ABSL_GUARDED_BY(mu_) = 1;
+  Waiters waiters_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace step_runner::logs

@@ -14,7 +14,6 @@
 #include <mutex>
 #include <thread>
 
-#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
@@ -153,7 +152,8 @@ TEST_F(DaemonTest, LogsAreByteExactWithOffsetsAndStreams) {
   std::string script = absl::StrCat(
       "printf 'a\\n\\n\\nb\\r\\nc\\r'; head -c 4194304 /dev/zero | tr '\\0' 'x'; printf '\\n'; ",
       PatternWriterBinary(), " ", kPattern, " 65536; printf 'E\\n' >&2; printf '\\377\\376\\n'");
-  proto::RunRequest request = Request("bytes", "exec:\n  command: [sh, -c, \"" + absl::CEscape(script) + "\"]\n");
+  // A literal block scalar: the script's quotes and backslashes need no YAML escaping.
+  proto::RunRequest request = Request("bytes", "exec:\n  command:\n    - sh\n    - -c\n    - |\n      " + script + "\n");
   SR_ASSERT_OK(client_->Run(request));
   // Each stream is byte-exact; how the two interleave is up to the scheduler (two pipes).
   const std::string expected_stdout =
