@@ -15,6 +15,7 @@
 //  - a client killed while following and started again (same id, same daemon) resumes where the
 //    killed one stopped, from the resume point it keeps in $XDG_STATE_HOME/step-runner/follow;
 //  - the exit code follows the job's outcome (see README.md).
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -198,6 +199,8 @@ client::ClientOptions ClientOptionsFrom(const Args& args) {
 }
 
 // Where a follower keeps how far it got, so that a killed client started again resumes there.
+// The offset is rewritten in place with one pwrite of a fixed-width number on an fd kept open:
+// between printing a chunk and recording it there are two syscalls, nothing more.
 class ResumePoint {
  public:
   ResumePoint(const client::Endpoint& endpoint, const std::string& id) {
@@ -216,16 +219,45 @@ class ResumePoint {
     return 0;
   }
   void Save(int64_t offset) {
-    if (!dir_made_) dir_made_ = MakeDirs(dir_, 0700).ok();
-    (void)WriteFileAtomically(path_, absl::StrCat(offset), 0600);
+    if (!fd_) {
+      if (!MakeDirs(dir_, 0700).ok()) return;
+      fd_.Reset(::open(path_.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
+      if (!fd_) return;
+    }
+    std::string text = absl::StrFormat("%020d\n", offset);
+    ssize_t unused = ::pwrite(fd_.get(), text.data(), text.size(), 0);
+    (void)unused;
   }
-  void Clear() { ::unlink(path_.c_str()); }
+  void Clear() {
+    fd_.Close();
+    ::unlink(path_.c_str());
+  }
 
  private:
   std::string dir_;
   std::string path_;
-  bool dir_made_ = false;
+  UniqueFd fd_;
 };
+
+// Ctrl-C, SIGTERM or SIGHUP while following: end at once, unless a chunk is being printed and
+// recorded; then end right after, so that a client started again never prints a byte twice.
+volatile sig_atomic_t g_in_output = 0;
+volatile sig_atomic_t g_deferred_signal = 0;
+
+extern "C" void OnInterrupt(int signo) {
+  if (g_in_output) {
+    g_deferred_signal = signo;
+    return;
+  }
+  ::_exit(128 + signo);
+}
+
+void DeferInterruptsWhileOutputting() {
+  struct sigaction action{};
+  action.sa_handler = OnInterrupt;
+  sigemptyset(&action.sa_mask);
+  for (int signo : {SIGINT, SIGTERM, SIGHUP}) ::sigaction(signo, &action, nullptr);
+}
 
 // Streams a job's log to stdout (stderr chunks to stderr with --split-streams) and returns the
 // CLI exit code.
@@ -240,13 +272,17 @@ int FollowToTerminal(client::Client& client, const client::Endpoint& endpoint, c
     if (!status.ok()) return Fail(status.status());
     stop_at = status->log_size();
   }
+  if (follow) DeferInterruptsWhileOutputting();
   auto sink = [&](const proto::FollowLogsResponse& chunk) {
     int fd = split_streams && chunk.stream() == proto::FollowLogsResponse::STREAM_STDERR ? 2 : 1;
+    g_in_output = 1;
     if (absl::Status s = WriteAll(fd, chunk.data()); !s.ok()) {
       Notice(absl::StrCat("cannot write the output: ", s.message()));
-      std::exit(kExitSoftware);
+      ::_exit(kExitSoftware);
     }
     if (follow) resume.Save(chunk.offset() + static_cast<int64_t>(chunk.data().size()));
+    g_in_output = 0;
+    if (g_deferred_signal) ::_exit(128 + g_deferred_signal);
   };
   auto final_status = client.Follow(id, offset, sink, nullptr, stop_at);
   if (!final_status.ok()) {

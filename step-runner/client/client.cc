@@ -150,7 +150,7 @@ void Client::Backoff(absl::Time give_up_at, absl::Duration& delay) {
   delay = std::min(delay * 2, options_.max_backoff);
 }
 
-absl::Status Client::WithReconnect(const std::function<grpc::Status(proto::StepRunner::Stub*)>& call) {
+absl::Status Client::WithReconnect(const Call& call) {
   absl::Time give_up_at = absl::Now() + options_.reconnect_timeout;
   absl::Duration delay = options_.initial_backoff;
   absl::Status last;
@@ -160,10 +160,16 @@ absl::Status Client::WithReconnect(const std::function<grpc::Status(proto::StepR
       if (absl::IsInvalidArgument(s)) return s;
       last = s;
     } else {
-      grpc::Status status = call(connection_->stub());
+      bool progress = false;
+      grpc::Status status = call(connection_->stub(), &progress);
       if (status.ok() || !IsTransportError(status)) return FromGrpcStatus(status);
       last = FromGrpcStatus(status);
       DropConnection(status.error_message());
+      if (progress) {
+        // The connection worked until it dropped: this is a new outage, not the same one.
+        give_up_at = absl::Now() + options_.reconnect_timeout;
+        delay = options_.initial_backoff;
+      }
     }
     if (absl::Now() >= give_up_at) {
       return absl::UnavailableError(absl::StrCat("the daemon is unreachable: ", last.message()));
@@ -173,7 +179,7 @@ absl::Status Client::WithReconnect(const std::function<grpc::Status(proto::StepR
 }
 
 absl::Status Client::Run(const proto::RunRequest& request) {
-  return WithReconnect([&](proto::StepRunner::Stub* stub) {
+  return WithReconnect([&](proto::StepRunner::Stub* stub, bool*) {
     proto::RunResponse response;
     return stub->Run(NewContext(true).get(), request, &response);
   });
@@ -183,7 +189,7 @@ absl::StatusOr<proto::Status> Client::GetStatus(const std::string& id) {
   proto::StatusRequest request;
   request.set_id(id);
   proto::StatusResponse response;
-  absl::Status s = WithReconnect([&](proto::StepRunner::Stub* stub) {
+  absl::Status s = WithReconnect([&](proto::StepRunner::Stub* stub, bool*) {
     response.Clear();
     return stub->Status(NewContext(true).get(), request, &response);
   });
@@ -195,7 +201,7 @@ absl::StatusOr<proto::Status> Client::GetStatus(const std::string& id) {
 absl::StatusOr<std::vector<proto::Status>> Client::ListJobs() {
   proto::StatusRequest request;
   proto::StatusResponse response;
-  absl::Status s = WithReconnect([&](proto::StepRunner::Stub* stub) {
+  absl::Status s = WithReconnect([&](proto::StepRunner::Stub* stub, bool*) {
     response.Clear();
     return stub->Status(NewContext(true).get(), request, &response);
   });
@@ -206,7 +212,7 @@ absl::StatusOr<std::vector<proto::Status>> Client::ListJobs() {
 absl::Status Client::Cancel(const std::string& id) {
   proto::CancelRequest request;
   request.set_id(id);
-  return WithReconnect([&](proto::StepRunner::Stub* stub) {
+  return WithReconnect([&](proto::StepRunner::Stub* stub, bool*) {
     proto::CancelResponse response;
     return stub->Cancel(NewContext(true).get(), request, &response);
   });
@@ -215,7 +221,7 @@ absl::Status Client::Cancel(const std::string& id) {
 absl::Status Client::Close(const std::string& id) {
   proto::CloseRequest request;
   request.set_id(id);
-  return WithReconnect([&](proto::StepRunner::Stub* stub) {
+  return WithReconnect([&](proto::StepRunner::Stub* stub, bool*) {
     proto::CloseResponse response;
     return stub->Close(NewContext(true).get(), request, &response);
   });
@@ -224,7 +230,8 @@ absl::Status Client::Close(const std::string& id) {
 absl::StatusOr<proto::Status> Client::Follow(const std::string& id, int64_t offset, const Sink& sink,
                                              int64_t* end_offset, std::optional<int64_t> stop_at) {
   bool reconnected = false;
-  absl::Status result = WithReconnect([&](proto::StepRunner::Stub* stub) -> grpc::Status {
+  std::optional<proto::Status> final_status;
+  absl::Status result = WithReconnect([&](proto::StepRunner::Stub* stub, bool* progress) -> grpc::Status {
     if (reconnected) {
       // After a reconnect, make sure the job is still there before resuming: a job that was
       // closed meanwhile is an answer (NOT_FOUND), not something to retry.
@@ -233,6 +240,7 @@ absl::StatusOr<proto::Status> Client::Follow(const std::string& id, int64_t offs
       proto::StatusResponse response;
       grpc::Status s = stub->Status(NewContext(true).get(), request, &response);
       if (!s.ok()) return s;
+      *progress = true;  // the daemon answered: a drop after this is a new outage
     }
     reconnected = true;
     if (stop_at && offset >= *stop_at) return grpc::Status::OK;
@@ -244,6 +252,9 @@ absl::StatusOr<proto::Status> Client::Follow(const std::string& id, int64_t offs
         stub->FollowLogs(context.get(), request);
     proto::FollowLogsResponse chunk;
     while (reader->Read(&chunk)) {
+      *progress = true;
+      if (chunk.has_job_status()) final_status = chunk.job_status();
+      if (chunk.data().empty()) continue;
       // Servers that set the offset extension must agree with our count; GitLab's do not set it.
       if (chunk.offset() != 0 && chunk.offset() != offset) {
         context->TryCancel();
@@ -254,11 +265,9 @@ absl::StatusOr<proto::Status> Client::Follow(const std::string& id, int64_t offs
       if (stop_at && offset + static_cast<int64_t>(chunk.data().size()) > *stop_at) {
         chunk.mutable_data()->resize(static_cast<size_t>(*stop_at - offset));
       }
-      if (!chunk.data().empty()) {
-        chunk.set_offset(offset);
-        sink(chunk);
-        offset += static_cast<int64_t>(chunk.data().size());
-      }
+      chunk.set_offset(offset);
+      sink(chunk);
+      offset += static_cast<int64_t>(chunk.data().size());
       if (stop_at && offset >= *stop_at) {
         context->TryCancel();
         reader->Finish();
@@ -269,11 +278,13 @@ absl::StatusOr<proto::Status> Client::Follow(const std::string& id, int64_t offs
   });
   if (end_offset) *end_offset = offset;
   if (!result.ok()) return result;
+  // Our daemon sends the final status at the end of the stream; ask only servers that do not.
+  if (final_status && !stop_at) return *final_status;
   return GetStatus(id);
 }
 
 absl::Status Client::FollowSteps(const std::string& id, int64_t after_seq, const EventSink& sink) {
-  return WithReconnect([&](proto::StepRunner::Stub* stub) -> grpc::Status {
+  return WithReconnect([&](proto::StepRunner::Stub* stub, bool* progress) -> grpc::Status {
     proto::FollowStepsRequest request;
     request.set_id(id);
     request.set_after_seq(after_seq);
@@ -281,6 +292,7 @@ absl::Status Client::FollowSteps(const std::string& id, int64_t after_seq, const
     auto reader = stub->FollowSteps(context.get(), request);
     proto::FollowStepsResponse event;
     while (reader->Read(&event)) {
+      *progress = true;
       if (event.seq() <= after_seq) continue;  // never deliver an event twice
       sink(event);
       after_seq = event.seq();

@@ -83,8 +83,11 @@ class Client {
 
  private:
   // Runs `call` on a live connection; on a transport failure, redials with backoff and retries
-  // until it succeeds, fails for another reason, or reconnect_timeout passes.
-  absl::Status WithReconnect(const std::function<grpc::Status(proto::StepRunner::Stub*)>& call);
+  // until it succeeds, fails for another reason, or the daemon has been unreachable for
+  // reconnect_timeout in a row. A call that made progress before failing (it sets `*progress`)
+  // starts both the backoff and the give-up clock over.
+  using Call = std::function<grpc::Status(proto::StepRunner::Stub*, bool* progress)>;
+  absl::Status WithReconnect(const Call& call);
   absl::Status EnsureConnected();
   void DropConnection(const std::string& why);
   void Backoff(absl::Time give_up_at, absl::Duration& delay);

@@ -430,6 +430,13 @@ absl::StatusOr<std::vector<proto::Status>> Runner::GetStatus(const std::string& 
   return out;
 }
 
+absl::StatusOr<std::shared_ptr<const Job>> Runner::GetJob(const std::string& id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job with id \"", id, "\""));
+  return std::shared_ptr<const Job>(it->second);
+}
+
 absl::StatusOr<std::shared_ptr<logs::EventLog>> Runner::GetEvents(const std::string& id) const {
   absl::MutexLock lock(&mu_);
   auto it = jobs_.find(id);

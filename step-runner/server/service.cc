@@ -84,6 +84,8 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
   // Registers `wake` for when more is available; nullopt if it already is.
   virtual std::optional<WaiterId> WaitForMore(std::function<void()> wake) = 0;
   virtual void CancelWait(WaiterId id) = 0;
+  // Once the source is finished and fully sent: an optional last message (default: none).
+  virtual bool FillFinal(Response*) { return false; }
 
  private:
   // Outlives the reactor so that a wake-up queued on the pump can tell it is gone.
@@ -119,6 +121,12 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
         return;
       }
       if (was_finished) {
+        if (!final_sent_ && FillFinal(&response_)) {
+          final_sent_ = true;
+          write_pending_ = true;
+          this->StartWrite(&response_);
+          return;
+        }
         FinishLocked(grpc::Status::OK);
         return;
       }
@@ -157,15 +165,18 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
   bool write_pending_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  bool final_sent_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<WaiterId> waiter_ ABSL_GUARDED_BY(mu_);
 };
 
 // FollowLogs: a job's log from a byte offset, in chunks that never mix stdout and stderr.
 class LogTailReactor final : public TailReactor<proto::FollowLogsResponse> {
  public:
-  LogTailReactor(std::shared_ptr<logs::JobLog> log, UniqueFd reader, int64_t offset, SerialExecutor* pump,
-                 std::atomic<int>* live)
-      : TailReactor(pump, live), log_(std::move(log)), reader_(std::move(reader)), offset_(offset) {}
+  using StatusSource = std::function<std::optional<proto::Status>()>;
+  LogTailReactor(std::shared_ptr<logs::JobLog> log, UniqueFd reader, int64_t offset, StatusSource final_status,
+                 SerialExecutor* pump, std::atomic<int>* live)
+      : TailReactor(pump, live), log_(std::move(log)), reader_(std::move(reader)),
+        final_status_(std::move(final_status)), offset_(offset) {}
 
  private:
   absl::StatusOr<bool> FillNext(proto::FollowLogsResponse* response) override {
@@ -184,9 +195,20 @@ class LogTailReactor final : public TailReactor<proto::FollowLogsResponse> {
     return log_->WaitForData(offset_, std::move(wake));
   }
   void CancelWait(WaiterId id) override { log_->CancelWait(id); }
+  // The job's final status rides on the last message, so the client needs no Status call after
+  // the stream (which also works when the daemon is gone right after, as at shutdown).
+  bool FillFinal(proto::FollowLogsResponse* response) override {
+    std::optional<proto::Status> status = final_status_();
+    if (!status) return false;  // closed meanwhile: the stream just ends
+    response->Clear();
+    response->set_offset(offset_);
+    *response->mutable_job_status() = *std::move(status);
+    return true;
+  }
 
   const std::shared_ptr<logs::JobLog> log_;
   const UniqueFd reader_;
+  const StatusSource final_status_;
   int64_t offset_;  // only touched under the base's lock, from FillNext/WaitForMore
 };
 
@@ -272,16 +294,20 @@ grpc::ServerUnaryReactor* StepRunnerService::Status(grpc::CallbackServerContext*
 grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::FollowLogs(
     grpc::CallbackServerContext*, const proto::FollowLogsRequest* request) {
   using Error = ErrorReactor<proto::FollowLogsResponse>;
-  absl::StatusOr<std::shared_ptr<logs::JobLog>> log = runner_->GetLog(request->id());
-  if (!log.ok()) return new Error(log.status());
-  if (request->offset() < 0 || request->offset() > (*log)->size()) {
+  absl::StatusOr<std::shared_ptr<const runner::Job>> job = runner_->GetJob(request->id());
+  if (!job.ok()) return new Error(job.status());
+  std::shared_ptr<logs::JobLog> log = (*job)->log();
+  if (request->offset() < 0 || request->offset() > log->size()) {
     return new Error(absl::OutOfRangeError(absl::StrCat(
         "offset ", request->offset(), " is outside the log of job \"", request->id(), "\", which has ",
-        (*log)->size(), " bytes")));
+        log->size(), " bytes")));
   }
-  absl::StatusOr<UniqueFd> reader = (*log)->OpenReader();
+  absl::StatusOr<UniqueFd> reader = log->OpenReader();
   if (!reader.ok()) return new Error(reader.status());
-  auto* reactor = new LogTailReactor(*std::move(log), *std::move(reader), request->offset(), &pump_, &live_followers_);
+  // Bound to this job, not its id: the id may name another job by the time the stream ends.
+  auto final_status = [job = *job]() -> std::optional<proto::Status> { return job->status(); };
+  auto* reactor = new LogTailReactor(std::move(log), *std::move(reader), request->offset(), std::move(final_status),
+                                     &pump_, &live_followers_);
   reactor->Begin();
   return reactor;
 }

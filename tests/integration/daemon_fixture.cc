@@ -15,9 +15,16 @@
 namespace step_runner::testing {
 namespace {
 
+// The test's environment with `extra` ("K=V") replacing any inherited variable of that name.
 std::vector<std::string> TestEnvironment(const std::vector<std::string>& extra) {
   std::vector<std::string> env;
-  for (char** e = environ; *e; ++e) env.emplace_back(*e);
+  for (char** e = environ; *e; ++e) {
+    std::string entry = *e;
+    std::string name = entry.substr(0, entry.find('=') + 1);
+    bool overridden = false;
+    for (const std::string& x : extra) overridden = overridden || x.rfind(name, 0) == 0;
+    if (!overridden) env.push_back(std::move(entry));
+  }
   env.insert(env.end(), extra.begin(), extra.end());
   return env;
 }
