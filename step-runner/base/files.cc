@@ -66,6 +66,8 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view data
 
 absl::Status MakeDirs(const std::string& path, mode_t mode) {
   if (path.empty()) return absl::InvalidArgumentError("empty directory path");
+  // Usually the parent exists: one mkdir, no walk (this runs on every Run).
+  if (::mkdir(path.c_str(), mode) == 0) return absl::OkStatus();
   std::string partial;
   size_t pos = 0;
   while (pos != std::string::npos) {

@@ -151,10 +151,14 @@ absl::StatusOr<uint64_t> ProcessStartTicks(pid_t pid) {
 }
 
 std::string BootId() {
-  auto id = ReadFile("/proc/sys/kernel/random/boot_id");
-  if (!id.ok()) return "";
-  while (!id->empty() && id->back() == '\n') id->pop_back();
-  return *id;
+  // Constant until the next boot; read once.
+  static const std::string boot_id = [] {
+    auto id = ReadFile("/proc/sys/kernel/random/boot_id");
+    if (!id.ok()) return std::string();
+    while (!id->empty() && id->back() == '\n') id->pop_back();
+    return *id;
+  }();
+  return boot_id;
 }
 
 std::vector<pid_t> LiveProcessesInGroup(pid_t pgid) {
