@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -105,25 +106,29 @@ absl::StatusOr<MemoryUsage> ReadMemoryUsage(pid_t pid) {
   absl::StatusOr<std::string> status = ReadFile(absl::StrCat("/proc/", pid, "/status"));
   if (!status.ok()) return status.status();
   MemoryUsage usage;
-  bool rss = false, hwm = false;
+  struct Field {
+    absl::string_view prefix;
+    int64_t* value;
+    bool seen = false;
+  };
+  Field fields[] = {{"VmRSS:", &usage.rss_kib},
+                    {"VmHWM:", &usage.hwm_kib},
+                    {"RssAnon:", &usage.rss_anon_kib},
+                    {"RssFile:", &usage.rss_file_kib}};
   for (absl::string_view line : absl::StrSplit(*status, '\n')) {
-    int64_t* field = nullptr;
-    if (absl::ConsumePrefix(&line, "VmRSS:")) {
-      field = &usage.rss_kib;
-      rss = true;
-    } else if (absl::ConsumePrefix(&line, "VmHWM:")) {
-      field = &usage.hwm_kib;
-      hwm = true;
-    } else {
-      continue;
-    }
-    line = absl::StripAsciiWhitespace(line);
-    absl::ConsumeSuffix(&line, "kB");
-    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(line), field)) {
-      return absl::InternalError(absl::StrCat("malformed /proc/", pid, "/status line: ", line));
+    for (Field& field : fields) {
+      if (!absl::ConsumePrefix(&line, field.prefix)) continue;
+      line = absl::StripAsciiWhitespace(line);
+      absl::ConsumeSuffix(&line, "kB");
+      if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(line), field.value)) {
+        return absl::InternalError(absl::StrCat("malformed /proc/", pid, "/status line: ", line));
+      }
+      field.seen = true;
     }
   }
-  if (!rss || !hwm) return absl::InternalError(absl::StrCat("no VmRSS/VmHWM in /proc/", pid, "/status"));
+  for (const Field& field : fields) {
+    if (!field.seen) return absl::InternalError(absl::StrCat("no ", field.prefix, " in /proc/", pid, "/status"));
+  }
   return usage;
 }
 
@@ -170,6 +175,26 @@ Summary Summarize(std::vector<double> sample) {
   s.max = sample.back();
   s.mean = std::accumulate(sample.begin(), sample.end(), 0.0) / static_cast<double>(sample.size());
   return s;
+}
+
+std::string FilesystemType(const std::string& path) {
+  struct statfs fs {};
+  if (::statfs(path.c_str(), &fs) != 0) return "unknown";
+  // Magic numbers from linux/magic.h (not included: it is not in every libc's headers).
+  switch (static_cast<uint64_t>(fs.f_type)) {
+    case 0xEF53:
+      return "ext4";
+    case 0x01021994:
+      return "tmpfs";
+    case 0x794c7630:
+      return "overlayfs";
+    case 0x58465342:
+      return "xfs";
+    case 0x9123683E:
+      return "btrfs";
+    default:
+      return absl::StrCat("fs type 0x", absl::Hex(static_cast<uint64_t>(fs.f_type)));
+  }
 }
 
 absl::StatusOr<int64_t> DrainToEof(const std::vector<int>& fds, size_t buffer_bytes) {

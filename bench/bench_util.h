@@ -63,8 +63,10 @@ class DaemonProcess {
 
 // Memory figures of a process from /proc/<pid>/status, in KiB.
 struct MemoryUsage {
-  int64_t rss_kib = 0;  // VmRSS: resident now
-  int64_t hwm_kib = 0;  // VmHWM: peak resident since start
+  int64_t rss_kib = 0;       // VmRSS: resident now
+  int64_t hwm_kib = 0;       // VmHWM: peak resident since start
+  int64_t rss_anon_kib = 0;  // RssAnon: heap, stacks, relocated data: the daemon's own
+  int64_t rss_file_kib = 0;  // RssFile: mapped binary and library pages (shared with others)
 };
 absl::StatusOr<MemoryUsage> ReadMemoryUsage(pid_t pid);
 
@@ -95,6 +97,10 @@ struct Summary {
 };
 // Nearest-rank percentiles; an empty sample gives all zeros.
 Summary Summarize(std::vector<double> sample);
+
+// The type of the filesystem holding `path` ("ext4", "tmpfs", ...): the daemon's per-job cost
+// depends on it (every job creates, renames and deletes files in its state dir).
+std::string FilesystemType(const std::string& path);
 
 // Reads `fds` (non-blocking read ends) to EOF, discarding the bytes; returns how many there
 // were. Polls instead of spinning, as the daemon's event loop does.

@@ -234,6 +234,7 @@ absl::Status Runner::Recover() {
       (void)RemoveTree((*job)->dir());
     }
   }
+  for (const auto& [id, job] : jobs_) finished_by_end_.emplace(job->end_time(), job);
   if (!jobs_.empty()) {
     SR_LOG(INFO) << "recovered " << jobs_.size() << " jobs from " << jobs_dir_ << " ("
                  << interrupted << " interrupted)";
@@ -402,6 +403,15 @@ absl::Status Runner::Close(const std::string& id) {
     if (it == jobs_.end()) return absl::OkStatus();
     job = std::move(it->second);
     jobs_.erase(it);
+    if (job->finished()) {
+      auto [begin, end] = finished_by_end_.equal_range(job->end_time());
+      for (auto i = begin; i != end; ++i) {
+        if (i->second == job) {
+          finished_by_end_.erase(i);
+          break;
+        }
+      }
+    }
   }
   // The id is free at once; the processes get their graceful exit and the folders go after.
   job->DeleteWhenFinished();
@@ -456,10 +466,13 @@ size_t Runner::running_jobs() const {
   return running_;
 }
 
-void Runner::OnJobFinished(Job&) {
+void Runner::OnJobFinished(Job& job) {
   {
     absl::MutexLock lock(&mu_);
     --running_;
+    // A job closed while it ran is no longer in the table and is not retained.
+    auto it = jobs_.find(job.id());
+    if (it != jobs_.end() && it->second.get() == &job) finished_by_end_.emplace(job.end_time(), it->second);
   }
   Prune();
 }
@@ -468,20 +481,14 @@ void Runner::Prune() {
   std::vector<std::shared_ptr<Job>> dropped;
   {
     absl::MutexLock lock(&mu_);
-    std::vector<std::pair<absl::Time, std::string>> finished;
-    for (const auto& [id, job] : jobs_) {
-      if (job->finished()) finished.emplace_back(job->end_time(), id);
-    }
-    std::sort(finished.begin(), finished.end());
     const absl::Time oldest_kept = absl::Now() - options_.max_job_age;
-    size_t excess = finished.size() > options_.max_retained_jobs
-                        ? finished.size() - options_.max_retained_jobs
-                        : 0;
-    for (size_t i = 0; i < finished.size(); ++i) {
-      if (i >= excess && finished[i].first >= oldest_kept) break;
-      auto it = jobs_.find(finished[i].second);
-      dropped.push_back(std::move(it->second));
-      jobs_.erase(it);
+    while (!finished_by_end_.empty() && (finished_by_end_.size() > options_.max_retained_jobs ||
+                                         finished_by_end_.begin()->first < oldest_kept)) {
+      std::shared_ptr<Job> job = std::move(finished_by_end_.begin()->second);
+      finished_by_end_.erase(finished_by_end_.begin());
+      auto it = jobs_.find(job->id());
+      if (it != jobs_.end() && it->second == job) jobs_.erase(it);
+      dropped.push_back(std::move(job));
     }
   }
   // Followers still reading a dropped job keep their open fd; only the names go.

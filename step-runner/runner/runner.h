@@ -1,6 +1,7 @@
 #ifndef STEP_RUNNER_RUNNER_RUNNER_H_
 #define STEP_RUNNER_RUNNER_RUNNER_H_
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -82,6 +83,9 @@ class Runner {
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);
+  // The retained finished jobs, oldest end first, so that pruning drops from the front instead
+  // of sorting the whole table on every job's end.
+  std::multimap<absl::Time, std::shared_ptr<Job>> finished_by_end_ ABSL_GUARDED_BY(mu_);
   size_t running_ ABSL_GUARDED_BY(mu_) = 0;
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
 };
