@@ -172,7 +172,7 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
 // FollowLogs: a job's log from a byte offset, in chunks that never mix stdout and stderr.
 class LogTailReactor final : public TailReactor<proto::FollowLogsResponse> {
  public:
-  using StatusSource = std::function<std::optional<proto::Status>()>;
+  using StatusSource = std::function<proto::Status()>;
   LogTailReactor(std::shared_ptr<logs::JobLog> log, UniqueFd reader, int64_t offset, StatusSource final_status,
                  SerialExecutor* pump, std::atomic<int>* live)
       : TailReactor(pump, live), log_(std::move(log)), reader_(std::move(reader)),
@@ -198,11 +198,9 @@ class LogTailReactor final : public TailReactor<proto::FollowLogsResponse> {
   // The job's final status rides on the last message, so the client needs no Status call after
   // the stream (which also works when the daemon is gone right after, as at shutdown).
   bool FillFinal(proto::FollowLogsResponse* response) override {
-    std::optional<proto::Status> status = final_status_();
-    if (!status) return false;  // closed meanwhile: the stream just ends
     response->Clear();
     response->set_offset(offset_);
-    *response->mutable_job_status() = *std::move(status);
+    *response->mutable_job_status() = final_status_();
     return true;
   }
 
@@ -305,7 +303,7 @@ grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::FollowLo
   absl::StatusOr<UniqueFd> reader = log->OpenReader();
   if (!reader.ok()) return new Error(reader.status());
   // Bound to this job, not its id: the id may name another job by the time the stream ends.
-  auto final_status = [job = *job]() -> std::optional<proto::Status> { return job->status(); };
+  auto final_status = [job = *job] { return job->status(); };
   auto* reactor = new LogTailReactor(std::move(log), *std::move(reader), request->offset(), std::move(final_status),
                                      &pump_, &live_followers_);
   reactor->Begin();
