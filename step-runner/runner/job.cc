@@ -233,7 +233,6 @@ void Job::StartNextStep() {
   }
   absl::Status s = loop_->WatchFd(live_->child.pidfd(), EPOLLIN, [this, self](uint32_t) { OnLeaderExit(); });
   if (!s.ok()) SR_LOG(ERROR) << "job " << id_ << ": " << s;
-  if (cancel_) RequestCancel(cancel_->first, cancel_->second);
 }
 
 void Job::AppendOutput(int stream_index, absl::string_view data) {
