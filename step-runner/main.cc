@@ -532,14 +532,14 @@ int CmdExec(const Args& args) {
       (void)RemoveTree(state);
       return Fail(s);
     }
-    auto log = (*local)->GetLog("exec");
-    auto reader = (*log)->OpenReader();
+    std::shared_ptr<logs::JobLog> log = (*(*local)->GetJob("exec"))->log();
+    auto reader = log->OpenReader();
     if (!reader.ok()) return Fail(reader.status());
     int64_t offset = 0;
     for (;;) {
-      bool finished = (*log)->finished();
+      bool finished = log->finished();
       logs::JobLog::Chunk chunk;
-      auto n = (*log)->Read(reader->get(), offset, 1 << 20, &chunk);
+      auto n = log->Read(reader->get(), offset, 1 << 20, &chunk);
       if (!n.ok()) return Fail(n.status());
       if (*n > 0) {
         (void)WriteAll(chunk.stream == logs::Stream::kStderr ? 2 : 1, chunk.data);
@@ -548,7 +548,7 @@ int CmdExec(const Args& args) {
       }
       if (finished) break;
       absl::Notification more;
-      auto waiter = (*log)->WaitForData(offset, [&more] { more.Notify(); });
+      auto waiter = log->WaitForData(offset, [&more] { more.Notify(); });
       if (waiter) more.WaitForNotification();
     }
     proto::Status status = (*(*local)->GetStatus("exec"))[0];

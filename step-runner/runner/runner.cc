@@ -321,7 +321,7 @@ absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const s
   }
   // bash with errexit and pipefail, as GitLab's script step; sh where there is no bash.
   std::vector<std::string> shell = {"sh", "-e", "-c"};
-  if (process::FindExecutable("bash", job_env).ok()) {
+  if (!file.definition.run.empty() && process::FindExecutable("bash", job_env).ok()) {
     shell = {"bash", "--noprofile", "--norc", "-e", "-o", "pipefail", "-c"};
   }
   for (const steps::Invocation& inv : file.definition.run) {
@@ -445,25 +445,6 @@ absl::StatusOr<std::shared_ptr<const Job>> Runner::GetJob(const std::string& id)
   auto it = jobs_.find(id);
   if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job with id \"", id, "\""));
   return std::shared_ptr<const Job>(it->second);
-}
-
-absl::StatusOr<std::shared_ptr<logs::EventLog>> Runner::GetEvents(const std::string& id) const {
-  absl::MutexLock lock(&mu_);
-  auto it = jobs_.find(id);
-  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job with id \"", id, "\""));
-  return it->second->events();
-}
-
-absl::StatusOr<std::shared_ptr<logs::JobLog>> Runner::GetLog(const std::string& id) const {
-  absl::MutexLock lock(&mu_);
-  auto it = jobs_.find(id);
-  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job with id \"", id, "\""));
-  return it->second->log();
-}
-
-size_t Runner::running_jobs() const {
-  absl::MutexLock lock(&mu_);
-  return running_;
 }
 
 void Runner::OnJobFinished(Job& job) {

@@ -56,16 +56,12 @@ class Runner {
   absl::Status Close(const std::string& id);
   // One job (NOT_FOUND if unknown), or every retained job when `id` is empty, oldest first.
   absl::StatusOr<std::vector<proto::Status>> GetStatus(const std::string& id) const;
-  absl::StatusOr<std::shared_ptr<logs::JobLog>> GetLog(const std::string& id) const;
-  absl::StatusOr<std::shared_ptr<logs::EventLog>> GetEvents(const std::string& id) const;
   // The job itself (its log, events and status stay valid for the holder even after Close).
   absl::StatusOr<std::shared_ptr<const Job>> GetJob(const std::string& id) const;
 
   // Refuses new jobs, cancels running ones gracefully, and waits up to `deadline` for them to
   // end. Their final states are recorded.
   void Shutdown(absl::Duration deadline);
-
-  size_t running_jobs() const;
 
  private:
   explicit Runner(RunnerOptions options);

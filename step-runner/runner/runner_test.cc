@@ -61,13 +61,14 @@ class RunnerTest : public ::testing::Test {
   }
 
   std::string LogOf(const std::string& id) {
-    auto log = runner_->GetLog(id);
-    EXPECT_TRUE(log.ok());
-    auto fd = (*log)->OpenReader();
+    auto job = runner_->GetJob(id);
+    EXPECT_TRUE(job.ok());
+    std::shared_ptr<logs::JobLog> log = (*job)->log();
+    auto fd = log->OpenReader();
     std::string all;
     logs::JobLog::Chunk chunk;
     while (true) {
-      auto n = (*log)->Read(fd->get(), static_cast<int64_t>(all.size()), 1 << 20, &chunk);
+      auto n = log->Read(fd->get(), static_cast<int64_t>(all.size()), 1 << 20, &chunk);
       if (!n.ok() || *n == 0) break;
       all += chunk.data;
     }

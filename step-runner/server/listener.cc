@@ -109,13 +109,11 @@ void UnixListener::AcceptLoop() {
     socklen_t len = sizeof cred;
     if (::getsockopt(conn.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
       SR_PLOG(WARNING) << "getsockopt(SO_PEERCRED); refusing the connection";
-      ++refused_;
       continue;
     }
     if (!allowed_uids_.count(cred.uid)) {
       SR_LOG(WARNING) << "refused a connection from uid " << cred.uid << " (pid " << cred.pid
                       << "): not an allowed uid (use --allow-uid)";
-      ++refused_;
       continue;
     }
     handler_(std::move(conn), cred.pid, cred.uid);

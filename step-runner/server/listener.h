@@ -34,7 +34,6 @@ class UnixListener {
 
   const std::string& path() const { return path_; }
   int fd() const { return fd_.get(); }
-  uint64_t refused() const { return refused_.load(); }
 
  private:
   UnixListener(std::string path, UniqueFd fd, UniqueFd wake, std::set<uid_t> allowed);
@@ -47,7 +46,6 @@ class UnixListener {
   ConnectionHandler handler_;
   std::thread thread_;
   std::atomic<bool> stopped_{false};
-  std::atomic<uint64_t> refused_{0};
 };
 
 }  // namespace step_runner::server

@@ -34,10 +34,8 @@ proto::FollowLogsResponse::Stream ToProto(logs::Stream s) {
 template <typename Response>
 class TailReactor : public grpc::ServerWriteReactor<Response> {
  public:
-  TailReactor(SerialExecutor* pump, std::atomic<int>* live)
-      : pump_(pump), live_(live), handle_(std::make_shared<Handle>()) {
+  explicit TailReactor(SerialExecutor* pump) : pump_(pump), handle_(std::make_shared<Handle>()) {
     handle_->reactor = this;
-    ++*live_;
   }
 
   // Call once, after construction (it calls the subclass).
@@ -72,7 +70,6 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
       absl::MutexLock lock(&mu_);
       CancelWaitLocked();
     }
-    --*live_;
     delete this;
   }
 
@@ -157,7 +154,6 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
   }
 
   SerialExecutor* const pump_;
-  std::atomic<int>* const live_;
   std::shared_ptr<Handle> handle_;
 
   absl::Mutex mu_;
@@ -174,8 +170,8 @@ class LogTailReactor final : public TailReactor<proto::FollowLogsResponse> {
  public:
   using StatusSource = std::function<proto::Status()>;
   LogTailReactor(std::shared_ptr<logs::JobLog> log, UniqueFd reader, int64_t offset, StatusSource final_status,
-                 SerialExecutor* pump, std::atomic<int>* live)
-      : TailReactor(pump, live), log_(std::move(log)), reader_(std::move(reader)),
+                 SerialExecutor* pump)
+      : TailReactor(pump), log_(std::move(log)), reader_(std::move(reader)),
         final_status_(std::move(final_status)), offset_(offset) {}
 
  private:
@@ -213,9 +209,8 @@ class LogTailReactor final : public TailReactor<proto::FollowLogsResponse> {
 // FollowSteps: a job's step events after a sequence number.
 class StepsTailReactor final : public TailReactor<proto::FollowStepsResponse> {
  public:
-  StepsTailReactor(std::shared_ptr<logs::EventLog> events, int64_t after_seq, SerialExecutor* pump,
-                   std::atomic<int>* live)
-      : TailReactor(pump, live), events_(std::move(events)), after_seq_(after_seq) {}
+  StepsTailReactor(std::shared_ptr<logs::EventLog> events, int64_t after_seq, SerialExecutor* pump)
+      : TailReactor(pump), events_(std::move(events)), after_seq_(after_seq) {}
 
  private:
   absl::StatusOr<bool> FillNext(proto::FollowStepsResponse* response) override {
@@ -304,8 +299,8 @@ grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::FollowLo
   if (!reader.ok()) return new Error(reader.status());
   // Bound to this job, not its id: the id may name another job by the time the stream ends.
   auto final_status = [job = *job] { return job->status(); };
-  auto* reactor = new LogTailReactor(std::move(log), *std::move(reader), request->offset(), std::move(final_status),
-                                     &pump_, &live_followers_);
+  auto* reactor =
+      new LogTailReactor(std::move(log), *std::move(reader), request->offset(), std::move(final_status), &pump_);
   reactor->Begin();
   return reactor;
 }
@@ -313,13 +308,14 @@ grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::FollowLo
 grpc::ServerWriteReactor<proto::FollowStepsResponse>* StepRunnerService::FollowSteps(
     grpc::CallbackServerContext*, const proto::FollowStepsRequest* request) {
   using Error = ErrorReactor<proto::FollowStepsResponse>;
-  absl::StatusOr<std::shared_ptr<logs::EventLog>> events = runner_->GetEvents(request->id());
-  if (!events.ok()) return new Error(events.status());
-  if (request->after_seq() < 0 || request->after_seq() > (*events)->last_seq()) {
+  absl::StatusOr<std::shared_ptr<const runner::Job>> job = runner_->GetJob(request->id());
+  if (!job.ok()) return new Error(job.status());
+  std::shared_ptr<logs::EventLog> events = (*job)->events();
+  if (request->after_seq() < 0 || request->after_seq() > events->last_seq()) {
     return new Error(absl::OutOfRangeError(absl::StrCat("after_seq ", request->after_seq(), " is outside the ",
-                                                        (*events)->last_seq(), " events of job \"", request->id(), "\"")));
+                                                        events->last_seq(), " events of job \"", request->id(), "\"")));
   }
-  auto* reactor = new StepsTailReactor(*std::move(events), request->after_seq(), &pump_, &live_followers_);
+  auto* reactor = new StepsTailReactor(std::move(events), request->after_seq(), &pump_);
   reactor->Begin();
   return reactor;
 }

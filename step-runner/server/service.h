@@ -1,7 +1,6 @@
 #ifndef STEP_RUNNER_SERVER_SERVICE_H_
 #define STEP_RUNNER_SERVER_SERVICE_H_
 
-#include <atomic>
 #include <memory>
 
 #include "absl/status/status.h"
@@ -36,14 +35,10 @@ class StepRunnerService final : public proto::StepRunner::CallbackService {
   grpc::ServerWriteReactor<proto::FollowStepsResponse>* FollowSteps(
       grpc::CallbackServerContext* context, const proto::FollowStepsRequest* request) override;
 
-  // Followers currently streaming (diagnostics and tests).
-  int live_followers() const { return live_followers_.load(); }
-
  private:
   runner::Runner* runner_;
   // Wake-ups of caught-up followers run here, off the event loop that appends to the logs.
   SerialExecutor pump_;
-  std::atomic<int> live_followers_{0};
 };
 
 }  // namespace step_runner::server
