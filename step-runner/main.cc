@@ -20,6 +20,8 @@
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/stat.h>
+#include <climits>
 #include <unistd.h>
 
 #include <cerrno>
@@ -39,12 +41,16 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "google/protobuf/util/json_util.h"
+#include "step-runner/base/status_macros.h"
+#include "step-runner/steps/step_file.h"
 #include "google/protobuf/util/time_util.h"
 #include "step-runner/runner/runner.h"
 #include "step-runner/base/files.h"
 #include "step-runner/base/logging.h"
 #include "step-runner/client/client.h"
 #include "step-runner/server/daemon.h"
+#include "step-runner/audit/cli.h"
+#include "step-runner/sandbox/flags.h"
 
 namespace step_runner {
 namespace {
@@ -62,22 +68,30 @@ constexpr int kExitSoftware = 70;      // EX_SOFTWARE: anything else
 constexpr char kUsage[] = R"(usage:
   step-runner serve [--socket PATH] [--state-dir DIR] [--allow-uid UID]...
                     [--max-jobs N] [--max-age DURATION] [--graceful-exit-timeout DURATION]
-                    [--log-level info|warning|error]
+                    [--log-level info|warning|error] [--catalog DIR]
   step-runner proxy [--socket PATH]
-  step-runner run FILE|- [--id ID] [--env K=V]... [--var K=V]... [--masked-var K=V]...
+  step-runner run FILE|- [--id ID] [--input NAME=VALUE]... [--env K=V]... [--var K=V]... [--masked-var K=V]...
                     [--file-var K=V]... [--work-dir DIR] [--timeout DURATION]
                     [--graceful-exit-timeout DURATION] [--follow] [--split-streams]
   step-runner logs ID [--offset N] [--follow] [--split-streams]
   step-runner events ID [--after-seq N]
-  step-runner exec FILE|- [--env K=V]... [--work-dir DIR] [--timeout DURATION] [--result FILE]
+  step-runner exec FILE|- [--input NAME=VALUE]... [--env K=V]... [--work-dir DIR] [--timeout DURATION]
+                    [--result FILE] [--catalog DIR]
                     (runs in-process, no daemon; prints the log, then the result tree as JSON)
   step-runner status [ID]
   step-runner cancel ID
   step-runner close ID
+  step-runner audit verify|tail [--state-dir DIR] [--follow] [--lines N]
+
+serve's step sandbox (see step-runner/sandbox/README.md):
+  --sandbox=bwrap|none (default bwrap)  --network=none|all|allow (default none)
+  --allow-host HOST:PORT...  --limit-memory BYTES (4G)  --limit-cpu SECONDS (3600)
+  --limit-procs N (1024)  --limit-files N (4096)  --limit-output BYTES (1G)  --hide PATH...
 
 Client commands reach the daemon through --socket PATH (default: $STEP_RUNNER_SOCKET) or
 --via 'COMMAND' (a command whose stdin/stdout reach `step-runner proxy`, e.g.
---via 'ssh workspace step-runner proxy').
+--via 'ssh workspace step-runner proxy'), or the built-in SSH client:
+--ssh WORKSPACE@HOST[:PORT] --ssh-key FILE [--ssh-known-hosts FILE] (workspace-proxy).
 )";
 
 struct Args {
@@ -195,6 +209,9 @@ client::ClientOptions ClientOptionsFrom(const Args& args) {
   client::ClientOptions options;
   options.endpoint.socket_path = args.Get("socket").value_or(DefaultSocket());
   options.endpoint.via_command = args.Get("via").value_or("");
+  options.endpoint.ssh_target = args.Get("ssh").value_or("");
+  options.endpoint.ssh_key = args.Get("ssh-key").value_or("");
+  options.endpoint.ssh_known_hosts = args.Get("ssh-known-hosts").value_or("");
   options.on_notice = Notice;
   return options;
 }
@@ -207,7 +224,9 @@ class ResumePoint {
   ResumePoint(const client::Endpoint& endpoint, const std::string& id) {
     uint64_t hash = 1469598103934665603ull;  // FNV-1a over endpoint and id
     const absl::string_view nul("\0", 1);
-    for (char c : absl::StrCat(endpoint.via_command, nul, endpoint.socket_path, nul, id)) {
+    // (The --ssh target only when set, so that existing resume points keep their names.)
+    const std::string ssh = endpoint.ssh_target.empty() ? "" : absl::StrCat(nul, endpoint.ssh_target);
+    for (char c : absl::StrCat(endpoint.via_command, nul, endpoint.socket_path, nul, id, ssh)) {
       hash = (hash ^ static_cast<unsigned char>(c)) * 1099511628211ull;
     }
     dir_ = StateHome() + "/follow";
@@ -305,6 +324,12 @@ int FollowToTerminal(client::Client& client, const client::Endpoint& endpoint, c
 // A step file named on the command line, or "-" for stdin.
 absl::StatusOr<std::string> ReadStepFileArg(const std::string& file) {
   if (file == "-") return std::string(std::istreambuf_iterator<char>(std::cin), {});
+  // A file too big to be a step file is refused before it is read into memory.
+  struct stat st;
+  if (::stat(file.c_str(), &st) == 0 && static_cast<size_t>(st.st_size) > steps::kMaxStepFileBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(file, ": the step file is ", st.st_size,
+                                                   " bytes; the limit is ", steps::kMaxStepFileBytes));
+  }
   return ReadFile(file);
 }
 
@@ -327,6 +352,43 @@ absl::StatusOr<absl::Duration> ParseDurationFlag(const std::string& name, const 
 void SetDuration(absl::Duration d, google::protobuf::Duration* out) {
   out->set_seconds(absl::ToInt64Seconds(d));
   out->set_nanos(static_cast<int32_t>(absl::ToInt64Nanoseconds(d - absl::Seconds(out->seconds()))));
+}
+
+// --input NAME=VALUE: VALUE is read as JSON when it is JSON (5, true, [1,2], {"a":1}), else as
+// a string; a string input given 5 receives "5".
+absl::Status AddInputs(const Args& args, proto::RunRequest& request) {
+  for (const std::string& kv : args.All("input")) {
+    SR_ASSIGN_OR_RETURN(auto p, SplitKeyValue("input", kv));
+    google::protobuf::Value value;
+    if (!google::protobuf::util::JsonStringToMessage(p.second, &value).ok()) value.set_string_value(p.second);
+    (*request.mutable_inputs())[p.first] = value;
+  }
+  return absl::OkStatus();
+}
+
+// Where dist:// steps come from: --catalog, $STEP_RUNNER_CATALOG, the installed catalog beside
+// the binary (../share/step-runner/steps), or this build's source tree.
+std::string CatalogDir(const Args& args) {
+  if (auto dir = args.Get("catalog")) return *dir;
+  if (const char* env = std::getenv("STEP_RUNNER_CATALOG")) return env;
+  char exe[4096];
+  ssize_t n = ::readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (n > 0) {
+    std::string path(exe, static_cast<size_t>(n));
+    std::string installed = path.substr(0, path.rfind('/')) + "/../share/step-runner/steps";
+    struct stat st;
+    if (::stat(installed.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return installed;
+  }
+  return SR_DEFAULT_CATALOG;
+}
+
+// step-runner audit verify|tail: reads the daemon's audit log directly (no daemon needed).
+int CmdAudit(const Args& args) {
+  if (args.positional.size() != 1) throw UsageError{"audit takes verify or tail"};
+  int lines = 20;
+  if (auto n = args.Get("lines"); n && !absl::SimpleAtoi(*n, &lines)) throw UsageError{"--lines: expected a number"};
+  return audit::RunCommand(args.positional[0], args.Get("state-dir").value_or(StateHome() + "/daemon"),
+                           args.Has("follow"), lines);
 }
 
 int CmdServe(const Args& args) {
@@ -353,6 +415,7 @@ int CmdServe(const Args& args) {
     if (!d.ok()) return Fail(d.status());
     options.runner.default_graceful_exit_timeout = *d;
   }
+  options.runner.catalog_dir = CatalogDir(args);
   if (auto level = args.Get("log-level")) {
     if (*level == "info") internal::SetMinLogSeverity(internal::Severity::kInfo);
     else if (*level == "warning") internal::SetMinLogSeverity(internal::Severity::kWarning);
@@ -366,6 +429,11 @@ int CmdServe(const Args& args) {
     if (const char* value = std::getenv(name)) options.runner.base_env.push_back(absl::StrCat(name, "=", value));
   }
   if (!std::getenv("PATH")) options.runner.base_env.push_back("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+  auto sandbox = sandbox::OptionsFromFlags({[&](const std::string& n) { return args.Get(n); },
+                                            [&](const std::string& n) { return args.All(n); }},
+                                           options.runner.state_dir, options.socket_path);
+  if (!sandbox.ok()) return Fail(sandbox.status());
+  options.sandbox = *std::move(sandbox);
   absl::Status s = server::Serve(options);
   if (!s.ok()) return Fail(s);
   return 0;
@@ -429,6 +497,7 @@ int CmdRun(const Args& args) {
     }
   }
   if (auto dir = args.Get("work-dir")) request.set_work_dir(*dir);
+  if (absl::Status s = AddInputs(args, request); !s.ok()) return Fail(s);
   if (auto t = args.Get("timeout")) {
     auto d = ParseDurationFlag("timeout", *t);
     if (!d.ok()) return Fail(d.status());
@@ -509,6 +578,15 @@ int CmdExec(const Args& args) {
     if (!p.ok()) return Fail(p.status());
     (*request.mutable_env())[p->first] = p->second;
   }
+  if (absl::Status s = AddInputs(args, request); !s.ok()) return Fail(s);
+  // Relative step references start beside the step file, as in GitLab.
+  if (args.positional[0] != "-") {
+    char real[PATH_MAX];
+    if (::realpath(args.positional[0].c_str(), real)) {
+      std::string path = real;
+      request.set_steps_dir(path.substr(0, path.rfind('/')));
+    }
+  }
   char cwd[4096];
   request.set_work_dir(args.Get("work-dir").value_or(::getcwd(cwd, sizeof cwd) ? cwd : "/"));
   if (auto t = args.Get("timeout")) {
@@ -524,6 +602,8 @@ int CmdExec(const Args& args) {
     runner::RunnerOptions options;
     options.state_dir = state + "/state";
     options.secrets_root = state + "/secrets";
+    options.catalog_dir = CatalogDir(args);
+    if (const char* cache = std::getenv("XDG_CACHE_HOME")) options.step_cache_dir = absl::StrCat(cache, "/step-runner/steps");
     for (char** e = environ; *e; ++e) options.base_env.emplace_back(*e);  // the caller's own environment
     internal::SetMinLogSeverity(internal::Severity::kWarning);
     auto local = runner::Runner::Create(options);
@@ -555,6 +635,7 @@ int CmdExec(const Args& args) {
     std::string json;
     google::protobuf::util::JsonPrintOptions print;
     print.add_whitespace = true;
+    print.preserve_proto_field_names = true;  // the same names as step-results.json
     (void)google::protobuf::util::MessageToJsonString(status, &json, print);
     if (auto path = args.Get("result")) {
       if (absl::Status s = WriteFileAtomically(*path, json, 0600); !s.ok()) Notice(std::string(s.message()));
@@ -615,7 +696,7 @@ int Main(int argc, char** argv) {
     return argc < 2 ? kExitUsage : 0;
   }
   const std::string command = argv[1];
-  const std::vector<std::string> endpoint = {"socket", "via"};
+  const std::vector<std::string> endpoint = {"socket", "via", "ssh", "ssh-key", "ssh-known-hosts"};
   auto with = [&](std::vector<std::string> more) {
     more.insert(more.end(), endpoint.begin(), endpoint.end());
     return more;
@@ -626,17 +707,20 @@ int Main(int argc, char** argv) {
     std::function<int(const Args&)> run;
   };
   std::map<std::string, Spec> commands = {
-      {"serve", {{"socket", "state-dir", "allow-uid", "max-jobs", "max-age", "graceful-exit-timeout", "log-level"}, {}, CmdServe}},
+      {"serve", {{"socket", "state-dir", "allow-uid", "max-jobs", "max-age", "graceful-exit-timeout", "log-level", "catalog"}, {}, CmdServe}},
       {"proxy", {{"socket"}, {}, CmdProxy}},
-      {"run", {with({"id", "env", "var", "masked-var", "file-var", "work-dir", "timeout", "graceful-exit-timeout"}),
+      {"run", {with({"id", "env", "input", "var", "masked-var", "file-var", "work-dir", "timeout", "graceful-exit-timeout"}),
                {"follow", "split-streams"}, CmdRun}},
       {"logs", {with({"offset"}), {"follow", "split-streams"}, CmdLogs}},
       {"status", {with({}), {}, CmdStatus}},
       {"events", {with({"after-seq"}), {}, CmdEvents}},
-      {"exec", {{"env", "work-dir", "timeout", "result"}, {}, CmdExec}},
+      {"exec", {{"env", "input", "work-dir", "timeout", "result", "catalog"}, {}, CmdExec}},
       {"cancel", {with({}), {}, [](const Args& a) { return CmdCancelOrClose(a, false); }}},
       {"close", {with({}), {}, [](const Args& a) { return CmdCancelOrClose(a, true); }}},
   };
+  auto& serve_flags = commands["serve"].valued;
+  serve_flags.insert(serve_flags.end(), sandbox::ServeFlagNames().begin(), sandbox::ServeFlagNames().end());
+  commands["audit"] = {{"state-dir", "lines"}, {"follow"}, CmdAudit};
   auto it = commands.find(command);
   if (it == commands.end()) {
     std::cerr << "step-runner: unknown command \"" << command << "\"\n" << kUsage;

@@ -15,6 +15,7 @@
 #include "grpcpp/create_channel_posix.h"
 #include "grpcpp/grpcpp.h"
 #include "step-runner/base/files.h"
+#include "step-runner/client/ssh_transport.h"
 
 namespace step_runner::client {
 namespace {
@@ -77,7 +78,16 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
 absl::StatusOr<std::unique_ptr<Connection>> Connection::Dial(const Endpoint& endpoint) {
   std::unique_ptr<Connection> connection(new Connection());
   UniqueFd fd;
-  if (!endpoint.via_command.empty()) {
+  if (!endpoint.ssh_target.empty()) {
+    auto target = ParseSshTarget(endpoint.ssh_target);
+    if (!target.ok()) return target.status();
+    target->key_file = endpoint.ssh_key;
+    target->known_hosts = endpoint.ssh_known_hosts;
+    auto transport = SshTransport::Start(*target, &fd);
+    if (!transport.ok()) return transport.status();
+    connection->ssh_ = *std::move(transport);
+    if (::fcntl(fd.get(), F_SETFL, O_NONBLOCK) != 0) return ErrnoStatus(errno, "fcntl(O_NONBLOCK)");
+  } else if (!endpoint.via_command.empty()) {
     int pair[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) {
       return ErrnoStatus(errno, "socketpair");
@@ -111,6 +121,7 @@ absl::StatusOr<std::unique_ptr<Connection>> Connection::Dial(const Endpoint& end
 Connection::~Connection() {
   stub_.reset();
   channel_.reset();
+  ssh_.reset();
   if (via_) {
     // The bridge exits when its stdin closes; give it a moment, then make sure.
     pollfd pfd{.fd = via_->pidfd(), .events = POLLIN};

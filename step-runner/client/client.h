@@ -19,7 +19,13 @@ namespace step_runner::client {
 struct Endpoint {
   std::string socket_path;
   std::string via_command;  // run with /bin/sh -c; wins over socket_path when set
+  // The built-in SSH client (ssh_transport.h): USER@HOST[:PORT], wins over both when set.
+  std::string ssh_target;
+  std::string ssh_key;
+  std::string ssh_known_hosts;  // empty: ~/.ssh/known_hosts
 };
+
+class SshTransport;
 
 // One gRPC connection over one fd: a connected unix socket, or one end of a socketpair whose
 // other end is the via command's stdin/stdout. It never redials by itself; when the fd dies,
@@ -37,6 +43,7 @@ class Connection {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<proto::StepRunner::Stub> stub_;
   std::optional<process::Subprocess> via_;
+  std::unique_ptr<SshTransport> ssh_;
 };
 
 struct ClientOptions {

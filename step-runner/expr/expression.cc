@@ -640,6 +640,37 @@ class Evaluator {
   const Context& context_;
 };
 
+
+// Collects the context paths under `n`: a chain of members and constant string indexes that
+// starts at an identifier.
+void CollectPaths(const Node& n, std::vector<ContextPath>& out) {
+  const Node* chain = &n;
+  std::vector<std::string> reversed;
+  while (chain->kind == Node::kMember ||
+         (chain->kind == Node::kIndex && chain->children[1]->kind == Node::kLiteral &&
+          chain->children[1]->literal.is_string())) {
+    reversed.push_back(chain->kind == Node::kMember ? chain->name
+                                                    : chain->children[1]->literal.get<std::string>());
+    chain = chain->children[0].get();
+  }
+  if (chain->kind == Node::kIdent) {
+    ContextPath path{{chain->name}, chain->column};
+    path.parts.insert(path.parts.end(), reversed.rbegin(), reversed.rend());
+    out.push_back(std::move(path));
+    if (chain == &n) return;
+  }
+  // Anything else (an index by expression, a call, operators) is walked for its own lookups.
+  for (const auto& child : chain->children) CollectPaths(*child, out);
+  if (chain != &n) {
+    // Non-constant indexes between `chain` and `n` hold lookups of their own.
+    for (const Node* m = &n; m != chain; m = m->children[0].get()) {
+      if (m->kind == Node::kIndex) CollectPaths(*m->children[1], out);
+    }
+  }
+}
+
+}  // namespace
+
 // Finds the "}}" that closes a template starting at `open` (the index of "${{"), skipping
 // string literals so that `${{ "}}" }}` works. npos if it is not closed.
 size_t FindTemplateEnd(absl::string_view text, size_t open) {
@@ -657,7 +688,32 @@ size_t FindTemplateEnd(absl::string_view text, size_t open) {
   return absl::string_view::npos;
 }
 
-}  // namespace
+absl::StatusOr<std::vector<ContextPath>> CheckTemplates(absl::string_view text) {
+  std::vector<ContextPath> paths;
+  size_t pos = 0;
+  while (true) {
+    size_t open = text.find("${{", pos);
+    if (open == absl::string_view::npos) break;
+    size_t close = FindTemplateEnd(text, open);
+    if (close == absl::string_view::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the expression at offset ", open, " is not closed (missing \"}}\")"));
+    }
+    absl::string_view inner = text.substr(open + 3, close - open - 3);
+    if (inner.size() > kMaxExpressionBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("an expression is longer than ", kMaxExpressionBytes, " bytes"));
+    }
+    absl::StatusOr<std::vector<Token>> tokens = Lex(inner);
+    absl::StatusOr<NodePtr> root = tokens.ok() ? Parser(*std::move(tokens)).ParseAll()
+                                               : absl::StatusOr<NodePtr>(tokens.status());
+    if (!root.ok()) {
+      return absl::Status(root.status().code(), absl::StrCat("in ${{", inner, "}}: ", root.status().message()));
+    }
+    CollectPaths(**root, paths);
+    pos = close + 2;
+  }
+  return paths;
+}
 
 void Context::Set(const std::string& name, Json value) { values_[name] = std::move(value); }
 void Context::MarkSensitive(const std::string& dotted_path) { sensitive_paths_.insert(dotted_path); }

@@ -4,6 +4,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -62,6 +63,22 @@ absl::StatusOr<Value> Evaluate(absl::string_view expression, const Context& cont
 // keeps the expression's type; otherwise every piece is turned into a string and joined.
 absl::StatusOr<Value> Expand(absl::string_view text, const Context& context);
 bool HasTemplate(absl::string_view text);
+// The index of the "}}" that closes the template opening at `open` (the index of "${{"),
+// skipping string literals; npos when it is not closed.
+size_t FindTemplateEnd(absl::string_view text, size_t open);
+
+// A context lookup that an expression makes: the identifier and the constant member names or
+// string indexes after it, e.g. `steps.build.outputs["sha"]` is {"steps", "build", "outputs",
+// "sha"}. `column` is 1-based within the expression.
+struct ContextPath {
+  std::vector<std::string> parts;
+  int column = 0;
+};
+
+// Parses every `${{ }}` template in `text` without evaluating anything, and returns the context
+// paths they read, for validation before a step runs. An error says what is malformed (an
+// expression that does not close, a syntax error) and where.
+absl::StatusOr<std::vector<ContextPath>> CheckTemplates(absl::string_view text);
 
 // How a value reads inside a string: strings as they are, null as "", numbers without a
 // trailing ".0", arrays and objects as JSON.

@@ -15,7 +15,78 @@ StreamMasker::StreamMasker(std::vector<std::string> secrets) {
   secrets_.erase(std::unique(secrets_.begin(), secrets_.end()), secrets_.end());
 }
 
-std::string StreamMasker::Process(absl::string_view data) {
+namespace {
+
+bool IsTokenChar(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
+         c == '.';
+}
+
+// A token longer than this is masked without waiting for its end.
+constexpr size_t kMaxHeldToken = 4096;
+
+}  // namespace
+
+std::string StreamMasker::Process(absl::string_view data) { return MaskTokens(MaskSecrets(data), false); }
+
+std::string StreamMasker::Flush() {
+  std::string tail = MaskTokens(std::exchange(pending_, std::string()), false);
+  return tail + MaskTokens("", true);
+}
+
+std::string StreamMasker::MaskTokens(absl::string_view data, bool final) {
+  std::string buffer = std::exchange(token_pending_, std::string());
+  buffer.append(data.data(), data.size());
+  std::string out;
+  out.reserve(buffer.size());
+  size_t pos = 0;
+  while (pos < buffer.size()) {
+    // The earliest prefix from here.
+    size_t best = std::string::npos;
+    size_t best_len = 0;
+    for (absl::string_view prefix : kTokenPrefixes) {
+      size_t at = buffer.find(prefix.data(), pos, prefix.size());
+      if (at < best) {
+        best = at;
+        best_len = prefix.size();
+      }
+    }
+    if (best == std::string::npos) break;
+    size_t end = best + best_len;
+    while (end < buffer.size() && IsTokenChar(buffer[end])) ++end;
+    if (end == buffer.size() && !final && end - best < kMaxHeldToken) {
+      // The token may go on in the next write: decide then.
+      out.append(buffer, pos, best - pos);
+      token_pending_ = buffer.substr(best);
+      return out;
+    }
+    out.append(buffer, pos, best - pos);
+    if (end - best - best_len >= kMinTokenChars) {
+      out.append(kMaskedText.data(), kMaskedText.size());
+    } else {
+      out.append(buffer, best, end - best);
+    }
+    pos = end;
+  }
+  // Hold back a tail that may be the start of a prefix.
+  size_t hold = 0;
+  if (!final) {
+    size_t remaining = buffer.size() - pos;
+    for (absl::string_view prefix : kTokenPrefixes) {
+      for (size_t len = std::min(remaining, prefix.size() - 1); len > hold; --len) {
+        if (buffer.compare(buffer.size() - len, len, prefix.data(), len) == 0) {
+          hold = len;
+          break;
+        }
+      }
+    }
+  }
+  out.append(buffer, pos, buffer.size() - pos - hold);
+  token_pending_ = buffer.substr(buffer.size() - hold);
+  return out;
+}
+
+std::string StreamMasker::MaskSecrets(absl::string_view data) {
   if (secrets_.empty()) return std::string(data);
   std::string buffer = std::move(pending_);
   pending_.clear();
@@ -53,8 +124,6 @@ std::string StreamMasker::Process(absl::string_view data) {
   pending_ = buffer.substr(buffer.size() - hold);
   return out;
 }
-
-std::string StreamMasker::Flush() { return std::exchange(pending_, std::string()); }
 
 std::string MaskSecrets(absl::string_view text, const std::vector<std::string>& secrets) {
   StreamMasker masker(secrets);

@@ -10,23 +10,35 @@ namespace step_runner::logs {
 
 inline constexpr absl::string_view kMaskedText = "[MASKED]";
 
-// Replaces every occurrence of the secrets in one byte stream with "[MASKED]", at the source,
-// before anything reaches the log. A secret split across two writes is still caught: bytes
-// that might begin a secret are held back until the next write (or Flush) decides.
-// Not thread-safe: one masker per stream.
+// Tokens with a well-known prefix are masked whether or not anyone declared them: a prefix
+// followed by at least kMinTokenChars of [A-Za-z0-9_.-] becomes "[MASKED]" as a whole.
+inline constexpr absl::string_view kTokenPrefixes[] = {
+    "glpat-", "gldt-", "glrt-", "glptt-", "glsoat-", "glcbt-", "gloas-",  // GitLab
+    "ghp_", "gho_", "ghs_", "ghu_", "github_pat_",                         // GitHub
+    "xoxb-", "xoxp-",                                                      // Slack
+};
+inline constexpr size_t kMinTokenChars = 8;
+
+// Replaces every occurrence of the secrets, and every token with a known prefix, in one byte
+// stream with "[MASKED]", at the source, before anything reaches the log. A secret split
+// across two writes is still caught: bytes that might begin a secret are held back until the
+// next write (or Flush) decides. Not thread-safe: one masker per stream.
 class StreamMasker {
  public:
   explicit StreamMasker(std::vector<std::string> secrets);
 
-  bool active() const { return !secrets_.empty(); }
   // Returns the bytes that are safe to emit now.
   std::string Process(absl::string_view data);
   // End of stream: returns what was held back.
   std::string Flush();
 
  private:
+  std::string MaskSecrets(absl::string_view data);
+  std::string MaskTokens(absl::string_view data, bool final);
+
   std::vector<std::string> secrets_;  // non-empty, longest first
-  std::string pending_;
+  std::string pending_;               // held back by the secrets pass
+  std::string token_pending_;         // held back by the token pass
 };
 
 // Masks whole strings (status messages and the like) with the same rules.

@@ -63,5 +63,50 @@ TEST(MaskerTest, RandomSplitsGiveTheSameResult) {
   }
 }
 
+// Well-known token shapes are masked even when nobody declared them as secrets: an agent that
+// echoes a personal access token it found must not leak it into the durable log.
+TEST(MaskerTest, KnownTokenPrefixesAreMaskedWithoutDeclaration) {
+  EXPECT_EQ(MaskSecrets("push with glpat-abcdEFGH1234_xyz now", {}), "push with [MASKED] now");
+  EXPECT_EQ(MaskSecrets("gh: ghp_0123456789abcdefghij\n", {}), "gh: [MASKED]\n");
+  // Too short to be a token: kept, so prose that mentions a prefix stays readable.
+  EXPECT_EQ(MaskSecrets("a glpat-xyz example", {}), "a glpat-xyz example");
+}
+
+TEST(MaskerTest, TokenSplitAcrossWritesIsMasked) {
+  StreamMasker masker({});
+  std::string out = masker.Process("token: gl");
+  out += masker.Process("pat-abcd");
+  out += masker.Process("efgh1234 done");
+  out += masker.Flush();
+  EXPECT_EQ(out, "token: [MASKED] done");
+}
+
+TEST(MaskerTest, TokenAtEndOfStreamIsMaskedByFlush) {
+  StreamMasker masker({});
+  std::string out = masker.Process("last line glpat-abcdefgh12");
+  EXPECT_EQ(out.find("glpat"), std::string::npos);
+  out += masker.Flush();
+  EXPECT_EQ(out, "last line [MASKED]");
+}
+
+TEST(MaskerTest, TokenRandomSplitsGiveTheSameResult) {
+  const std::string text = "a ghp_abcdefgh12345678 b glpat- c xoxb-1234-5678-abcd\nglpat-ZZZZZZZZZZ";
+  const std::string expected = MaskSecrets(text, {"b gl"});
+  EXPECT_EQ(expected, "a [MASKED] [MASKED]pat- c [MASKED]\n[MASKED]");
+  std::mt19937 rng(11);
+  for (int round = 0; round < 500; ++round) {
+    StreamMasker masker({"b gl"});
+    std::string out;
+    size_t pos = 0;
+    while (pos < text.size()) {
+      size_t len = std::min(std::uniform_int_distribution<size_t>(0, 6)(rng), text.size() - pos);
+      out += masker.Process(absl::string_view(text).substr(pos, len));
+      pos += len;
+    }
+    out += masker.Flush();
+    ASSERT_EQ(out, expected) << "round " << round;
+  }
+}
+
 }  // namespace
 }  // namespace step_runner::logs

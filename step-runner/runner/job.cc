@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "absl/strings/str_cat.h"
@@ -31,6 +32,12 @@ logs::Stream StreamOf(int index) { return index == 0 ? logs::Stream::kStdout : l
 
 Job::Job(std::string id, std::string dir, std::string fingerprint)
     : id_(std::move(id)), dir_(std::move(dir)), fingerprint_(std::move(fingerprint)) {}
+
+Job::~Job() {
+  // Only a daemon that stops without waiting for its jobs gets here with the engine's thread
+  // still running; it must not take the process down with it.
+  if (engine_thread_.joinable()) engine_thread_.detach();
+}
 
 absl::StatusOr<std::shared_ptr<Job>> Job::Create(JobConfig config, EventLoop* loop,
                                                  FinishedCallback on_finished) {
@@ -77,15 +84,17 @@ absl::StatusOr<std::shared_ptr<Job>> Job::Recover(const std::string& dir, proto:
   return job;
 }
 
-void Job::Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step) {
+void Job::Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step, const std::string& path) {
   proto::FollowStepsResponse event;
   event.set_kind(kind);
+  if (!path.empty()) event.set_step_path(path);
   *event.mutable_time() = ToProto(absl::Now());
   if (step) *event.mutable_result() = *step;
   if (kind == proto::FollowStepsResponse::JOB_FINISHED) {
     *event.mutable_job_status() = status();
     *event.mutable_result() = event.job_status().result();
   }
+  if (config_.step_event_hook) config_.step_event_hook(id_, event);
   if (absl::Status s = events_->Append(std::move(event)); !s.ok()) {
     SR_LOG(ERROR) << "job " << id_ << ": cannot record a step event: " << s;
   }
@@ -147,70 +156,101 @@ void Job::Start() {
                                  absl::FormatDuration(config_.timeout)));
     });
   }
-  StartNextStep();
+  // The engine blocks while a process runs, so it gets a thread; the loop stays free for
+  // every other job's output.
+  engine_thread_ = std::thread([this, self = shared_from_this()] {
+    engine::JobOutcome outcome = engine::RunJob(config_.spec, *this);
+    loop_->Post([this, self, outcome = std::move(outcome)]() mutable { OnEngineDone(std::move(outcome)); });
+  });
 }
 
-void Job::StartNextStep() {
-  if (cancel_) {
-    Finish(proto::StepResult::cancelled, cancel_->first, cancel_->second, last_exit_code_);
-    return;
-  }
-  if (next_step_ == config_.steps.size()) {
-    if (!log_error_.ok()) {
-      Finish(proto::StepResult::failure, proto::StatusError::failed,
-             absl::StrCat("the job's log could not be written: ", log_error_.ToString()),
-             last_exit_code_);
-      return;
-    }
-    Finish(proto::StepResult::success, proto::StatusError::unspecified, "", 0);
-    return;
-  }
-  const size_t index = next_step_++;
-  const PlannedStep& step = config_.steps[index];
-  absl::Time start = absl::Now();
-  proto::StepResult started;
+// ---- engine::Host (the engine's thread) ---------------------------------------------------
+
+engine::ProcessOutcome Job::RunProcess(const engine::ProcessSpec& spec) {
+  auto waiter = std::make_shared<ProcessWaiter>();
+  loop_->Post([this, self = shared_from_this(), spec, waiter] { StartProcess(spec, waiter); });
+  absl::MutexLock lock(&waiter->mu);
+  waiter->mu.Await(absl::Condition(&waiter->done));
+  return waiter->outcome;
+}
+
+void Job::Log(absl::string_view line) {
+  loop_->Post([this, self = shared_from_this(), line = std::string(line)] {
+    absl::Status s = log_->Append(logs::Stream::kStderr, Mask(line));
+    if (!s.ok() && log_error_.ok()) log_error_ = s;
+  });
+}
+
+void Job::Publish(const proto::StepResult& tree, const proto::StepResult& node, const std::string& path,
+                  bool finished) {
   {
     absl::MutexLock lock(&mu_);
-    proto::StepResult* result = status_.mutable_result()->add_sub_step_results();
-    result->set_name(step.name);
-    result->set_status(proto::StepResult::running);
-    *result->mutable_start_time() = ToProto(start);
-    for (const std::string& arg : step.argv) result->mutable_exec_result()->add_command(Mask(arg));
-    result->mutable_exec_result()->set_work_dir(step.work_dir);
-    started = *result;
+    *status_.mutable_result() = tree;
   }
-  Emit(proto::FollowStepsResponse::STEP_STARTED, &started);
+  Emit(finished ? proto::FollowStepsResponse::STEP_FINISHED : proto::FollowStepsResponse::STEP_STARTED, &node, path);
+}
 
-  absl::StatusOr<process::OutputPipe> out = process::MakeOutputPipe();
+void Job::AddSecret(const std::string& value) {
+  loop_->Post([this, self = shared_from_this(), value] {
+    if (std::find(config_.secrets.begin(), config_.secrets.end(), value) == config_.secrets.end()) {
+      config_.secrets.push_back(value);
+    }
+  });
+}
+
+bool Job::Cancelled() {
+  absl::MutexLock lock(&cancel_mu_);
+  return cancel_requested_;
+}
+
+bool Job::SleepUnlessCancelled(absl::Duration d) {
+  absl::MutexLock lock(&cancel_mu_);
+  cancel_mu_.AwaitWithTimeout(absl::Condition(&cancel_requested_), d);
+  return cancel_requested_;
+}
+
+// ---- processes (the loop thread) ----------------------------------------------------------
+
+void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessWaiter> waiter) {
+  auto complete = [](ProcessWaiter& w, engine::ProcessOutcome outcome) {
+    absl::MutexLock lock(&w.mu);
+    w.outcome = std::move(outcome);
+    w.done = true;
+  };
+  if (cancel_) {
+    complete(*waiter, {.exit_code = last_exit_code_, .cancelled = true});
+    return;
+  }
+  // The launch hook (the sandbox) may rewrite the process; the result tree keeps the step's
+  // own command, which is what its author wrote.
+  PlannedStep launched{.name = spec.name, .argv = spec.argv, .env = spec.env, .work_dir = spec.work_dir};
+  absl::Status hooked =
+      config_.launch_hook
+          ? config_.launch_hook({.job_id = id_, .job_dir = dir_, .job_work_dir = config_.work_dir, .io_dir = spec.io_dir},
+                                launched)
+          : absl::OkStatus();
+  explain_exit_ = launched.explain_exit;
+  absl::StatusOr<process::OutputPipe> out =
+      hooked.ok() ? process::MakeOutputPipe() : absl::StatusOr<process::OutputPipe>(hooked);
   absl::StatusOr<process::OutputPipe> err =
       out.ok() ? process::MakeOutputPipe() : absl::StatusOr<process::OutputPipe>(out.status());
   absl::StatusOr<process::Subprocess> child =
-      err.ok() ? process::Subprocess::Spawn({.argv = step.argv,
-                                             .env = step.env,
-                                             .work_dir = step.work_dir,
+      err.ok() ? process::Subprocess::Spawn({.argv = launched.argv,
+                                             .env = launched.env,
+                                             .work_dir = launched.work_dir,
                                              .stdout_fd = out->write_end.get(),
                                              .stderr_fd = err->write_end.get()})
                : absl::StatusOr<process::Subprocess>(err.status());
   if (!child.ok()) {
     // Shown in the log, where the person following the job looks first.
-    std::string message = Mask(absl::StrCat("step \"", step.name, "\": ", child.status().message()));
-    AppendOutput(1, absl::StrCat("step-runner: ", message, "\n"));
+    std::string message = Mask(child.status().message());
+    AppendOutput(1, absl::StrCat("step-runner: step \"", spec.name, "\": ", message, "\n"));
     last_exit_code_ = absl::IsNotFound(child.status()) ? 127 : 126;
-    proto::StepResult finished;
-    {
-      absl::MutexLock lock(&mu_);
-      proto::StepResult* result = status_.mutable_result()->mutable_sub_step_results(index);
-      result->set_status(proto::StepResult::failure);
-      result->mutable_exec_result()->set_exit_code(last_exit_code_);
-      *result->mutable_end_time() = ToProto(absl::Now());
-      finished = *result;
-    }
-    Emit(proto::FollowStepsResponse::STEP_FINISHED, &finished);
-    Finish(proto::StepResult::failure, proto::StatusError::failed, message, last_exit_code_);
+    complete(*waiter, {.exit_code = last_exit_code_, .spawn_error = message});
     return;
   }
 
-  live_.emplace(LiveStep{.index = index, .child = *std::move(child), .start = start});
+  live_.emplace(LiveStep{.waiter = std::move(waiter), .child = *std::move(child), .start = absl::Now()});
   live_->pipes[0].emplace(OutputPipe{std::move(out->read_end), logs::StreamMasker(config_.secrets)});
   live_->pipes[1].emplace(OutputPipe{std::move(err->read_end), logs::StreamMasker(config_.secrets)});
   // out/err write ends close here: the child holds the only copies, so EOF means it is done.
@@ -226,6 +266,14 @@ void Job::StartNextStep() {
   WriteRecord(&group);
 
   auto self = shared_from_this();
+  if (spec.deadline != absl::InfiniteFuture()) {
+    live_->deadline_timer = loop_->AddTimer(std::max(spec.deadline - absl::Now(), absl::ZeroDuration()), [this, self] {
+      if (!live_ || live_->reaped) return;
+      live_->deadline_timer = 0;
+      live_->timed_out = true;
+      SignalLive(SIGTERM);
+    });
+  }
   for (int i = 0; i < 2; ++i) {
     absl::Status s = loop_->WatchFd(live_->pipes[i]->fd.get(), EPOLLIN,
                                     [this, self, i](uint32_t) { OnOutput(i); });
@@ -235,9 +283,48 @@ void Job::StartNextStep() {
   if (!s.ok()) SR_LOG(ERROR) << "job " << id_ << ": " << s;
 }
 
+void Job::OnEngineDone(engine::JobOutcome outcome) {
+  if (engine_thread_.joinable()) engine_thread_.join();
+  {
+    absl::MutexLock lock(&mu_);
+    *status_.mutable_result() = outcome.result;
+  }
+  // The result tree, sensitive values masked, for whoever reviews the job's work later.
+  if (absl::Status s = WriteFileAtomically(dir_ + "/step-results.json", engine::ResultToJson(outcome.result), 0600);
+      !s.ok()) {
+    SR_LOG(WARNING) << "job " << id_ << ": cannot write step-results.json: " << s;
+  }
+  (void)RemoveTree(config_.spec.io_root);
+  if (cancel_) {
+    Finish(proto::StepResult::cancelled, cancel_->first, cancel_->second, outcome.exit_code);
+  } else if (outcome.status == proto::StepResult::success && !log_error_.ok()) {
+    Finish(proto::StepResult::failure, proto::StatusError::failed,
+           absl::StrCat("the job's log could not be written: ", log_error_.ToString()), outcome.exit_code);
+  } else {
+    Finish(outcome.status, outcome.error_kind, outcome.message, outcome.exit_code);
+  }
+}
+
+void Job::SignalLive(int signo) {
+  if (!live_ || live_->reaped) return;
+  (void)live_->child.SignalGroup(signo);
+  if (signo != SIGTERM || live_->kill_timer) return;
+  if (config_.graceful_exit_timeout <= absl::ZeroDuration()) {
+    (void)live_->child.SignalGroup(SIGKILL);
+    return;
+  }
+  live_->kill_timer = loop_->AddTimer(config_.graceful_exit_timeout, [this, self = shared_from_this()] {
+    if (!live_ || live_->reaped) return;
+    live_->kill_timer = 0;
+    SR_LOG(INFO) << "job " << id_ << ": step still running after "
+                 << absl::FormatDuration(config_.graceful_exit_timeout) << "; sending SIGKILL";
+    (void)live_->child.SignalGroup(SIGKILL);
+  });
+}
+
 void Job::AppendOutput(int stream_index, absl::string_view data) {
   absl::Status s;
-  if (live_ && live_->pipes[stream_index] && live_->pipes[stream_index]->masker.active()) {
+  if (live_ && live_->pipes[stream_index]) {
     s = log_->Append(StreamOf(stream_index), live_->pipes[stream_index]->masker.Process(data));
   } else {
     s = log_->Append(StreamOf(stream_index), data);
@@ -313,38 +400,26 @@ void Job::MaybeStepDone() {
 }
 
 void Job::StepFinished() {
-  const size_t index = live_->index;
   const int exit_code = live_->exit_code;
+  std::shared_ptr<ProcessWaiter> waiter = std::move(live_->waiter);
+  const bool timed_out = live_->timed_out;
+  if (live_->deadline_timer) loop_->CancelTimer(live_->deadline_timer);
   live_.reset();
   last_exit_code_ = exit_code;
-  const std::string& name = config_.steps[index].name;
-  proto::StepResult finished;
-  {
-    absl::MutexLock lock(&mu_);
-    proto::StepResult* result = status_.mutable_result()->mutable_sub_step_results(index);
-    result->mutable_exec_result()->set_exit_code(exit_code);
-    *result->mutable_end_time() = ToProto(absl::Now());
-    result->set_status(cancel_ ? proto::StepResult::cancelled
-                       : exit_code == 0 ? proto::StepResult::success
-                                        : proto::StepResult::failure);
-    finished = *result;
-  }
-  Emit(proto::FollowStepsResponse::STEP_FINISHED, &finished);
-  if (cancel_) {
-    Finish(proto::StepResult::cancelled, cancel_->first, cancel_->second, exit_code);
-  } else if (exit_code != 0) {
-    std::string how = exit_code > 128 ? absl::StrCat("was killed by signal ", exit_code - 128)
-                                      : absl::StrCat("exited with code ", exit_code);
-    Finish(proto::StepResult::failure, proto::StatusError::failed,
-           absl::StrCat("step \"", name, "\" ", how), exit_code);
-  } else {
-    StartNextStep();
-  }
+  engine::ProcessOutcome outcome{.exit_code = exit_code, .timed_out = timed_out, .cancelled = cancel_.has_value()};
+  if (explain_exit_) outcome.resource_exhausted = explain_exit_(exit_code);
+  absl::MutexLock lock(&waiter->mu);
+  waiter->outcome = std::move(outcome);
+  waiter->done = true;
 }
 
 void Job::RequestCancel(proto::StatusError::Kind kind, std::string message) {
   if (finished()) return;
   if (!cancel_) cancel_.emplace(kind, std::move(message));
+  {
+    absl::MutexLock lock(&cancel_mu_);
+    cancel_requested_ = true;
+  }
   if (!started_) {
     Finish(proto::StepResult::cancelled, cancel_->first, cancel_->second, 0);
     return;
@@ -354,14 +429,7 @@ void Job::RequestCancel(proto::StatusError::Kind kind, std::string message) {
     (void)live_->child.SignalGroup(SIGKILL);
     return;
   }
-  (void)live_->child.SignalGroup(SIGTERM);
-  live_->kill_timer = loop_->AddTimer(config_.graceful_exit_timeout, [this, self = shared_from_this()] {
-    if (!live_ || live_->reaped) return;
-    live_->kill_timer = 0;
-    SR_LOG(INFO) << "job " << id_ << ": step still running after "
-                 << absl::FormatDuration(config_.graceful_exit_timeout) << "; sending SIGKILL";
-    (void)live_->child.SignalGroup(SIGKILL);
-  });
+  SignalLive(SIGTERM);
 }
 
 void Job::ForceKill() {
@@ -393,8 +461,8 @@ void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind
   events_->Finish();
   log_->Finish();
   if (!config_.secrets_dir.empty()) (void)RemoveTree(config_.secrets_dir);
-  // A retained job needs its status and log, not its plan (argv and env copies per step).
-  std::vector<PlannedStep>().swap(config_.steps);
+  // A retained job needs its status and log, not its plan (the step tree, env copies).
+  config_.spec = engine::JobSpec();
   if (remove) {
     RemoveFolders();
   } else {

@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -14,6 +15,7 @@
 #include "proto/job_record.pb.h"
 #include "proto/step_runner.pb.h"
 #include "step-runner/base/event_loop.h"
+#include "step-runner/engine/engine.h"
 #include "step-runner/logs/event_log.h"
 #include "step-runner/logs/job_log.h"
 #include "step-runner/logs/masker.h"
@@ -27,7 +29,27 @@ struct PlannedStep {
   std::vector<std::string> argv;
   std::vector<std::string> env;  // "KEY=VALUE"
   std::string work_dir;
+  // The step asked for network access (the sandbox's policy decides what it gets).
+  bool wants_network = false;
+  // Set by a LaunchHook: explains an exit that a resource limit caused (the job then ends with
+  // error kind resource_exhausted and this message); nullopt for an ordinary exit.
+  std::function<std::optional<std::string>(int exit_code)> explain_exit;
 };
+
+// What a LaunchHook knows of the job a process belongs to.
+struct LaunchContext {
+  std::string job_id;
+  std::string job_dir;       // the job's state folder (the step must not see it)
+  std::string job_work_dir;  // the job's work tree (the step may write there)
+  // Where the step's ${{ output_file }} and ${{ export_file }} live: the step MUST be able to
+  // write here (bind it writable inside the sandbox even though it is under job_dir).
+  std::string io_dir;
+};
+// Rewrites a process right before it is spawned: the step sandbox wraps argv here. An error
+// fails the step with the error's message, and nothing is spawned.
+using LaunchHook = std::function<absl::Status(const LaunchContext&, PlannedStep&)>;
+// Sees every step event of every job as it is recorded (the audit log).
+using StepEventHook = std::function<void(const std::string& job_id, const proto::FollowStepsResponse&)>;
 
 struct JobConfig {
   std::string id;
@@ -35,20 +57,23 @@ struct JobConfig {
   std::string secrets_dir;    // file variables; removed when the job ends
   std::string work_dir;
   std::string fingerprint;    // salted hash of the RunRequest, for idempotency
-  std::vector<PlannedStep> steps;
+  engine::JobSpec spec;       // what runs: the step tree, inputs, env
   std::vector<std::string> secrets;  // masked in the log and in messages
   absl::Duration timeout = absl::InfiniteDuration();
   absl::Duration graceful_exit_timeout = absl::Seconds(30);
   absl::Duration drain_timeout = absl::Seconds(2);
+  LaunchHook launch_hook;          // unset: processes run as planned
+  StepEventHook step_event_hook;   // unset: events only go to the job's event log
 };
 
-// A job's life: its steps run one after another as processes supervised on the event loop, its
-// output goes through the masker into the JobLog, and every state change is written to
-// record.pb so that a restarted daemon knows what happened.
+// A job's life: the step engine walks its step tree on a thread of its own and asks for one
+// process at a time; the processes are supervised on the event loop, their output goes through
+// the masker into the JobLog, and every state change is written to record.pb so that a
+// restarted daemon knows what happened.
 //
-// Start/RequestCancel/the process callbacks run on the loop thread only; status() and the
-// accessors are thread-safe.
-class Job : public std::enable_shared_from_this<Job> {
+// Start/RequestCancel/the process callbacks run on the loop thread only; the engine::Host
+// methods run on the engine's thread; status() and the accessors are thread-safe.
+class Job : public std::enable_shared_from_this<Job>, private engine::Host {
  public:
   using FinishedCallback = std::function<void(Job&)>;
 
@@ -59,6 +84,8 @@ class Job : public std::enable_shared_from_this<Job> {
   // previous daemon died while it ran, and its event stream gets the job-finished event now.
   static absl::StatusOr<std::shared_ptr<Job>> Recover(const std::string& dir,
                                                       proto::JobRecord record, bool interrupted);
+
+  ~Job() override;
 
   void Start();
   void RequestCancel(proto::StatusError::Kind kind, std::string message);
@@ -82,8 +109,14 @@ class Job : public std::enable_shared_from_this<Job> {
     UniqueFd fd;
     logs::StreamMasker masker;
   };
+  // Where the engine's thread waits for the process it asked for.
+  struct ProcessWaiter {
+    absl::Mutex mu;
+    bool done ABSL_GUARDED_BY(mu) = false;
+    engine::ProcessOutcome outcome ABSL_GUARDED_BY(mu);
+  };
   struct LiveStep {
-    size_t index;
+    std::shared_ptr<ProcessWaiter> waiter;
     process::Subprocess child;
     std::array<std::optional<OutputPipe>, 2> pipes;  // stdout, stderr
     bool reaped = false;
@@ -91,11 +124,24 @@ class Job : public std::enable_shared_from_this<Job> {
     absl::Time start;
     EventLoop::TimerId kill_timer = 0;
     EventLoop::TimerId drain_timer = 0;
+    EventLoop::TimerId deadline_timer = 0;  // the step's own timeout
+    bool timed_out = false;
   };
 
   Job(std::string id, std::string dir, std::string fingerprint);
 
-  void StartNextStep();
+  // engine::Host, on the engine's thread.
+  engine::ProcessOutcome RunProcess(const engine::ProcessSpec& spec) override;
+  void Log(absl::string_view line) override;
+  void Publish(const proto::StepResult& tree, const proto::StepResult& node, const std::string& path,
+               bool finished) override;
+  void AddSecret(const std::string& value) override;
+  bool Cancelled() override;
+  bool SleepUnlessCancelled(absl::Duration d) override;
+
+  void StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessWaiter> waiter);
+  void OnEngineDone(engine::JobOutcome outcome);
+  void SignalLive(int signo);
   void OnOutput(int stream_index);
   void AppendOutput(int stream_index, absl::string_view data);
   void ClosePipe(int stream_index);
@@ -107,7 +153,7 @@ class Job : public std::enable_shared_from_this<Job> {
   void WriteRecord(const proto::ProcessGroupRecord* running_group);
   void RemoveFolders();
   std::string Mask(absl::string_view text) const;
-  void Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step);
+  void Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step, const std::string& path = "");
 
   const std::string id_;
   const std::string dir_;
@@ -120,12 +166,17 @@ class Job : public std::enable_shared_from_this<Job> {
 
   // Loop-thread state.
   bool started_ = false;
-  size_t next_step_ = 0;
+  std::thread engine_thread_;
   std::optional<LiveStep> live_;
   std::optional<std::pair<proto::StatusError::Kind, std::string>> cancel_;
   EventLoop::TimerId timeout_timer_ = 0;
   int last_exit_code_ = 0;
+  std::function<std::optional<std::string>(int)> explain_exit_;  // of the live step
   absl::Status log_error_;
+
+  // Cancellation as the engine's thread sees it.
+  absl::Mutex cancel_mu_;
+  bool cancel_requested_ ABSL_GUARDED_BY(cancel_mu_) = false;
 
   mutable absl::Mutex mu_;
   proto::Status status_ ABSL_GUARDED_BY(mu_);

@@ -16,7 +16,9 @@
 #include "absl/strings/str_format.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "google/protobuf/util/json_util.h"
 #include "google/protobuf/util/time_util.h"
+#include "step-runner/engine/engine.h"
 #include "step-runner/base/files.h"
 #include "step-runner/base/logging.h"
 #include "step-runner/base/status_macros.h"
@@ -61,10 +63,6 @@ absl::StatusOr<absl::Duration> DurationField(const google::protobuf::Duration& d
 
 // Environment as an ordered map, so later layers override earlier ones.
 using EnvMap = std::map<std::string, std::string>;
-
-void Layer(EnvMap& env, const std::map<std::string, std::string>& layer) {
-  for (const auto& [k, v] : layer) env[k] = v;
-}
 
 std::vector<std::string> Flatten(const EnvMap& env) {
   std::vector<std::string> out;
@@ -130,6 +128,9 @@ absl::Status Runner::Init() {
   }
   jobs_dir_ = options_.state_dir + "/jobs";
   SR_RETURN_IF_ERROR(MakeDirs(jobs_dir_, 0700));
+  loader_ = std::make_unique<engine::StepLoader>(engine::LoaderOptions{
+      options_.catalog_dir,
+      options_.step_cache_dir.empty() ? options_.state_dir + "/step-cache" : options_.step_cache_dir});
 
   std::string salt_path = options_.state_dir + "/fingerprint.salt";
   if (auto salt = ReadFile(salt_path); salt.ok() && salt->size() == 32) {
@@ -271,8 +272,12 @@ absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const s
                       DurationField(request.graceful_exit_timeout(), request.has_graceful_exit_timeout(),
                                     "graceful_exit_timeout", options_.default_graceful_exit_timeout));
   config.drain_timeout = options_.drain_timeout;
+  config.launch_hook = options_.launch_hook;
+  config.step_event_hook = options_.step_event_hook;
 
-  SR_ASSIGN_OR_RETURN(steps::StepFile file, steps::ParseStepFile(request.steps(), "steps"));
+  std::vector<steps::Violation> violations;
+  absl::StatusOr<steps::StepFile> file = steps::ParseStepFile(request.steps(), "steps", &violations);
+  if (!file.ok()) return file.status();
 
   // Job.build_dir overrides work_dir, as in GitLab.
   config.work_dir = !request.job().build_dir().empty() ? request.job().build_dir() : request.work_dir();
@@ -281,6 +286,46 @@ absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const s
                    absl::StrCat("\"", config.work_dir, "\" must be an absolute path"));
   }
   if (config.work_dir.empty()) config.work_dir = config.dir + "/work";
+
+  // Referenced steps (local and dist://) are loaded now, so that an unknown step, a cycle or a
+  // wrong input is refused before anything runs. Relative references start at the work dir.
+  const std::string steps_dir = request.steps_dir().empty() ? config.work_dir : request.steps_dir();
+  if (steps_dir[0] != '/') return Invalid("steps_dir", "must be an absolute path");
+  violations = engine::CheckReferences(*file, steps_dir, "steps", *loader_);
+  if (!violations.empty()) return steps::InvalidArgument(violations, "steps");
+
+  engine::JobSpec& spec = config.spec;
+  spec.file = std::make_shared<const steps::StepFile>(*std::move(file));
+  spec.file_dir = steps_dir;
+  spec.work_dir = config.work_dir;
+  spec.io_root = config.dir + "/io";
+  spec.loader = loader_.get();
+
+  // The job's own inputs (an extension of RunRequest), checked against its spec.
+  engine::Json given = engine::Json::object();
+  for (const auto& [name, value] : request.inputs()) {
+    std::string json;
+    (void)google::protobuf::util::MessageToJsonString(value, &json);
+    given[name] = engine::Json::parse(json, nullptr, false);
+  }
+  // A command line has no types: a string input given 5 or true receives "5" or "true".
+  for (auto& [name, value] : given.items()) {
+    auto it = spec.file->spec.inputs.find(name);
+    if (it != spec.file->spec.inputs.end() && it->second.type == steps::ValueType::kString &&
+        (value.is_number() || value.is_boolean())) {
+      value = value.is_boolean() ? (value.get<bool>() ? "true" : "false") : expr::ToDisplayString(value);
+    }
+  }
+  absl::StatusOr<engine::Json> inputs = engine::BindInputs(spec.file->spec, given, "");
+  if (!inputs.ok()) return Invalid("inputs", std::string(inputs.status().message()));
+  spec.inputs = *std::move(inputs);
+  for (const auto& [name, param] : spec.file->spec.inputs) {
+    if (!param.sensitive) continue;
+    spec.sensitive_inputs.insert(name);
+    const engine::Json& v = spec.inputs[name];
+    std::string text = v.is_string() ? v.get<std::string>() : v.dump();
+    if (!text.empty()) config.secrets.push_back(text);
+  }
 
   EnvMap env;
   for (const std::string& entry : options_.base_env) {
@@ -295,45 +340,31 @@ absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const s
   bool any_file = false;
   for (const proto::Variable& var : request.job().variables()) {
     SR_RETURN_IF_ERROR(ValidateEnvName(var.key(), "job.variables"));
-    if (var.masked() && !var.value().empty()) config.secrets.push_back(var.value());
+    if (var.masked() && !var.value().empty()) {
+      config.secrets.push_back(var.value());
+      spec.masked_variables.insert(var.key());
+    }
     if (var.file()) {
       if (var.key().find('/') != std::string::npos || var.key() == "." || var.key() == "..") {
         return Invalid(absl::StrCat("job.variables[\"", var.key(), "\"]"), "a file variable's name cannot hold '/'");
       }
       any_file = true;
       env[var.key()] = absl::StrCat(options_.secrets_root, "/", dir_name, "/", var.key());
+      spec.job_variables[var.key()] = env[var.key()];
+      spec.masked_variables.erase(var.key());  // the expression sees the path, not the secret
     } else {
       SR_RETURN_IF_ERROR(ValidateEnvValue(var.key(), var.value(), "job.variables"));
       env[var.key()] = var.value();
+      spec.job_variables[var.key()] = var.value();
     }
   }
   if (any_file) config.secrets_dir = absl::StrCat(options_.secrets_root, "/", dir_name);
-  Layer(env, file.definition.env);
+  spec.env = env;
 
-  const std::vector<std::string> job_env = Flatten(env);
-  if (file.definition.exec) {
-    PlannedStep step;
-    step.name = "exec";
-    step.argv = file.definition.exec->command;
-    step.env = job_env;
-    step.work_dir = file.definition.exec->work_dir.empty() ? config.work_dir : file.definition.exec->work_dir;
-    config.steps.push_back(std::move(step));
-  }
   // bash with errexit and pipefail, as GitLab's script step; sh where there is no bash.
-  std::vector<std::string> shell = {"sh", "-e", "-c"};
-  if (!file.definition.run.empty() && process::FindExecutable("bash", job_env).ok()) {
-    shell = {"bash", "--noprofile", "--norc", "-e", "-o", "pipefail", "-c"};
-  }
-  for (const steps::Invocation& inv : file.definition.run) {
-    EnvMap step_env = env;
-    Layer(step_env, inv.env);
-    PlannedStep step;
-    step.name = inv.name;
-    step.argv = shell;
-    step.argv.push_back(inv.script);
-    step.env = Flatten(step_env);
-    step.work_dir = config.work_dir;
-    config.steps.push_back(std::move(step));
+  spec.shell = {"sh", "-e", "-c"};
+  if (process::FindExecutable("bash", Flatten(env)).ok()) {
+    spec.shell = {"bash", "--noprofile", "--norc", "-e", "-o", "pipefail", "-c"};
   }
   return config;
 }

@@ -14,6 +14,7 @@
 #include "proto/step_runner.pb.h"
 #include "step-runner/base/event_loop.h"
 #include "step-runner/logs/job_log.h"
+#include "step-runner/engine/loader.h"
 #include "step-runner/runner/job.h"
 
 namespace step_runner::runner {
@@ -32,6 +33,14 @@ struct RunnerOptions {
   // Where file variables go: a memory-backed folder when possible, so secrets never reach
   // disk. Empty: /dev/shm if writable, else the state dir.
   std::string secrets_root;
+  // dist:// steps (the catalog); empty: none.
+  std::string catalog_dir;
+  // Git steps' cache; empty: <state_dir>/step-cache.
+  std::string step_cache_dir;
+  // Every step process passes through this before it is spawned (the sandbox); unset: as is.
+  LaunchHook launch_hook;
+  // Every job's step events, as recorded (the audit log).
+  StepEventHook step_event_hook;
 };
 
 // The daemon's core, with no gRPC types: validates and starts jobs, answers status queries,
@@ -76,6 +85,7 @@ class Runner {
   std::string jobs_dir_;
   std::string salt_;
   std::unique_ptr<EventLoop> loop_;
+  std::unique_ptr<engine::StepLoader> loader_;
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);

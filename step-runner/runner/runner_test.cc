@@ -315,18 +315,22 @@ TEST_F(RunnerTest, RetentionByAge) {
   while (runner_->GetStatus("old").ok() && absl::Now() < until) absl::SleepFor(absl::Milliseconds(5));
   EXPECT_TRUE(absl::IsNotFound(runner_->GetStatus("old").status()));
   SR_EXPECT_OK(runner_->GetStatus("new").status());
-  // Its files are gone too.
+  // Its files are gone too (removed right after it leaves the table).
   std::string jobs = dir_ + "/state/jobs";
-  int entries = 0;
-  for (DIR* d = ::opendir(jobs.c_str()); d != nullptr;) {
-    struct dirent* e = ::readdir(d);
-    if (e == nullptr) {
-      ::closedir(d);
-      break;
+  auto count_entries = [&jobs] {
+    int entries = 0;
+    DIR* d = ::opendir(jobs.c_str());
+    while (d != nullptr) {
+      struct dirent* e = ::readdir(d);
+      if (e == nullptr) break;
+      if (e->d_name[0] != '.') ++entries;
     }
-    if (e->d_name[0] != '.') ++entries;
-  }
-  EXPECT_EQ(entries, 1);
+    if (d != nullptr) ::closedir(d);
+    return entries;
+  };
+  until = absl::Now() + absl::Seconds(10);
+  while (count_entries() != 1 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_EQ(count_entries(), 1);
 }
 
 }  // namespace

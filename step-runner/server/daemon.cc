@@ -10,6 +10,11 @@
 #include "absl/strings/str_cat.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/server_posix.h"
+#include "step-runner/audit/audit_log.h"
+#include "step-runner/audit/cli.h"
+#include "step-runner/audit/records.h"
+#include "step-runner/base/files.h"
 #include "step-runner/base/logging.h"
 #include "step-runner/base/status_macros.h"
 #include "step-runner/server/listener.h"
@@ -36,6 +41,22 @@ void RaiseFdLimit() {
   }
 }
 
+// Steps go through the sandbox (when there is one), and their events into the audit log.
+void InstallStepHooks(runner::RunnerOptions& options, sandbox::Sandbox* sandbox, audit::AuditLog* log) {
+  if (sandbox) {
+    options.launch_hook = [sandbox](const runner::LaunchContext& c, runner::PlannedStep& s) {
+      return sandbox->Launch(c, s);
+    };
+  }
+  options.step_event_hook = [sandbox, log](const std::string& job, const proto::FollowStepsResponse& event) {
+    sandbox::Sandbox::Grant grant = sandbox ? sandbox->LastGrant(job) : sandbox::Sandbox::Grant{"none", "all"};
+    if (absl::Status s = log->Append(audit::StepRecord(job, event, grant.policy, grant.network)); !s.ok()) {
+      SR_LOG(ERROR) << "audit log: " << s;
+    }
+    if (sandbox) sandbox->OnStepEvent(job, event);
+  };
+}
+
 }  // namespace
 
 void BlockShutdownSignals() {
@@ -51,9 +72,23 @@ absl::Status Serve(const DaemonOptions& options) {
   allowed.insert(0);
   SR_ASSIGN_OR_RETURN(std::unique_ptr<UnixListener> listener,
                       UnixListener::Bind(options.socket_path, allowed));
-  SR_ASSIGN_OR_RETURN(std::unique_ptr<runner::Runner> runner, runner::Runner::Create(options.runner));
+  SR_RETURN_IF_ERROR(MakeDirs(options.runner.state_dir, 0700));
+  SR_ASSIGN_OR_RETURN(std::unique_ptr<audit::AuditLog> audit_log,
+                      audit::AuditLog::Open(audit::LogPath(options.runner.state_dir)));
+  std::unique_ptr<sandbox::Sandbox> sandbox;
+  if (options.sandbox) {
+    SR_ASSIGN_OR_RETURN(sandbox, sandbox::Sandbox::Create(*options.sandbox));
+    SR_LOG(INFO) << sandbox->Describe();
+  } else {
+    SR_LOG(WARNING) << "--sandbox=none: steps run UNSANDBOXED, as the daemon's uid, with its network, its files "
+                       "and its state; use this only where every step is trusted";
+  }
+  runner::RunnerOptions runner_options = options.runner;
+  InstallStepHooks(runner_options, sandbox.get(), audit_log.get());
+  SR_ASSIGN_OR_RETURN(std::unique_ptr<runner::Runner> runner, runner::Runner::Create(runner_options));
 
-  StepRunnerService service(runner.get());
+  audit::PeerTable peers;
+  StepRunnerService service(runner.get(), audit_log.get(), &peers);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -67,22 +102,17 @@ absl::Status Serve(const DaemonOptions& options) {
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
-  // We accept on our own socket (to check peer credentials) and hand each connection to gRPC
-  // as if its own listener had accepted it.
-  std::unique_ptr<grpc::experimental::ExternalConnectionAcceptor> acceptor =
-      builder.experimental().AddExternalConnectionAcceptor(
-          grpc::ServerBuilder::experimental_type::ExternalConnectionType::FROM_FD,
-          grpc::InsecureServerCredentials());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server) return absl::InternalError("could not start the gRPC server");
   server->GetHealthCheckService()->SetServingStatus(true);
 
-  const int listen_fd = listener->fd();
-  listener->Start([&acceptor, listen_fd](UniqueFd connection, pid_t, uid_t) {
-    grpc::experimental::ExternalConnectionAcceptor::NewConnectionParameters params;
-    params.listener_fd = listen_fd;
-    params.fd = connection.Release();  // gRPC owns it from here
-    acceptor->HandleNewConnection(&params);
+  // We accept on our own socket (to check peer credentials) and hand each connection to gRPC,
+  // which names it "fd:N": that is how each RPC finds its caller's uid and pid for the audit.
+  grpc::Server* grpc_server = server.get();
+  listener->Start([grpc_server, &peers](UniqueFd connection, pid_t pid, uid_t uid) {
+    const int fd = connection.Release();  // gRPC owns it from here
+    peers.Set(fd, {pid, uid});
+    grpc::AddInsecureChannelFromFd(grpc_server, fd);
   });
   // The same marker as GitLab's step-runner, which gitlab-runner's executors wait for.
   std::string ready = absl::StrCat("step-runner is listening on socket ", options.socket_path, "\n");

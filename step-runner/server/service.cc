@@ -256,22 +256,38 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
   return grpc::Status(code, std::string(status.message()), rich.SerializeAsString());
 }
 
-StepRunnerService::StepRunnerService(runner::Runner* runner) : runner_(runner) {}
+StepRunnerService::StepRunnerService(runner::Runner* runner, audit::AuditLog* audit, const audit::PeerTable* peers)
+    : runner_(runner), audit_(audit), peers_(peers) {}
+
+void StepRunnerService::Audit(grpc::CallbackServerContext* context, absl::string_view method,
+                              const std::string& job_id, const absl::Status& result) {
+  if (audit_ == nullptr) return;
+  std::optional<audit::PeerTable::Peer> peer = peers_ ? peers_->Lookup(context->peer()) : std::nullopt;
+  if (absl::Status s = audit_->Append(audit::RpcRecord(method, peer, job_id, result)); !s.ok()) {
+    SR_LOG(ERROR) << "audit log: " << s;
+  }
+}
 StepRunnerService::~StepRunnerService() = default;
 
 grpc::ServerUnaryReactor* StepRunnerService::Run(grpc::CallbackServerContext* context,
                                                  const proto::RunRequest* request, proto::RunResponse*) {
-  return FinishUnary(context, runner_->Run(*request));
+  absl::Status result = runner_->Run(*request);
+  Audit(context, "Run", request->id(), result);
+  return FinishUnary(context, result);
 }
 
 grpc::ServerUnaryReactor* StepRunnerService::Close(grpc::CallbackServerContext* context,
                                                    const proto::CloseRequest* request, proto::CloseResponse*) {
-  return FinishUnary(context, runner_->Close(request->id()));
+  absl::Status result = runner_->Close(request->id());
+  Audit(context, "Close", request->id(), result);
+  return FinishUnary(context, result);
 }
 
 grpc::ServerUnaryReactor* StepRunnerService::Cancel(grpc::CallbackServerContext* context,
                                                     const proto::CancelRequest* request, proto::CancelResponse*) {
-  return FinishUnary(context, runner_->Cancel(request->id()));
+  absl::Status result = runner_->Cancel(request->id());
+  Audit(context, "Cancel", request->id(), result);
+  return FinishUnary(context, result);
 }
 
 grpc::ServerUnaryReactor* StepRunnerService::Status(grpc::CallbackServerContext* context,
@@ -281,13 +297,15 @@ grpc::ServerUnaryReactor* StepRunnerService::Status(grpc::CallbackServerContext*
   if (jobs.ok()) {
     for (proto::Status& job : *jobs) *response->add_jobs() = std::move(job);
   }
+  Audit(context, "Status", request->id(), jobs.status());
   return FinishUnary(context, jobs.status());
 }
 
 grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::FollowLogs(
-    grpc::CallbackServerContext*, const proto::FollowLogsRequest* request) {
+    grpc::CallbackServerContext* context, const proto::FollowLogsRequest* request) {
   using Error = ErrorReactor<proto::FollowLogsResponse>;
   absl::StatusOr<std::shared_ptr<const runner::Job>> job = runner_->GetJob(request->id());
+  Audit(context, "FollowLogs", request->id(), job.status());
   if (!job.ok()) return new Error(job.status());
   std::shared_ptr<logs::JobLog> log = (*job)->log();
   if (request->offset() < 0 || request->offset() > log->size()) {
@@ -306,9 +324,10 @@ grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::FollowLo
 }
 
 grpc::ServerWriteReactor<proto::FollowStepsResponse>* StepRunnerService::FollowSteps(
-    grpc::CallbackServerContext*, const proto::FollowStepsRequest* request) {
+    grpc::CallbackServerContext* context, const proto::FollowStepsRequest* request) {
   using Error = ErrorReactor<proto::FollowStepsResponse>;
   absl::StatusOr<std::shared_ptr<const runner::Job>> job = runner_->GetJob(request->id());
+  Audit(context, "FollowSteps", request->id(), job.status());
   if (!job.ok()) return new Error(job.status());
   std::shared_ptr<logs::EventLog> events = (*job)->events();
   if (request->after_seq() < 0 || request->after_seq() > events->last_seq()) {

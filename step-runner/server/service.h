@@ -6,6 +6,8 @@
 #include "absl/status/status.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/step_runner.grpc.pb.h"
+#include "step-runner/audit/audit_log.h"
+#include "step-runner/audit/records.h"
 #include "step-runner/base/event_loop.h"
 #include "step-runner/runner/runner.h"
 
@@ -19,7 +21,9 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 // follower costs one chunk of memory and never slows the job or other followers.
 class StepRunnerService final : public proto::StepRunner::CallbackService {
  public:
-  explicit StepRunnerService(runner::Runner* runner);
+  // Each RPC is recorded in `audit` (when given), with its caller from `peers`.
+  explicit StepRunnerService(runner::Runner* runner, audit::AuditLog* audit = nullptr,
+                             const audit::PeerTable* peers = nullptr);
   ~StepRunnerService() override;
 
   grpc::ServerUnaryReactor* Run(grpc::CallbackServerContext* context, const proto::RunRequest* request,
@@ -36,7 +40,12 @@ class StepRunnerService final : public proto::StepRunner::CallbackService {
       grpc::CallbackServerContext* context, const proto::FollowStepsRequest* request) override;
 
  private:
+  void Audit(grpc::CallbackServerContext* context, absl::string_view method, const std::string& job_id,
+             const absl::Status& result);
+
   runner::Runner* runner_;
+  audit::AuditLog* audit_;
+  const audit::PeerTable* peers_;
   // Wake-ups of caught-up followers run here, off the event loop that appends to the logs.
   SerialExecutor pump_;
 };

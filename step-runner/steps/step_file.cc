@@ -1,11 +1,16 @@
 #include "step-runner/steps/step_file.h"
 
+#include <cctype>
 #include <regex>
 #include <set>
 
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_split.h"
+#include "step-runner/expr/expression.h"
 #include "google/rpc/error_details.pb.h"
 #include "yaml.h"  // libyaml
 #include "yaml-cpp/depthguard.h"
@@ -32,6 +37,55 @@ bool IsValidName(const std::string& name) {
   static const std::regex kName("^[a-zA-Z_][a-zA-Z0-9_]*$");
   return std::regex_match(name, kName);
 }
+
+const std::set<std::string>& KnownContexts() {
+  static const std::set<std::string> kContexts = {"inputs",      "steps",    "env",      "job",
+                                                  "vars",        "output_file", "export_file",
+                                                  "step_dir",    "func_dir", "work_dir"};
+  return kContexts;
+}
+
+// A YAML node as JSON: plain scalars take their YAML type (true, 3.5, null), quoted ones stay
+// strings, as a YAML reader in GitLab's Go code would have it.
+Json ToJson(const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Null:
+    case YAML::NodeType::Undefined:
+      return nullptr;
+    case YAML::NodeType::Scalar: {
+      const std::string& text = node.Scalar();
+      if (node.Tag() != "?") return text;  // quoted or explicitly tagged
+      if (text == "true" || text == "True" || text == "TRUE") return true;
+      if (text == "false" || text == "False" || text == "FALSE") return false;
+      if (text == "null" || text == "~" || text.empty()) return nullptr;
+      int64_t i;
+      if (absl::SimpleAtoi(text, &i)) return i;
+      double d;
+      if (!text.empty() && (std::isdigit(static_cast<unsigned char>(text[0])) || text[0] == '-' ||
+                            text[0] == '.') && absl::SimpleAtod(text, &d)) {
+        return d;
+      }
+      return text;
+    }
+    case YAML::NodeType::Sequence: {
+      Json out = Json::array();
+      for (const auto& item : node) out.push_back(ToJson(item));
+      return out;
+    }
+    case YAML::NodeType::Map: {
+      Json out = Json::object();
+      for (const auto& kv : node) out[kv.first.Scalar()] = ToJson(kv.second);
+      return out;
+    }
+  }
+  return nullptr;
+}
+
+// What templates in one place of the file may read.
+struct Scope {
+  const Spec* spec = nullptr;
+  const std::set<std::string>* steps = nullptr;  // steps whose outputs are visible; null: none
+};
 
 // Walks the YAML tree, collecting every violation rather than stopping at the first, so that a
 // model (or a person) can fix a generated file in one round.
@@ -68,14 +122,49 @@ class Parser {
     }
   }
 
-  // Expressions are the step-language issue's work; until then they are refused, not ignored.
-  void RejectExpression(const YAML::Node& node, const std::string& field) {
-    if (node.IsScalar() && node.Scalar().find("${{") != std::string::npos) {
-      Add(node, field, "expressions (${{ ... }}) are not supported by this step-runner yet");
+  // Checks the syntax of every template in a string, and that what it reads exists: a known
+  // context, a declared input, a step that runs earlier.
+  void CheckTemplate(const YAML::Node& node, const std::string& field, const std::string& text,
+                     const Scope& scope) {
+    if (text.find("${{") == std::string::npos) return;
+    absl::StatusOr<std::vector<expr::ContextPath>> paths = expr::CheckTemplates(text);
+    if (!paths.ok()) {
+      Add(node, field, std::string(paths.status().message()));
+      return;
+    }
+    for (const expr::ContextPath& path : *paths) {
+      const std::string& root = path.parts[0];
+      if (!KnownContexts().count(root)) {
+        Add(node, field, absl::StrCat("unknown context \"", root, "\" in an expression; available: ",
+                                      absl::StrJoin(KnownContexts(), ", ")));
+      } else if (root == "inputs" && path.parts.size() > 1 && scope.spec &&
+                 !scope.spec->inputs.count(path.parts[1])) {
+        std::vector<std::string> declared;
+        for (const auto& [name, param] : scope.spec->inputs) declared.push_back(name);
+        Add(node, field, absl::StrCat("the expression reads inputs.", path.parts[1],
+                                      ", which the spec does not declare; declared inputs: ",
+                                      declared.empty() ? "none" : absl::StrJoin(declared, ", ")));
+      } else if (root == "steps" && !scope.steps) {
+        Add(node, field, "steps.<name> is only available inside a run: sequence");
+      } else if (root == "steps" && path.parts.size() > 1 && !scope.steps->count(path.parts[1])) {
+        Add(node, field, absl::StrCat("the expression reads steps.", path.parts[1],
+                                      ", but no step of that name runs before this point",
+                                      scope.steps->empty() ? "" : absl::StrCat(" (earlier steps: ",
+                                          absl::StrJoin(*scope.steps, ", "), ")")));
+      }
     }
   }
 
-  Env ParseEnv(const YAML::Node& node, const std::string& field) {
+  void CheckJsonTemplates(const YAML::Node& node, const std::string& field, const Json& value,
+                          const Scope& scope) {
+    if (value.is_string()) {
+      CheckTemplate(node, field, value.get<std::string>(), scope);
+    } else if (value.is_array() || value.is_object()) {
+      for (const auto& item : value) CheckJsonTemplates(node, field, item, scope);
+    }
+  }
+
+  Env ParseEnv(const YAML::Node& node, const std::string& field, const Scope& scope) {
     Env env;
     if (!ExpectMap(node, field)) return env;
     for (const auto& kv : node) {
@@ -86,132 +175,322 @@ class Parser {
         continue;
       }
       if (auto value = String(kv.second, key_field)) {
-        RejectExpression(kv.second, key_field);
+        CheckTemplate(kv.second, key_field, *value, scope);
         env[key] = *value;
       }
     }
     return env;
   }
 
-  void ParseSpec(const YAML::Node& doc) {
-    if (doc.IsNull()) return;
-    if (!ExpectMap(doc, "spec document")) return;
-    CheckKeys(doc, "", {"spec"});
-    YAML::Node spec = doc["spec"];
-    if (!spec || spec.IsNull()) return;
-    if (!ExpectMap(spec, "spec")) return;
-    CheckKeys(spec, "spec", {"inputs", "outputs"});
-    if (YAML::Node inputs = spec["inputs"]; inputs && !inputs.IsNull() && ExpectMap(inputs, "spec.inputs")) {
-      for (const auto& kv : inputs) {
-        std::string name = kv.first.Scalar();
-        std::string field = absl::StrCat("spec.inputs.", name);
-        if (!IsValidName(name)) {
-          Add(kv.first, field, "an input name must match ^[a-zA-Z_][a-zA-Z0-9_]*$");
+  std::optional<ValueType> ParseType(const YAML::Node& node, const std::string& field) {
+    static const std::map<std::string, ValueType> kTypes = {{"string", ValueType::kString},
+                                                            {"number", ValueType::kNumber},
+                                                            {"boolean", ValueType::kBoolean},
+                                                            {"struct", ValueType::kStruct},
+                                                            {"array", ValueType::kArray}};
+    auto text = String(node, field);
+    if (!text) return std::nullopt;
+    auto it = kTypes.find(*text);
+    if (it == kTypes.end()) {
+      Add(node, field, absl::StrCat("unknown type \"", *text, "\"; expected one of: array, boolean, number, string, struct"));
+      return std::nullopt;
+    }
+    return it->second;
+  }
+
+  void ParseParams(const YAML::Node& node, const std::string& field, std::map<std::string, Param>& out) {
+    if (!ExpectMap(node, field)) return;
+    for (const auto& kv : node) {
+      std::string name = kv.first.IsScalar() ? kv.first.Scalar() : "";
+      std::string param_field = absl::StrCat(field, ".", name);
+      if (!IsValidName(name)) Add(kv.first, param_field, "a name must match ^[a-zA-Z_][a-zA-Z0-9_]*$");
+      if (!ExpectMap(kv.second, param_field)) continue;
+      CheckKeys(kv.second, param_field, {"type", "default", "sensitive", "description"});
+      Param param;
+      param.position = PositionOf(kv.first.Mark());
+      if (YAML::Node type = kv.second["type"]) {
+        if (auto t = ParseType(type, param_field + ".type")) param.type = *t;
+      } else {
+        Add(kv.second, param_field + ".type", "missing required key \"type\" (string, number, boolean, struct or array)");
+      }
+      if (YAML::Node def = kv.second["default"]) {
+        Json value = ToJson(def);
+        if (!HasType(value, param.type)) {
+          Add(def, param_field + ".default", absl::StrCat("expected ", TypeName(param.type), ", found ", DescribeJson(value)));
         }
-        if (!ExpectMap(kv.second, field)) continue;
-        CheckKeys(kv.second, field, {"type", "default", "sensitive", "description"});
-        if (!kv.second["default"]) {
-          // A job's top-level step file receives no inputs, so a required one can never be met.
-          Add(kv.first, field, "input has no default, but a job's step file receives no inputs");
+        if (value.is_string() && value.get<std::string>().find("${{") != std::string::npos) {
+          Add(def, param_field + ".default", "a default cannot use expressions");
+        }
+        param.default_value = std::move(value);
+      }
+      if (YAML::Node sensitive = kv.second["sensitive"]) {
+        Json value = ToJson(sensitive);
+        if (!value.is_boolean()) {
+          Add(sensitive, param_field + ".sensitive", absl::StrCat("expected true or false, found ", DescribeJson(value)));
+        } else {
+          param.sensitive = value.get<bool>();
         }
       }
-    }
-    if (YAML::Node outputs = spec["outputs"]; outputs && !outputs.IsNull()) {
-      Add(outputs, "spec.outputs", "outputs of a job's top-level step are not supported yet");
+      out[name] = std::move(param);
     }
   }
 
-  void ParseExec(const YAML::Node& node, StepDefinition& def) {
-    if (!ExpectMap(node, "exec")) return;
-    CheckKeys(node, "exec", {"command", "work_dir"});
-    ExecDefinition exec;
+  void ParseSpec(const YAML::Node& doc, Spec& spec) {
+    if (doc.IsNull()) return;
+    if (!ExpectMap(doc, "spec document")) return;
+    CheckKeys(doc, "", {"spec"});
+    YAML::Node node = doc["spec"];
+    if (!node || node.IsNull()) return;
+    if (!ExpectMap(node, "spec")) return;
+    CheckKeys(node, "spec", {"inputs", "outputs"});
+    if (YAML::Node inputs = node["inputs"]; inputs && !inputs.IsNull()) {
+      ParseParams(inputs, "spec.inputs", spec.inputs);
+    }
+    if (YAML::Node outputs = node["outputs"]; outputs && !outputs.IsNull()) {
+      if (outputs.IsScalar() && outputs.Scalar() == "delegate") {
+        spec.delegate_outputs = true;
+      } else if (outputs.IsScalar()) {
+        Add(outputs, "spec.outputs", absl::StrCat("expected a map of outputs or \"delegate\", found ", Describe(outputs)));
+      } else {
+        ParseParams(outputs, "spec.outputs", spec.outputs);
+      }
+    }
+  }
+
+  void ParseExec(const YAML::Node& node, const std::string& field, ExecDefinition& exec, const Scope& scope) {
+    if (!ExpectMap(node, field)) return;
+    CheckKeys(node, field, {"command", "work_dir"});
     YAML::Node command = node["command"];
     if (!command) {
-      Add(node, "exec.command", "missing required key \"command\" (a list of argv strings)");
+      Add(node, field + ".command", "missing required key \"command\" (a list of argv strings)");
     } else if (!command.IsSequence() || command.size() == 0) {
-      Add(command, "exec.command",
+      Add(command, field + ".command",
           absl::StrCat("expected a non-empty sequence of strings, found ", Describe(command)));
     } else {
       for (size_t i = 0; i < command.size(); ++i) {
-        std::string field = absl::StrCat("exec.command[", i, "]");
-        if (auto arg = String(command[i], field)) {
-          RejectExpression(command[i], field);
+        std::string arg_field = absl::StrCat(field, ".command[", i, "]");
+        if (auto arg = String(command[i], arg_field)) {
+          CheckTemplate(command[i], arg_field, *arg, scope);
           exec.command.push_back(*arg);
         }
       }
     }
     if (YAML::Node work_dir = node["work_dir"]) {
-      if (auto dir = String(work_dir, "exec.work_dir")) {
-        RejectExpression(work_dir, "exec.work_dir");
+      if (auto dir = String(work_dir, field + ".work_dir")) {
+        CheckTemplate(work_dir, field + ".work_dir", *dir, scope);
         exec.work_dir = *dir;
       }
     }
-    def.exec = std::move(exec);
   }
 
-  void ParseRun(const YAML::Node& node, StepDefinition& def) {
+  std::optional<StepReference> ParseReference(const YAML::Node& node, const std::string& field,
+                                              const Scope& scope) {
+    if (node.IsScalar()) {
+      CheckTemplate(node, field, node.Scalar(), scope);
+      absl::StatusOr<StepReference> ref = ParseShortReference(node.Scalar());
+      if (!ref.ok()) {
+        Add(node, field, std::string(ref.status().message()));
+        return std::nullopt;
+      }
+      return *ref;
+    }
+    if (!ExpectMap(node, field)) return std::nullopt;
+    CheckKeys(node, field, {"git"});
+    YAML::Node git = node["git"];
+    if (!git) {
+      Add(node, field, "expected a string reference or {git: {url, rev, dir, file}}");
+      return std::nullopt;
+    }
+    if (!ExpectMap(git, field + ".git")) return std::nullopt;
+    CheckKeys(git, field + ".git", {"url", "rev", "dir", "file"});
+    StepReference ref;
+    ref.kind = StepReference::Kind::kGit;
+    for (const char* key : {"url", "rev"}) {
+      if (!git[key]) Add(git, absl::StrCat(field, ".git.", key), absl::StrCat("missing required key \"", key, "\""));
+    }
+    if (git["url"]) ref.git_url = String(git["url"], field + ".git.url").value_or("");
+    if (git["rev"]) ref.git_rev = String(git["rev"], field + ".git.rev").value_or("");
+    if (git["dir"]) ref.git_dir = String(git["dir"], field + ".git.dir").value_or("");
+    if (git["file"]) ref.git_file = String(git["file"], field + ".git.file").value_or("step.yml");
+    ref.text = absl::StrCat(ref.git_url, "@", ref.git_rev, ref.git_dir.empty() ? "" : " dir " + ref.git_dir);
+    return ref;
+  }
+
+  void ParseInvocation(const YAML::Node& item, const std::string& field, const Spec& spec,
+                       std::set<std::string>& earlier, Invocation& inv) {
+    CheckKeys(item, field, {"name", "script", "step", "func", "inputs", "env", "exec", "run", "outputs",
+                            "delegate", "if", "timeout", "retry", "continue_on_error"});
+    const Scope scope{&spec, &earlier};
+    inv.position = PositionOf(item.Mark());
+    if (YAML::Node name = item["name"]) {
+      if (auto n = String(name, field + ".name")) {
+        inv.name = *n;
+        if (!IsValidName(inv.name)) {
+          Add(name, field + ".name", "a step name must match ^[a-zA-Z_][a-zA-Z0-9_]*$");
+        } else if (earlier.count(inv.name)) {
+          Add(name, field + ".name", absl::StrCat("duplicate step name \"", inv.name, "\""));
+        }
+      }
+    } else {
+      Add(item, field + ".name", "missing required key \"name\"");
+    }
+    const bool has_script = static_cast<bool>(item["script"]);
+    const bool has_step = item["step"] || item["func"];
+    const bool has_inline = item["exec"] || item["run"];
+    if (int(has_script) + int(has_step) + int(has_inline) != 1) {
+      Add(item, field, "a step needs exactly one of \"script\", \"step\" (or \"func\"), \"exec\" or \"run\"");
+    }
+    if (item["step"] && item["func"]) Add(item, field, "\"step\" and \"func\" are the same key; give one");
+    if (has_step) {
+      YAML::Node ref = item["step"] ? item["step"] : item["func"];
+      inv.step = ParseReference(ref, field + ".step", scope);
+    }
+    if (YAML::Node script = item["script"]) {
+      if (auto text = String(script, field + ".script")) {
+        CheckTemplate(script, field + ".script", *text, scope);
+        inv.script = *text;
+      }
+    }
+    if (has_inline && !has_step && !has_script) {
+      auto def = std::make_shared<StepDefinition>();
+      ParseDefinitionBody(item, field, spec, *def, &earlier);
+      inv.inline_definition = std::move(def);
+    } else {
+      for (const char* key : {"outputs", "delegate"}) {
+        if (item[key]) Add(item[key], absl::StrCat(field, ".", key), "only an inline run: step has outputs or delegate");
+      }
+    }
+    if (YAML::Node inputs = item["inputs"]) {
+      if (!has_step) {
+        Add(inputs, field + ".inputs", "only a step reference (step: or func:) takes inputs");
+      } else if (ExpectMap(inputs, field + ".inputs")) {
+        for (const auto& kv : inputs) {
+          std::string name = kv.first.IsScalar() ? kv.first.Scalar() : "";
+          Json value = ToJson(kv.second);
+          CheckJsonTemplates(kv.second, absl::StrCat(field, ".inputs.", name), value, scope);
+          inv.inputs[name] = std::move(value);
+        }
+      }
+    }
+    if (YAML::Node env = item["env"]; env && !has_inline) inv.env = ParseEnv(env, field + ".env", scope);
+    if (YAML::Node cond = item["if"]) {
+      if (auto text = String(cond, field + ".if")) {
+        // `if: inputs.x` and `if: ${{ inputs.x }}` mean the same.
+        inv.if_condition = text->find("${{") == std::string::npos ? absl::StrCat("${{ ", *text, " }}") : *text;
+        CheckTemplate(cond, field + ".if", inv.if_condition, scope);
+      }
+    }
+    if (YAML::Node timeout = item["timeout"]) {
+      absl::Duration d;
+      auto text = String(timeout, field + ".timeout");
+      if (text && (!absl::ParseDuration(*text, &d) || d <= absl::ZeroDuration())) {
+        Add(timeout, field + ".timeout", absl::StrCat("expected a positive duration such as 90s or 5m, found \"", *text, "\""));
+      } else if (text) {
+        inv.timeout = d;
+      }
+    }
+    if (YAML::Node retry = item["retry"]; retry && ExpectMap(retry, field + ".retry")) {
+      CheckKeys(retry, field + ".retry", {"max", "delay"});
+      if (YAML::Node max = retry["max"]) {
+        Json value = ToJson(max);
+        if (!value.is_number_integer() || value.get<int64_t>() < 0 || value.get<int64_t>() > 100) {
+          Add(max, field + ".retry.max", absl::StrCat("expected a whole number from 0 to 100, found ", DescribeJson(value)));
+        } else {
+          inv.retry.max_attempts = 1 + value.get<int>();
+        }
+      }
+      if (YAML::Node delay = retry["delay"]) {
+        absl::Duration d;
+        auto text = String(delay, field + ".retry.delay");
+        if (text && (!absl::ParseDuration(*text, &d) || d < absl::ZeroDuration() || d > absl::Hours(1))) {
+          Add(delay, field + ".retry.delay", absl::StrCat("expected a duration up to 1h such as 2s, found \"", *text, "\""));
+        } else if (text) {
+          inv.retry.delay = d;
+        }
+      }
+    }
+    if (YAML::Node coe = item["continue_on_error"]) {
+      Json value = ToJson(coe);
+      if (!value.is_boolean()) {
+        Add(coe, field + ".continue_on_error", absl::StrCat("expected true or false, found ", DescribeJson(value)));
+      } else {
+        inv.continue_on_error = value.get<bool>();
+      }
+    }
+  }
+
+  void ParseRun(const YAML::Node& node, const std::string& field, const Spec& spec, StepDefinition& def,
+                const std::set<std::string>* outer_steps) {
     if (!node.IsSequence() || node.size() == 0) {
-      Add(node, "run", absl::StrCat("expected a non-empty sequence of steps, found ", Describe(node)));
+      Add(node, field, absl::StrCat("expected a non-empty sequence of steps, found ", Describe(node)));
       return;
     }
-    std::set<std::string> names;
+    // A nested sequence sees the steps before it in the enclosing one, as GitLab's does.
+    std::set<std::string> earlier = outer_steps ? *outer_steps : std::set<std::string>{};
     for (size_t i = 0; i < node.size(); ++i) {
       const YAML::Node item = node[i];
-      std::string field = absl::StrCat("run[", i, "]");
-      if (!ExpectMap(item, field)) continue;
-      CheckKeys(item, field, {"name", "script", "step", "func", "inputs", "env"});
+      std::string item_field = absl::StrCat(field, "[", i, "]");
+      if (!ExpectMap(item, item_field)) continue;
       Invocation inv;
-      inv.position = PositionOf(item.Mark());
-      if (YAML::Node name = item["name"]) {
-        if (auto n = String(name, field + ".name")) {
-          inv.name = *n;
-          if (!IsValidName(inv.name)) {
-            Add(name, field + ".name", "a step name must match ^[a-zA-Z_][a-zA-Z0-9_]*$");
-          } else if (!names.insert(inv.name).second) {
-            Add(name, field + ".name", absl::StrCat("duplicate step name \"", inv.name, "\""));
-          }
-        }
-      } else {
-        Add(item, field + ".name", "missing required key \"name\"");
-      }
-      bool has_script = static_cast<bool>(item["script"]);
-      bool has_step = item["step"] || item["func"];
-      if (has_script == has_step) {
-        Add(item, field, "a step needs exactly one of \"script\" or \"step\"");
-      }
-      if (has_step) {
-        YAML::Node ref = item["step"] ? item["step"] : item["func"];
-        Add(ref, field + ".step", "step references are not supported by this step-runner yet; use script");
-      }
-      if (YAML::Node script = item["script"]) {
-        if (auto s = String(script, field + ".script")) {
-          RejectExpression(script, field + ".script");
-          inv.script = *s;
-        }
-      }
-      if (YAML::Node inputs = item["inputs"]) {
-        if (has_script) Add(inputs, field + ".inputs", "a script step takes no inputs");
-      }
-      if (YAML::Node env = item["env"]) inv.env = ParseEnv(env, field + ".env");
+      ParseInvocation(item, item_field, spec, earlier, inv);
+      if (!inv.name.empty()) earlier.insert(inv.name);
       def.run.push_back(std::move(inv));
     }
   }
 
-  void ParseDefinition(const YAML::Node& doc, StepDefinition& def) {
-    if (!ExpectMap(doc, "definition")) return;
-    CheckKeys(doc, "", {"exec", "run", "env", "outputs", "delegate"});
+  // The body shared by a file's definition and an inline step: exec or run, env, outputs.
+  void ParseDefinitionBody(const YAML::Node& doc, const std::string& prefix, const Spec& spec,
+                           StepDefinition& def, const std::set<std::string>* outer_steps) {
+    auto at = [&](const char* key) { return prefix.empty() ? std::string(key) : absl::StrCat(prefix, ".", key); };
     YAML::Node exec = doc["exec"];
     YAML::Node run = doc["run"];
     if (static_cast<bool>(exec) == static_cast<bool>(run)) {
-      Add(doc, "definition", "a definition needs exactly one of \"exec\" or \"run\"");
+      Add(doc, prefix.empty() ? "definition" : prefix, "a definition needs exactly one of \"exec\" or \"run\"");
     }
-    if (exec) ParseExec(exec, def);
-    if (run) ParseRun(run, def);
-    if (YAML::Node env = doc["env"]) def.env = ParseEnv(env, "env");
-    for (const char* key : {"outputs", "delegate"}) {
-      if (YAML::Node n = doc[key]) {
-        Add(n, key, "outputs of a job's top-level step are not supported yet");
+    const Scope outer_scope{&spec, outer_steps};
+    if (exec) {
+      def.exec.emplace();
+      ParseExec(exec, at("exec"), *def.exec, outer_scope);
+    }
+    if (run) ParseRun(run, at("run"), spec, def, outer_steps);
+    if (YAML::Node env = doc["env"]) def.env = ParseEnv(env, at("env"), outer_scope);
+    std::set<std::string> all_steps = outer_steps ? *outer_steps : std::set<std::string>{};
+    for (const Invocation& inv : def.run) all_steps.insert(inv.name);
+    const Scope after_scope{&spec, &all_steps};
+    if (YAML::Node outputs = doc["outputs"]) {
+      if (!run) {
+        Add(outputs, at("outputs"), "only a run: sequence maps outputs; an exec step writes them to ${{ output_file }}");
+      } else if (ExpectMap(outputs, at("outputs"))) {
+        for (const auto& kv : outputs) {
+          std::string name = kv.first.IsScalar() ? kv.first.Scalar() : "";
+          Json value = ToJson(kv.second);
+          CheckJsonTemplates(kv.second, absl::StrCat(at("outputs"), ".", name), value, after_scope);
+          def.outputs[name] = std::move(value);
+        }
       }
+    }
+    if (YAML::Node delegate = doc["delegate"]) {
+      if (auto name = String(delegate, at("delegate"))) {
+        if (!run) {
+          Add(delegate, at("delegate"), "only a run: sequence can delegate its outputs");
+        } else if (!all_steps.count(*name)) {
+          Add(delegate, at("delegate"), absl::StrCat("no step named \"", *name, "\" in this sequence"));
+        }
+        def.delegate = *name;
+      }
+      if (doc["outputs"]) Add(delegate, at("delegate"), "give either outputs or delegate, not both");
+    }
+  }
+
+  void ParseDefinition(const YAML::Node& doc, const Spec& spec, StepDefinition& def) {
+    if (!ExpectMap(doc, "definition")) return;
+    CheckKeys(doc, "", {"exec", "run", "env", "outputs", "delegate"});
+    ParseDefinitionBody(doc, "", spec, def, nullptr);
+    if (spec.delegate_outputs && def.exec) {
+      Add(doc, "spec.outputs", "outputs: delegate on an exec step is not supported; declare the outputs");
+    }
+    if (spec.delegate_outputs && def.run.size() > 0 && def.delegate.empty()) {
+      Add(doc, "delegate", "spec.outputs is \"delegate\", so the sequence must name the step with delegate: <step name>");
     }
   }
 
@@ -311,8 +590,8 @@ absl::StatusOr<StepFile> ParseStepFile(absl::string_view text, absl::string_view
                                       "definition), found ", docs.size())});
       } else {
         Parser parser(&violations);
-        parser.ParseSpec(docs[0]);
-        parser.ParseDefinition(docs[1], file.definition);
+        parser.ParseSpec(docs[0], file.spec);
+        parser.ParseDefinition(docs[1], file.spec, file.definition);
       }
     } catch (const YAML::DeepRecursion& e) {
       violations.push_back({PositionOf(e.mark), "",
@@ -325,6 +604,84 @@ absl::StatusOr<StepFile> ParseStepFile(absl::string_view text, absl::string_view
   absl::Status status = InvalidArgument(violations, source_name);
   if (violations_out) *violations_out = std::move(violations);
   return status;
+}
+
+std::string TypeName(ValueType type) {
+  switch (type) {
+    case ValueType::kString: return "a string";
+    case ValueType::kNumber: return "a number";
+    case ValueType::kBoolean: return "a boolean";
+    case ValueType::kStruct: return "a struct";
+    case ValueType::kArray: return "an array";
+  }
+  return "a value";
+}
+
+bool HasType(const Json& value, ValueType type) {
+  switch (type) {
+    case ValueType::kString: return value.is_string();
+    case ValueType::kNumber: return value.is_number();
+    case ValueType::kBoolean: return value.is_boolean();
+    case ValueType::kStruct: return value.is_object();
+    case ValueType::kArray: return value.is_array();
+  }
+  return false;
+}
+
+std::string DescribeJson(const Json& value) {
+  std::string shown = value.dump(-1, ' ', false, Json::error_handler_t::replace);
+  if (shown.size() > 60) shown = shown.substr(0, 57) + "...";
+  switch (value.type()) {
+    case Json::value_t::null: return "null";
+    case Json::value_t::boolean: return absl::StrCat("the boolean ", shown);
+    case Json::value_t::string: return absl::StrCat("the string ", shown);
+    case Json::value_t::array: return absl::StrCat("an array ", shown);
+    case Json::value_t::object: return absl::StrCat("a struct ", shown);
+    default: return absl::StrCat("the number ", shown);
+  }
+}
+
+absl::StatusOr<StepReference> ParseShortReference(absl::string_view text) {
+  StepReference ref;
+  ref.text = std::string(text);
+  if (text.empty()) return absl::InvalidArgumentError("a step reference cannot be empty");
+  if (absl::StrContains(text, "${{")) {
+    ref.kind = StepReference::Kind::kDynamic;
+    return ref;
+  }
+  if (absl::StartsWith(text, "dist://")) {
+    ref.kind = StepReference::Kind::kDist;
+    ref.path = std::string(text.substr(7));
+    if (ref.path.empty() || absl::StrContains(ref.path, "..") || absl::StartsWith(ref.path, "/")) {
+      return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" is not a valid dist:// reference; for example dist://git/clone"));
+    }
+    return ref;
+  }
+  if (absl::StartsWith(text, ".") || absl::StartsWith(text, "/")) {
+    ref.kind = StepReference::Kind::kLocal;
+    ref.path = std::string(text);
+    return ref;
+  }
+  // host/path[/-/dir]@rev, fetched over https (GitLab's short git form).
+  size_t at = text.rfind('@');
+  if (at == absl::string_view::npos || at == 0 || at + 1 == text.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "\"", text, "\" is not a step reference: expected a local path (./dir or /dir), dist://name, "
+        "or a git reference host/path[/-/dir]@rev"));
+  }
+  ref.kind = StepReference::Kind::kGit;
+  ref.git_rev = std::string(text.substr(at + 1));
+  absl::string_view location = text.substr(0, at);
+  size_t sep = location.find("/-/");
+  absl::string_view repo = sep == absl::string_view::npos ? location : location.substr(0, sep);
+  if (sep != absl::string_view::npos) ref.git_dir = std::string(location.substr(sep + 3));
+  if (absl::EndsWith(ref.git_dir, ".yml") || absl::EndsWith(ref.git_dir, ".yaml")) {
+    size_t slash = ref.git_dir.rfind('/');
+    ref.git_file = slash == std::string::npos ? ref.git_dir : ref.git_dir.substr(slash + 1);
+    ref.git_dir = slash == std::string::npos ? "" : ref.git_dir.substr(0, slash);
+  }
+  ref.git_url = absl::StrContains(repo, "://") ? std::string(repo) : absl::StrCat("https://", repo);
+  return ref;
 }
 
 absl::Status InvalidArgument(const std::vector<Violation>& violations, absl::string_view source_name) {

@@ -2,12 +2,15 @@
 #define STEP_RUNNER_STEPS_STEP_FILE_H_
 
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "nlohmann/json.hpp"
 
 namespace step_runner::steps {
 
@@ -24,33 +27,85 @@ struct Violation {
   std::string description;
 };
 
-using Env = std::map<std::string, std::string>;
+using Env = std::map<std::string, std::string>;  // values may hold ${{ }} templates
+using Json = nlohmann::json;
+
+// The types of inputs and outputs (GitLab's spec types).
+enum class ValueType { kString, kNumber, kBoolean, kStruct, kArray };
+std::string TypeName(ValueType type);
+bool HasType(const Json& value, ValueType type);
+// How a JSON value is described in errors ("a number", "a string", ...).
+std::string DescribeJson(const Json& value);
+
+struct Param {
+  ValueType type = ValueType::kString;
+  std::optional<Json> default_value;  // none: the input is required, the output must be written
+  bool sensitive = false;
+  SourcePosition position;
+};
+
+struct Spec {
+  std::map<std::string, Param> inputs;
+  std::map<std::string, Param> outputs;
+  bool delegate_outputs = false;  // `outputs: delegate`
+};
+
+// Where a step comes from (`step:` or its alias `func:`).
+struct StepReference {
+  enum class Kind { kLocal, kDist, kGit, kDynamic };
+  Kind kind = Kind::kLocal;
+  std::string text;  // as written, for messages (and re-parsed at run time when dynamic)
+  std::string path;  // kLocal: a path; kDist: the name after dist://
+  // kGit: the repository, the revision, and the folder and file of the step inside it.
+  std::string git_url, git_rev, git_dir, git_file = "step.yml";
+};
+// Parses a short reference (a string): local path, dist://, or host/path[/-/dir]@rev.
+absl::StatusOr<StepReference> ParseShortReference(absl::string_view text);
+
+struct RetryPolicy {
+  int max_attempts = 1;  // retry.max extra attempts, plus the first
+  absl::Duration delay = absl::ZeroDuration();
+};
+
+struct StepDefinition;
+
+// An item of a `run:` sequence.
+struct Invocation {
+  std::string name;
+  SourcePosition position;
+  // Exactly one of these three.
+  std::optional<std::string> script;  // bash with errexit and pipefail (sh when bash is missing)
+  std::optional<StepReference> step;
+  std::shared_ptr<const StepDefinition> inline_definition;  // {exec: ...} or {run: ...} in place
+  std::map<std::string, Json> inputs;  // strings may hold ${{ }} templates
+  Env env;
+  // Beyond GitLab: control flow.
+  std::string if_condition;  // a template; empty: always runs
+  std::optional<absl::Duration> timeout;
+  RetryPolicy retry;
+  bool continue_on_error = false;
+};
 
 struct ExecDefinition {
   std::vector<std::string> command;  // argv; never run through a shell
   std::string work_dir;              // empty: the job's work dir
 };
 
-// An item of a `run:` sequence.
-struct Invocation {
-  std::string name;
-  // The script body; it runs under bash with errexit and pipefail (sh when bash is missing).
-  std::string script;
-  Env env;
-  SourcePosition position;
-};
-
 struct StepDefinition {
   std::optional<ExecDefinition> exec;  // exactly one of exec / run
   std::vector<Invocation> run;
   Env env;
+  std::map<std::string, Json> outputs;  // of a run: sequence, by name (templates)
+  std::string delegate;                 // a run: sequence's outputs are this step's
 };
 
 struct StepFile {
+  Spec spec;
   StepDefinition definition;
 };
 
-// Parses a step file in GitLab's two-document format (a spec, `---`, a definition). Bad input
+// Parses a step file in GitLab's two-document format (a spec, `---`, a definition), checking
+// every ${{ }} template's syntax and the contexts it reads (declared inputs, earlier steps). Bad input
 // yields INVALID_ARGUMENT whose message lists every violation found, one per line, as
 // "<source>:<line>:<column>: <field>: <description>"; `violations` (if non-null) receives them
 // in structured form.

@@ -88,13 +88,115 @@ TEST(StepFileTest, EmptyCommandRejected) {
   EXPECT_THAT(std::string(f.status().message()), HasSubstr("exec.command: expected a non-empty sequence"));
 }
 
-TEST(StepFileTest, UnsupportedFeaturesAreRefusedNotIgnored) {
-  auto f = ParseStepFile("{}\n---\nexec: {command: [echo, '${{ inputs.x }}']}\n", "steps");
+TEST(StepFileTest, ParsesTheWholeLanguage) {
+  auto f = ParseStepFile(R"(spec:
+  inputs:
+    name: {type: string, default: world}
+    count: {type: number}
+    token: {type: string, sensitive: true, default: ""}
+  outputs:
+    greeting: {type: string}
+---
+run:
+  - name: greet
+    step: ./greet
+    inputs: {who: "${{ inputs.name }}", times: 3}
+    if: ${{ inputs.count > 0 }}
+    timeout: 90s
+    retry: {max: 2, delay: 1s}
+    continue_on_error: true
+  - name: remote
+    func: gitlab.com/org/steps/-/echo@v1
+  - name: pinned
+    step: {git: {url: "file:///srv/steps.git", rev: main, dir: echo}}
+  - name: inline
+    run:
+      - name: inner
+        script: echo "${{ steps.greet.outputs.text }}"
+outputs:
+  greeting: ${{ steps.greet.outputs.text }}
+)", "steps");
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->spec.inputs.at("count").type, ValueType::kNumber);
+  EXPECT_FALSE(f->spec.inputs.at("count").default_value.has_value());
+  EXPECT_TRUE(f->spec.inputs.at("token").sensitive);
+  ASSERT_EQ(f->definition.run.size(), 4u);
+  const Invocation& greet = f->definition.run[0];
+  EXPECT_EQ(greet.step->kind, StepReference::Kind::kLocal);
+  EXPECT_EQ(greet.inputs.at("times"), 3);
+  EXPECT_EQ(greet.retry.max_attempts, 3);
+  EXPECT_EQ(*greet.timeout, absl::Seconds(90));
+  EXPECT_TRUE(greet.continue_on_error);
+  const StepReference& remote = *f->definition.run[1].step;
+  EXPECT_EQ(remote.kind, StepReference::Kind::kGit);
+  EXPECT_EQ(remote.git_url, "https://gitlab.com/org/steps");
+  EXPECT_EQ(remote.git_dir, "echo");
+  EXPECT_EQ(remote.git_rev, "v1");
+  EXPECT_EQ(f->definition.run[2].step->git_url, "file:///srv/steps.git");
+  ASSERT_TRUE(f->definition.run[3].inline_definition);
+  EXPECT_EQ(f->definition.outputs.at("greeting"), "${{ steps.greet.outputs.text }}");
+}
+
+TEST(StepFileTest, ExpressionMistakesAreFoundBeforeRunning) {
+  auto f = ParseStepFile(R"(spec:
+  inputs:
+    name: {type: string}
+---
+run:
+  - name: a
+    script: echo ${{ inputs.nmae }}
+  - name: b
+    script: echo ${{ steps.later.outputs.x }}
+  - name: c
+    script: echo ${{ secrets.x }}
+  - name: d
+    script: echo ${{ inputs.name
+  - name: later
+    script: echo ${{ 1 + }}
+)", "steps");
   ASSERT_FALSE(f.ok());
-  EXPECT_THAT(std::string(f.status().message()), HasSubstr("expressions"));
-  auto g = ParseStepFile("{}\n---\nrun:\n  - name: a\n    step: ./other\n", "steps");
-  ASSERT_FALSE(g.ok());
-  EXPECT_THAT(std::string(g.status().message()), HasSubstr("step references are not supported"));
+  const std::string message(f.status().message());
+  EXPECT_THAT(message, HasSubstr("steps:7:13: run[0].script: the expression reads inputs.nmae, which the spec does not declare; declared inputs: name"));
+  EXPECT_THAT(message, HasSubstr("run[1].script: the expression reads steps.later, but no step of that name runs before this point"));
+  EXPECT_THAT(message, HasSubstr("run[2].script: unknown context \"secrets\""));
+  EXPECT_THAT(message, HasSubstr("run[3].script: the expression at offset 5 is not closed"));
+  EXPECT_THAT(message, HasSubstr("run[4].script: in ${{ 1 + }}"));
+}
+
+TEST(StepFileTest, WrongTypesAndUnknownTypesAreReported) {
+  auto f = ParseStepFile(R"(spec:
+  inputs:
+    n: {type: number, default: "three"}
+    m: {type: integer}
+    o: {default: 1}
+---
+run:
+  - name: a
+    script: echo
+    retry: {max: many}
+    timeout: soon
+    continue_on_error: maybe
+)", "steps");
+  ASSERT_FALSE(f.ok());
+  const std::string message(f.status().message());
+  EXPECT_THAT(message, HasSubstr("spec.inputs.n.default: expected a number, found the string \"three\""));
+  EXPECT_THAT(message, HasSubstr("spec.inputs.m.type: unknown type \"integer\""));
+  EXPECT_THAT(message, HasSubstr("spec.inputs.o.type: missing required key \"type\""));
+  EXPECT_THAT(message, HasSubstr("run[0].retry.max: expected a whole number from 0 to 100"));
+  EXPECT_THAT(message, HasSubstr("run[0].timeout: expected a positive duration"));
+  EXPECT_THAT(message, HasSubstr("run[0].continue_on_error: expected true or false"));
+}
+
+TEST(StepFileTest, ShortReferences) {
+  EXPECT_EQ(ParseShortReference("dist://git/clone")->kind, StepReference::Kind::kDist);
+  EXPECT_EQ(ParseShortReference("./x")->kind, StepReference::Kind::kLocal);
+  EXPECT_EQ(ParseShortReference("${{ inputs.ref }}")->kind, StepReference::Kind::kDynamic);
+  auto git = ParseShortReference("gitlab.com/a/b/-/steps/greet/step.yml@v2");
+  ASSERT_TRUE(git.ok());
+  EXPECT_EQ(git->git_dir, "steps/greet");
+  EXPECT_EQ(git->git_file, "step.yml");
+  EXPECT_FALSE(ParseShortReference("no-rev-here").ok());
+  EXPECT_FALSE(ParseShortReference("dist://../etc").ok());
 }
 
 TEST(StepFileTest, OversizedFileRejectedBeforeParsing) {

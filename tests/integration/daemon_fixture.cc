@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "absl/strings/str_cat.h"
@@ -54,6 +55,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const std::string& dir,
   std::vector<std::string> argv = {StepRunnerBinary(), "serve", "--socket", daemon->socket_,
                                    "--state-dir", daemon->state_, "--log-level", "warning"};
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
+  // Tests of other things run steps that write outside their tree; they get --sandbox=none
+  // unless they ask for the sandbox themselves (tests/sandbox does).
+  if (std::none_of(extra_args.begin(), extra_args.end(),
+                   [](const std::string& a) { return a == "--sandbox" || a.rfind("--sandbox=", 0) == 0; })) {
+    argv.push_back("--sandbox=none");
+  }
   auto child = process::Subprocess::Spawn(
       {.argv = argv, .env = TestEnvironment({}), .stdout_fd = err.get(), .stderr_fd = err.get()});
   if (!child.ok()) return child.status();

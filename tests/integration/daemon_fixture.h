@@ -32,7 +32,9 @@ class TempDir {
 };
 
 // The real `step-runner serve` as a child process on `<dir>/sr.sock` with state in
-// `<dir>/state`. Start() returns once the daemon printed its ready marker.
+// `<dir>/state`. Start() returns once the daemon printed its ready marker. `extra_args` are
+// more serve flags; without a --sandbox flag among them it runs with --sandbox=none, since most
+// tests are about other things and their steps write outside their trees.
 class Daemon {
  public:
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const std::string& dir,

@@ -106,7 +106,7 @@ TEST_F(DaemonTest, InvalidStepsAreRejectedWithLineAndColumnAndNothingStarts) {
   EXPECT_EQ(bad_request.field_violations(0).field(), "steps.run[1].scrpt");
   EXPECT_THAT(bad_request.field_violations(0).description(), HasSubstr("steps:7:5: unknown key \"scrpt\""));
   EXPECT_EQ(bad_request.field_violations(1).field(), "steps.run[1]");
-  EXPECT_THAT(bad_request.field_violations(1).description(), HasSubstr("exactly one of \"script\" or \"step\""));
+  EXPECT_THAT(bad_request.field_violations(1).description(), HasSubstr("exactly one of \"script\", \"step\""));
   EXPECT_TRUE(absl::IsNotFound(client_->GetStatus("bad").status()));
   absl::SleepFor(absl::Milliseconds(100));
   EXPECT_NE(::access((dir_.path() + "/ran").c_str(), F_OK), 0);

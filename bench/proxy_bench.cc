@@ -1,0 +1,516 @@
+// proxy_bench: workspace-proxy against OpenSSH's sshd on loopback, side by side in one run.
+//
+//   1. dispatch:   run-to-completion of `exec: [/bin/true]` through a warm proxy connection
+//                  (one ssh process carrying gRPC; Run, then Follow to the end) vs
+//                  `ssh host /bin/true` with a fresh connection each time vs the same through
+//                  an OpenSSH ControlMaster connection;
+//   2. throughput: a job's N MiB log followed through the proxy (FollowLogs over ssh) vs
+//                  `ssh host cat FILE` of the same bytes through sshd, both with one cipher;
+//   3. reconnect:  the ssh under a following client is SIGKILLed; the time from the kill to
+//                  the first byte the client receives again.
+//
+// The bench starts its own sshd (temporary config and host key, 127.0.0.1, an unused port; as
+// root it creates /run/sshd, sshd's privilege-separation directory, when missing), its own
+// step-runner daemon and its own workspace-proxy. Both sides of each comparison alternate in
+// one process; the machine is shared, so compare within a run.
+//
+//   proxy_bench [--quick] [--runs N] [--log_mib N] [--reconnects N] [--cipher C] [--markdown F]
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <functional>
+#include <cerrno>
+#include <iostream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "bench/bench_util.h"
+#include "step-runner/base/files.h"
+#include "step-runner/base/status_macros.h"
+#include "step-runner/base/unique_fd.h"
+
+ABSL_FLAG(bool, quick, false, "smoke-test sizes (CTest): a few runs, 16 MiB, 3 reconnects");
+ABSL_FLAG(int, runs, 200, "timed dispatch runs per side");
+ABSL_FLAG(int, warmup, 10, "untimed dispatch runs per side first");
+ABSL_FLAG(int64_t, log_mib, 1024, "MiB of log streamed per throughput round");
+ABSL_FLAG(int, throughput_rounds, 3, "throughput rounds per side (alternating); medians reported");
+ABSL_FLAG(int, reconnects, 30, "killed connections for the reconnect figure");
+ABSL_FLAG(std::string, cipher, "aes128-gcm@openssh.com", "the cipher both sides use");
+ABSL_FLAG(std::string, markdown, "", "also write the results as markdown to this file");
+ABSL_FLAG(std::string, tmp_dir, "/tmp", "where sockets, keys, state and the log file go");
+
+namespace step_runner::bench {
+namespace {
+
+std::string ProxyBinary() { return SR_BINARY_DIR "/proxy/workspace-proxy"; }
+
+absl::StatusOr<process::Subprocess> Spawn(const std::vector<std::string>& argv, int stdout_fd = -1,
+                                          int stderr_fd = -1) {
+  return process::Subprocess::Spawn(
+      {.argv = argv, .env = Environment(), .stdout_fd = stdout_fd, .stderr_fd = stderr_fd});
+}
+
+// Runs argv to the end; its exit code.
+absl::StatusOr<int> RunToEnd(const std::vector<std::string>& argv) {
+  SR_ASSIGN_OR_RETURN(process::Subprocess child, Spawn(argv));
+  return child.Reap();
+}
+
+absl::Status WaitForFile(const std::string& path, absl::Duration deadline) {
+  const absl::Time until = absl::Now() + deadline;
+  while (::access(path.c_str(), F_OK) != 0) {
+    if (absl::Now() > until) return absl::DeadlineExceededError(absl::StrCat(path, " never appeared"));
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WaitForPort(int port, absl::Duration deadline) {
+  const absl::Time until = absl::Now() + deadline;
+  for (;;) {
+    UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in addr{.sin_family = AF_INET, .sin_port = htons(static_cast<uint16_t>(port)),
+                     .sin_addr = {htonl(INADDR_LOOPBACK)}};
+    if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) return absl::OkStatus();
+    if (absl::Now() > until) return absl::DeadlineExceededError(absl::StrCat("port ", port, " never opened"));
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+}
+
+absl::StatusOr<int> UnusedPort() {
+  UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{.sin_family = AF_INET, .sin_port = 0, .sin_addr = {htonl(INADDR_LOOPBACK)}};
+  socklen_t len = sizeof addr;
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    return ErrnoStatus(errno, "bind");
+  }
+  return ntohs(addr.sin_port);
+}
+
+// A background process that is SIGTERMed, then reaped, when it goes out of scope.
+struct Background {
+  std::optional<process::Subprocess> child;
+  ~Background() {
+    if (child) {
+      (void)child->SignalGroup(SIGTERM);
+      (void)child->Reap();
+    }
+  }
+};
+
+struct Setup {
+  std::string dir;
+  std::string key;
+  std::string cipher;
+  int sshd_port = 0;
+  int proxy_port = 0;
+  std::string user;
+  Background sshd, proxy, master;
+  std::unique_ptr<DaemonProcess> daemon;       // default step isolation (bwrap)
+  std::unique_ptr<DaemonProcess> daemon_none;  // --sandbox=none: the transport alone
+
+  std::vector<std::string> SshBase(int port) const {
+    return {"ssh", "-F", "/dev/null", "-i", key, "-p", absl::StrCat(port), "-c", cipher,
+            "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o",
+            "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"};
+  }
+  std::vector<std::string> SshToSshd(const std::vector<std::string>& extra,
+                                     const std::vector<std::string>& command) const {
+    std::vector<std::string> argv = SshBase(sshd_port);
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    argv.push_back(absl::StrCat(user, "@127.0.0.1"));
+    argv.insert(argv.end(), command.begin(), command.end());
+    return argv;
+  }
+  // The proxy's exec channel as a --via command line.
+  std::string ViaProxy(const std::string& workspace = "ws") const {
+    std::vector<std::string> argv = SshBase(proxy_port);
+    argv.insert(argv.end(), {workspace + "@127.0.0.1", "step-runner", "proxy"});
+    return absl::StrJoin(argv, " ");
+  }
+  client::ClientOptions ProxyClientOptions(const std::string& workspace = "ws") const {
+    client::ClientOptions options;
+    options.endpoint.via_command = ViaProxy(workspace);
+    options.reconnect_timeout = absl::Seconds(30);
+    options.rpc_timeout = absl::Seconds(120);
+    return options;
+  }
+};
+
+absl::Status StartAll(Setup& s) {
+  SR_RETURN_IF_ERROR(RunToEnd({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", s.dir + "/client"}).status());
+  SR_RETURN_IF_ERROR(RunToEnd({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", s.dir + "/sshd_host"}).status());
+  s.key = s.dir + "/client";
+  SR_ASSIGN_OR_RETURN(std::string pub, ReadFile(s.key + ".pub"));
+  pub = std::string(absl::StripAsciiWhitespace(pub));
+  SR_RETURN_IF_ERROR(WriteFileAtomically(s.dir + "/authorized_keys", pub + "\n", 0600));
+  const char* user = std::getenv("USER");
+  s.user = user && *user ? user : "root";
+
+  // sshd: a throwaway config; as root, the privilege-separation directory it insists on.
+  if (::getuid() == 0 && ::access("/run/sshd", F_OK) != 0) ::mkdir("/run/sshd", 0755);
+  SR_ASSIGN_OR_RETURN(s.sshd_port, UnusedPort());
+  const std::string sshd_config = absl::StrCat(
+      "Port ", s.sshd_port, "\nListenAddress 127.0.0.1\nHostKey ", s.dir, "/sshd_host\n",
+      "AuthorizedKeysFile ", s.dir, "/authorized_keys\nPidFile none\nUsePAM no\nStrictModes no\n",
+      "PasswordAuthentication no\nKbdInteractiveAuthentication no\n",
+      "PermitRootLogin prohibit-password\nMaxSessions 1000\nMaxStartups 1000\nLogLevel ERROR\n");
+  SR_RETURN_IF_ERROR(WriteFileAtomically(s.dir + "/sshd_config", sshd_config, 0600));
+  UniqueFd sshd_log(::open((s.dir + "/sshd.log").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
+  auto sshd = Spawn({"/usr/sbin/sshd", "-D", "-e", "-f", s.dir + "/sshd_config"}, -1, sshd_log.get());
+  if (!sshd.ok()) return absl::FailedPreconditionError(absl::StrCat("sshd did not start: ", sshd.status().message()));
+  s.sshd.child.emplace(*std::move(sshd));
+  if (!WaitForPort(s.sshd_port, absl::Seconds(20)).ok()) {
+    // No comparison without sshd (not installed, no privilege-separation dir, not root...).
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sshd did not start: ", ReadFile(s.dir + "/sshd.log").value_or("(no log)")));
+  }
+
+  SR_ASSIGN_OR_RETURN(s.daemon, DaemonProcess::Start(DefaultStepRunnerBinary(), s.dir, {}));
+  SR_RETURN_IF_ERROR(MakeDirs(s.dir + "/none", 0700));
+  SR_ASSIGN_OR_RETURN(s.daemon_none, DaemonProcess::Start(DefaultStepRunnerBinary(), s.dir + "/none",
+                                                          {"--sandbox=none"}));
+  const std::string routing = absl::StrCat(
+      "workspaces:\n  ws:\n    authorized_keys: [\"", pub, "\"]\n    backend: {socket: ",
+      s.daemon->socket_path(), "}\n  ws-none:\n    authorized_keys: [\"", pub,
+      "\"]\n    backend: {socket: ", s.daemon_none->socket_path(), "}\n");
+  SR_RETURN_IF_ERROR(WriteFileAtomically(s.dir + "/routing.yml", routing, 0600));
+  const std::string config = absl::StrCat("listen: {address: 127.0.0.1, port: 0}\nhost_key: ", s.dir,
+                                          "/proxy_host\nrouting: ", s.dir, "/routing.yml\naudit_log: ",
+                                          s.dir, "/audit.jsonl\n");
+  SR_RETURN_IF_ERROR(WriteFileAtomically(s.dir + "/proxy.yml", config, 0600));
+  SR_ASSIGN_OR_RETURN(process::Subprocess proxy,
+                      Spawn({ProxyBinary(), "--config", s.dir + "/proxy.yml", "--ready-file",
+                             s.dir + "/proxy.ready"}));
+  s.proxy.child.emplace(std::move(proxy));
+  SR_RETURN_IF_ERROR(WaitForFile(s.dir + "/proxy.ready", absl::Seconds(20)));
+  SR_ASSIGN_OR_RETURN(std::string port, ReadFile(s.dir + "/proxy.ready"));
+  if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(port), &s.proxy_port)) {
+    return absl::InternalError("bad proxy ready file");
+  }
+
+  // The ControlMaster connection that the multiplexed side reuses.
+  SR_ASSIGN_OR_RETURN(process::Subprocess master,
+                      Spawn(s.SshToSshd({"-M", "-S", s.dir + "/ctl", "-o", "ControlPersist=no", "-N"}, {})));
+  s.master.child.emplace(std::move(master));
+  SR_RETURN_IF_ERROR(WaitForFile(s.dir + "/ctl", absl::Seconds(20)));
+  // sshd works for this user at all (a misconfigured sshd would make every figure meaningless).
+  SR_ASSIGN_OR_RETURN(int code, RunToEnd(s.SshToSshd({}, {"/bin/true"})));
+  if (code != 0) return absl::FailedPreconditionError("ssh to the bench's sshd failed; see sshd.log");
+  return absl::OkStatus();
+}
+
+std::string StepFile(const std::string& definition) { return absl::StrCat("spec: {}\n---\n", definition); }
+
+// Run, then Follow to the end, as a client sees a command.
+absl::Status RunOnce(client::Client& client, const std::string& id, const std::string& steps) {
+  proto::RunRequest request;
+  request.set_id(id);
+  request.set_steps(steps);
+  SR_RETURN_IF_ERROR(client.Run(request));
+  SR_ASSIGN_OR_RETURN(proto::Status status, client.Follow(id, 0, [](const proto::FollowLogsResponse&) {}));
+  if (status.status() != proto::StepResult::success) {
+    return absl::InternalError(absl::StrCat("job ", id, " failed: ", status.ShortDebugString()));
+  }
+  return absl::OkStatus();
+}
+
+struct DispatchResult {
+  Summary proxy, proxy_none, fresh, mux, direct, direct_none;
+};
+
+absl::StatusOr<DispatchResult> Dispatch(Setup& s, int runs, int warmup) {
+  // Through the proxy to each daemon, and the same calls on each daemon's socket: what the proxy
+  // adds on top of the daemon, with and without the daemon's step isolation.
+  client::Client proxy_bwrap(s.ProxyClientOptions("ws"));
+  client::Client proxy_none(s.ProxyClientOptions("ws-none"));
+  client::Client direct_bwrap(s.daemon->ClientOptions());
+  client::Client direct_none(s.daemon_none->ClientOptions());
+  const std::string steps = StepFile("exec: {command: [/bin/true]}\n");
+  int next = 0;
+  // Each side returns the microseconds of one command; Close, cleanup, is not timed.
+  auto daemon_side = [&](client::Client& c) {
+    return [&c, &next, &steps]() -> absl::StatusOr<double> {
+      const std::string id = absl::StrCat("d", next++);
+      const Clock::time_point start = Clock::now();
+      SR_RETURN_IF_ERROR(RunOnce(c, id, steps));
+      const double micros = MicrosSince(start);
+      SR_RETURN_IF_ERROR(c.Close(id));
+      return micros;
+    };
+  };
+  auto ssh_side = [&](bool multiplexed) {
+    std::vector<std::string> extra;
+    if (multiplexed) extra = {"-S", s.dir + "/ctl", "-o", "ControlMaster=no"};
+    return [argv = s.SshToSshd(extra, {"/bin/true"})]() -> absl::StatusOr<double> {
+      const Clock::time_point start = Clock::now();
+      SR_ASSIGN_OR_RETURN(int code, RunToEnd(argv));
+      if (code != 0) return absl::InternalError(absl::StrCat("ssh exited ", code));
+      return MicrosSince(start);
+    };
+  };
+  struct Side {
+    std::function<absl::StatusOr<double>()> run;
+    std::vector<double> micros;
+  };
+  // Order: the result fields below.
+  std::vector<Side> sides = {{daemon_side(proxy_bwrap), {}}, {daemon_side(proxy_none), {}},
+                             {ssh_side(false), {}},           {ssh_side(true), {}},
+                             {daemon_side(direct_bwrap), {}}, {daemon_side(direct_none), {}}};
+  for (int i = 0; i < warmup; ++i) {
+    for (Side& side : sides) SR_RETURN_IF_ERROR(side.run().status());
+  }
+  // Interleaved in batches of 10, the order rotating, so noise hits all sides alike.
+  const size_t n_sides = sides.size();
+  for (int done = 0, batch = 0; done < runs; done += 10, ++batch) {
+    const int n = std::min(10, runs - done);
+    for (size_t k = 0; k < n_sides; ++k) {
+      Side& side = sides[(static_cast<size_t>(batch) + k) % n_sides];
+      for (int i = 0; i < n; ++i) {
+        SR_ASSIGN_OR_RETURN(double micros, side.run());
+        side.micros.push_back(micros);
+      }
+    }
+  }
+  return DispatchResult{Summarize(sides[0].micros), Summarize(sides[1].micros),
+                        Summarize(sides[2].micros), Summarize(sides[3].micros),
+                        Summarize(sides[4].micros), Summarize(sides[5].micros)};
+}
+
+struct ThroughputResult {
+  double proxy_mib_s = 0;
+  double sshd_mib_s = 0;
+  // CPU seconds per GiB moved: the proxy process itself, and sshd's per-connection processes
+  // (reaped by the listening sshd, so counted in its children's time).
+  double proxy_cpu_s_per_gib = 0;
+  double sshd_cpu_s_per_gib = 0;
+};
+
+absl::StatusOr<ThroughputResult> Throughput(Setup& s, int64_t mib, int rounds) {
+  const int64_t bytes = mib << 20;
+  // The same bytes on both sides: the job writes random data to its log, and sshd's side cats
+  // that log file (steps may not see the bench's /tmp, so the data cannot come from there).
+  client::Client client(s.ProxyClientOptions());
+  proto::RunRequest request;
+  request.set_id("log");
+  request.set_steps(StepFile(absl::StrCat("exec: {command: [head, -c, \"", bytes, "\", /dev/urandom]}\n")));
+  SR_RETURN_IF_ERROR(client.Run(request));
+  proto::Status done;
+  for (;;) {
+    SR_ASSIGN_OR_RETURN(done, client.GetStatus("log"));
+    if (done.status() != proto::StepResult::running) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  if (done.status() != proto::StepResult::success) {
+    return absl::InternalError(absl::StrCat("the log job failed: ", done.ShortDebugString()));
+  }
+  const std::string& work_dir = done.result().exec_result().work_dir();
+  const std::string data = work_dir.substr(0, work_dir.rfind('/')) + "/log";
+  // The whole log file: the daemon adds a warning line of its own when a job passes 80% of its
+  // output budget (1 GiB by default), so the log is a little longer than what the step wrote.
+  SR_ASSIGN_OR_RETURN(std::string contents, ReadFile(data));  // also warms the page cache
+  const int64_t log_bytes = static_cast<int64_t>(contents.size());
+  if (log_bytes < bytes || log_bytes != done.log_size()) {
+    return absl::InternalError(absl::StrCat(data, " holds ", log_bytes, " bytes; the job wrote ",
+                                            bytes, ", its status says ", done.log_size()));
+  }
+  contents.clear();
+  contents.shrink_to_fit();
+  std::vector<double> proxy, sshd;
+  absl::Duration proxy_cpu, sshd_cpu;
+  const pid_t proxy_pid = s.proxy.child->pid();
+  const pid_t sshd_pid = s.sshd.child->pid();
+  for (int r = 0; r < rounds; ++r) {
+    for (int side = 0; side < 2; ++side) {
+      if ((side == 0) == (r % 2 == 0)) {
+        int64_t got = 0;
+        SR_ASSIGN_OR_RETURN(CpuTime cpu_before, ReadCpuTime(proxy_pid));
+        const Clock::time_point start = Clock::now();
+        SR_RETURN_IF_ERROR(client.Follow("log", 0, [&](const proto::FollowLogsResponse& c) {
+          got += static_cast<int64_t>(c.data().size());
+        }).status());
+        const double secs = MicrosSince(start) / 1e6;
+        SR_ASSIGN_OR_RETURN(CpuTime cpu_after, ReadCpuTime(proxy_pid));
+        proxy_cpu += cpu_after.self - cpu_before.self;
+        if (got != log_bytes) return absl::DataLossError(absl::StrCat("followed ", got, " of ", log_bytes));
+        proxy.push_back(static_cast<double>(mib) / secs);
+      } else {
+        SR_ASSIGN_OR_RETURN(process::OutputPipe pipe, process::MakeOutputPipe());
+        SR_ASSIGN_OR_RETURN(CpuTime cpu_before, ReadCpuTime(sshd_pid));
+        const Clock::time_point start = Clock::now();
+        SR_ASSIGN_OR_RETURN(process::Subprocess ssh, Spawn(s.SshToSshd({}, {"cat", data}), pipe.write_end.get()));
+        pipe.write_end.Close();
+        SR_ASSIGN_OR_RETURN(int64_t got, DrainToEof({pipe.read_end.get()}, 256 << 10));
+        SR_RETURN_IF_ERROR(ssh.Reap().status());
+        const double secs = MicrosSince(start) / 1e6;
+        // The session process is reaped by the listener once the connection closed.
+        absl::SleepFor(absl::Milliseconds(200));
+        SR_ASSIGN_OR_RETURN(CpuTime cpu_after, ReadCpuTime(sshd_pid));
+        sshd_cpu += (cpu_after.self + cpu_after.children) - (cpu_before.self + cpu_before.children);
+        if (got != log_bytes) return absl::DataLossError(absl::StrCat("ssh cat gave ", got, " of ", log_bytes));
+        sshd.push_back(static_cast<double>(mib) / secs);
+      }
+    }
+  }
+  SR_RETURN_IF_ERROR(client.Close("log"));
+  const double gib = static_cast<double>(log_bytes) * rounds / (1 << 30);
+  return ThroughputResult{Summarize(proxy).p50, Summarize(sshd).p50,
+                          absl::ToDoubleSeconds(proxy_cpu) / gib, absl::ToDoubleSeconds(sshd_cpu) / gib};
+}
+
+// Kills the ssh under a following client `kills` times; per kill, the time until the client's
+// sink gets a byte again. `initial_backoff` is the client's first redial delay.
+absl::StatusOr<Summary> Reconnect(Setup& s, int kills, absl::Duration initial_backoff) {
+  const std::string pids = absl::StrCat(s.dir, "/via-", absl::ToInt64Milliseconds(initial_backoff), ".pids");
+  client::ClientOptions options = s.ProxyClientOptions();
+  options.endpoint.via_command = absl::StrCat("echo $$ >> ", pids, "; exec ", s.ViaProxy());
+  options.initial_backoff = initial_backoff;
+  client::Client client(options);
+  const std::string id = absl::StrCat("tick-", absl::ToInt64Milliseconds(initial_backoff));
+  proto::RunRequest request;
+  request.set_id(id);
+  // A line every ~2 ms, so a resumed stream has bytes waiting at once.
+  request.set_steps(StepFile("exec: {command: [sh, -c, \"while :; do echo tick; sleep 0.002; done\"]}\n"));
+  SR_RETURN_IF_ERROR(client.Run(request));
+  std::atomic<int64_t> last_chunk_ns{0};
+  std::atomic<int64_t> chunks{0};
+  std::thread follower([&] {
+    client::Client follow_client(options);
+    (void)follow_client.Follow(id, 0, [&](const proto::FollowLogsResponse&) {
+      last_chunk_ns = absl::GetCurrentTimeNanos();
+      ++chunks;
+    });
+  });
+  std::vector<double> latencies;
+  absl::Status status;
+  size_t seen = 0;
+  for (int k = 0; k < kills && status.ok(); ++k) {
+    // Wait for a fresh connection that delivers, then cut it.
+    const absl::Time until = absl::Now() + absl::Seconds(30);
+    std::vector<std::string> lines;
+    for (;;) {
+      lines = absl::StrSplit(ReadFile(pids).value_or(""), '\n', absl::SkipEmpty());
+      const int64_t before = chunks;
+      absl::SleepFor(absl::Milliseconds(50));
+      if (lines.size() > seen && chunks > before) break;
+      if (absl::Now() > until) {
+        status = absl::DeadlineExceededError("no reconnect within 30s");
+        break;
+      }
+    }
+    if (!status.ok()) break;
+    seen = lines.size();
+    pid_t pid = 0;
+    if (!absl::SimpleAtoi(lines.back(), &pid)) continue;
+    const int64_t killed_at = absl::GetCurrentTimeNanos();
+    if (::kill(pid, SIGKILL) != 0) continue;
+    const absl::Time deadline = absl::Now() + absl::Seconds(30);
+    while (last_chunk_ns <= killed_at && absl::Now() < deadline) absl::SleepFor(absl::Microseconds(200));
+    if (last_chunk_ns <= killed_at) {
+      status = absl::DeadlineExceededError("no byte after a kill within 30s");
+      break;
+    }
+    latencies.push_back(static_cast<double>(last_chunk_ns - killed_at) / 1e3);
+  }
+  (void)client.Cancel(id);
+  follower.join();
+  (void)client.Close(id);
+  SR_RETURN_IF_ERROR(status);
+  return Summarize(latencies);
+}
+
+std::string Ms(double micros) { return absl::StrFormat("%.2f ms", micros / 1000); }
+
+absl::Status Main() {
+  const bool quick = absl::GetFlag(FLAGS_quick);
+  const int runs = quick ? 10 : absl::GetFlag(FLAGS_runs);
+  const int warmup = quick ? 2 : absl::GetFlag(FLAGS_warmup);
+  const int64_t mib = quick ? 16 : absl::GetFlag(FLAGS_log_mib);
+  const int rounds = quick ? 1 : absl::GetFlag(FLAGS_throughput_rounds);
+  const int reconnects = quick ? 3 : absl::GetFlag(FLAGS_reconnects);
+  SR_ASSIGN_OR_RETURN(std::unique_ptr<TempDir> tmp, TempDir::Create(absl::GetFlag(FLAGS_tmp_dir)));
+  Setup s;
+  s.dir = tmp->path();
+  s.cipher = absl::GetFlag(FLAGS_cipher);
+  SR_RETURN_IF_ERROR(StartAll(s));
+
+  SR_ASSIGN_OR_RETURN(DispatchResult d, Dispatch(s, runs, warmup));
+  SR_ASSIGN_OR_RETURN(ThroughputResult t, Throughput(s, mib, rounds));
+  SR_ASSIGN_OR_RETURN(Summary r_default, Reconnect(s, reconnects, absl::Milliseconds(20)));
+  SR_ASSIGN_OR_RETURN(Summary r_zero, Reconnect(s, reconnects, absl::ZeroDuration()));
+
+  utsname uts{};
+  ::uname(&uts);
+  std::string md = absl::StrFormat(
+      "proxy_bench, %s, %s %s, %ld cores, cipher %s; %d dispatch runs per side, %d MiB x %d "
+      "rounds, %d reconnects per row\n\n",
+      absl::FormatTime("%Y-%m-%d %H:%M UTC", absl::Now(), absl::UTCTimeZone()), uts.sysname,
+      uts.release, ::sysconf(_SC_NPROCESSORS_ONLN), s.cipher, runs, mib, rounds, reconnects);
+  absl::StrAppend(&md, "| Dispatch of /bin/true (Run + Follow; ssh: the whole command) | p50 | p99 | p50 / proxy (sandbox=none) p50 |\n| --- | --- | --- | --- |\n");
+  auto row = [&](const char* name, const Summary& x) {
+    absl::StrAppend(&md, "| ", name, " | ", Ms(x.p50), " | ", Ms(x.p99), " | ",
+                    absl::StrFormat("%.1fx", x.p50 / d.proxy_none.p50), " |\n");
+  };
+  row("warm proxy connection, daemon --sandbox=none", d.proxy_none);
+  row("warm proxy connection, daemon default (bwrap)", d.proxy);
+  row("`ssh host /bin/true`, fresh connection", d.fresh);
+  row("`ssh host /bin/true`, ControlMaster", d.mux);
+  row("(reference: daemon socket, --sandbox=none)", d.direct_none);
+  row("(reference: daemon socket, bwrap)", d.direct);
+  absl::StrAppend(&md, "\n| Log streaming | MiB/s (median) | server CPU s per GiB |\n| --- | --- | --- |\n",
+                  absl::StrFormat("| FollowLogs through the proxy (CPU: workspace-proxy) | %.0f | %.2f |\n",
+                                  t.proxy_mib_s, t.proxy_cpu_s_per_gib),
+                  absl::StrFormat("| `ssh host cat` through sshd (CPU: sshd sessions) | %.0f | %.2f |\n",
+                                  t.sshd_mib_s, t.sshd_cpu_s_per_gib));
+  absl::StrAppend(&md, "\n| Reconnect: kill to first resumed byte | p50 | p99 | max |\n| --- | --- | --- | --- |\n",
+                  "| client defaults (first redial after 20 ms) | ", Ms(r_default.p50), " | ",
+                  Ms(r_default.p99), " | ", Ms(r_default.max), " |\n",
+                  "| initial_backoff 0 | ", Ms(r_zero.p50), " | ", Ms(r_zero.p99), " | ",
+                  Ms(r_zero.max), " |\n");
+  std::cout << md;
+  if (const std::string path = absl::GetFlag(FLAGS_markdown); !path.empty()) {
+    SR_RETURN_IF_ERROR(WriteFileAtomically(path, md, 0644));
+  }
+  SR_RETURN_IF_ERROR(s.daemon->Stop());
+  SR_RETURN_IF_ERROR(s.daemon_none->Stop());
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace step_runner::bench
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("workspace-proxy against OpenSSH's sshd (see BENCHMARKS.md)");
+  absl::ParseCommandLine(argc, argv);
+  signal(SIGPIPE, SIG_IGN);
+  absl::Status s = step_runner::bench::Main();
+  if (absl::IsFailedPrecondition(s) && absl::StrContains(s.message(), "sshd did not start")) {
+    std::cerr << "proxy_bench: skipped: " << s.message() << "\n";
+    return 77;  // CTest's SKIP_RETURN_CODE
+  }
+  if (!s.ok()) {
+    std::cerr << "proxy_bench: " << s << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,765 @@
+#include "step-runner/engine/engine.h"
+
+#include <sys/stat.h>
+
+#include <functional>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "google/protobuf/util/json_util.h"
+#include "google/protobuf/util/time_util.h"
+#include "step-runner/base/files.h"
+#include "step-runner/base/status_macros.h"
+
+namespace step_runner::engine {
+namespace {
+
+using ::google::protobuf::util::TimeUtil;
+using steps::Invocation;
+using steps::Spec;
+using steps::StepDefinition;
+
+constexpr char kMasked[] = "[MASKED]";
+// Bounds what a step may hand back through its output and export files.
+constexpr size_t kMaxOutputFileBytes = 16 << 20;
+
+google::protobuf::Timestamp Now() { return TimeUtil::NanosecondsToTimestamp(absl::ToUnixNanos(absl::Now())); }
+
+google::protobuf::Value ToProtoValue(const Json& v) {
+  google::protobuf::Value out;
+  switch (v.type()) {
+    case Json::value_t::null: out.set_null_value(google::protobuf::NULL_VALUE); break;
+    case Json::value_t::boolean: out.set_bool_value(v.get<bool>()); break;
+    case Json::value_t::string: out.set_string_value(v.get<std::string>()); break;
+    case Json::value_t::array:
+      for (const auto& item : v) *out.mutable_list_value()->add_values() = ToProtoValue(item);
+      break;
+    case Json::value_t::object:
+      for (const auto& [k, item] : v.items()) (*out.mutable_struct_value()->mutable_fields())[k] = ToProtoValue(item);
+      break;
+    default: out.set_number_value(v.get<double>()); break;
+  }
+  return out;
+}
+
+// Every string in `v` that holds a secret, for the masker.
+void CollectStrings(const Json& v, std::vector<std::string>& out) {
+  if (v.is_string()) {
+    out.push_back(v.get<std::string>());
+  } else if (v.is_array() || v.is_object()) {
+    for (const auto& item : v) CollectStrings(item, out);
+  } else if (!v.is_null()) {
+    out.push_back(expr::ToDisplayString(v));
+  }
+}
+
+// The outputs a step produced, and which of them are sensitive.
+struct StepOutputs {
+  Json values = Json::object();
+  std::set<std::string> sensitive;
+};
+
+// Where a failing step leaves the job: which error kind, and the exit code to report.
+struct FailureInfo {
+  proto::StatusError::Kind kind = proto::StatusError::failed;
+  int exit_code = 1;
+};
+
+class JobRun {
+ public:
+  JobRun(const JobSpec& job, Host& host) : job_(job), host_(host) {}
+
+  JobOutcome Run() {
+    Frame root;
+    root.spec = &job_.file->spec;
+    root.step_dir = job_.file_dir;
+    root.inputs = job_.inputs;
+    root.sensitive_inputs = job_.sensitive_inputs;
+    for (const std::string& name : job_.sensitive_inputs) {
+      if (job_.inputs.contains(name)) SecretsOf(job_.inputs[name]);
+    }
+    const bool root_is_exec = job_.file->definition.exec.has_value();
+    if (root_is_exec) {
+      tree_.set_name("exec");
+      root.path = "exec";
+    }
+    tree_.set_status(proto::StepResult::running);
+    *tree_.mutable_start_time() = Now();
+    if (root_is_exec) PublishMasked(tree_, root.path, false);
+    StepOutputs outputs;
+    absl::Status status = RunDefinition(job_.file->definition, root, tree_, outputs);
+    if (status.ok()) status = CheckOutputs(*root.spec, root, outputs, "the job");
+    SetOutputs(tree_, outputs);
+    Finish(tree_, status);
+    if (root_is_exec) PublishMasked(tree_, root.path, true);
+
+    JobOutcome outcome;
+    MaskTree(tree_);
+    outcome.result = tree_;
+    outcome.status = tree_.status();
+    if (!status.ok()) {
+      outcome.status = host_.Cancelled() ? proto::StepResult::cancelled : proto::StepResult::failure;
+      outcome.message = std::string(status.message());
+      outcome.error_kind = failure_.kind;
+      outcome.exit_code = failure_.exit_code;
+    }
+    return outcome;
+  }
+
+ private:
+  // What a step sees while it runs.
+  struct Frame {
+    const Spec* spec = nullptr;
+    std::string step_dir;
+    Json inputs = Json::object();
+    std::set<std::string> sensitive_inputs;
+    std::vector<EnvMap> env_layers;  // outermost first; the innermost wins
+    absl::Time deadline = absl::InfiniteFuture();
+    std::string path;                 // names from the root, "a/b"
+    std::vector<std::string> files;   // the step files on the way here, for cycles
+  };
+  // The outputs of the steps run so far in a sequence, as ${{ steps }} sees them.
+  struct SequenceState {
+    Json steps = Json::object();
+    std::set<std::string> sensitive_paths;  // "steps.x.outputs.y"
+  };
+
+  void SecretsOf(const Json& v) {
+    std::vector<std::string> values;
+    CollectStrings(v, values);
+    for (std::string& s : values) {
+      if (!s.empty()) {
+        host_.AddSecret(s);
+        secrets_.push_back(std::move(s));
+      }
+    }
+  }
+
+  Json Masked(const Json& v, bool sensitive) const { return sensitive ? Json(kMasked) : v; }
+
+  EnvMap CurrentEnv(const Frame& frame) const {
+    EnvMap env = job_.env;
+    for (const auto& [k, v] : exports_) env[k] = v;
+    for (const EnvMap& layer : frame.env_layers) {
+      for (const auto& [k, v] : layer) env[k] = v;
+    }
+    return env;
+  }
+
+  expr::Context MakeContext(const Frame& frame, const SequenceState* sequence, const std::string& io_dir) const {
+    expr::Context ctx;
+    ctx.Set("inputs", frame.inputs);
+    for (const std::string& name : frame.sensitive_inputs) ctx.MarkSensitive("inputs." + name);
+    EnvMap env = CurrentEnv(frame);
+    Json env_json = Json::object();
+    for (const auto& [k, v] : env) env_json[k] = v;
+    ctx.Set("env", std::move(env_json));
+    ctx.Set("job", job_.job_variables);
+    ctx.Set("vars", job_.job_variables);
+    for (const std::string& name : job_.masked_variables) {
+      ctx.MarkSensitive("job." + name);
+      ctx.MarkSensitive("vars." + name);
+      ctx.MarkSensitive("env." + name);
+    }
+    ctx.Set("work_dir", job_.work_dir);
+    ctx.Set("step_dir", frame.step_dir);
+    ctx.Set("func_dir", frame.step_dir);
+    ctx.Set("output_file", io_dir.empty() ? Json(nullptr) : Json(io_dir + "/output.jsonl"));
+    ctx.Set("export_file", io_dir.empty() ? Json(nullptr) : Json(io_dir + "/export.jsonl"));
+    if (sequence) {
+      ctx.Set("steps", sequence->steps);
+      for (const std::string& path : sequence->sensitive_paths) ctx.MarkSensitive(path);
+    } else {
+      ctx.Set("steps", Json::object());
+    }
+    return ctx;
+  }
+
+  // Expands every template in a JSON value (strings, and strings inside arrays and objects).
+  absl::StatusOr<expr::Value> ExpandJson(const Json& v, const expr::Context& ctx) {
+    if (v.is_string()) return expr::Expand(v.get<std::string>(), ctx);
+    if (v.is_array() || v.is_object()) {
+      expr::Value out{v.is_array() ? Json::array() : Json::object(), false};
+      for (auto it = v.begin(); it != v.end(); ++it) {
+        SR_ASSIGN_OR_RETURN(expr::Value item, ExpandJson(*it, ctx));
+        if (v.is_array()) {
+          out.json.push_back(std::move(item.json));
+        } else {
+          out.json[it.key()] = std::move(item.json);
+        }
+        out.sensitive = out.sensitive || item.sensitive;
+      }
+      return out;
+    }
+    return expr::Value{v, false};
+  }
+
+  absl::StatusOr<EnvMap> ExpandEnv(const steps::Env& env, const expr::Context& ctx, absl::string_view what) {
+    EnvMap out;
+    for (const auto& [k, v] : env) {
+      absl::StatusOr<expr::Value> value = expr::Expand(v, ctx);
+      if (!value.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ".env.", k, ": ", value.status().message()));
+      std::string text = expr::ToDisplayString(value->json);
+      if (text.find('\0') != std::string::npos) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ".env.", k, ": the value holds a NUL byte"));
+      }
+      if (value->sensitive) SecretsOf(Json(text));
+      out[k] = std::move(text);
+    }
+    return out;
+  }
+
+  absl::StatusOr<std::string> NewIoDir() {
+    std::string dir = absl::StrCat(job_.io_root, "/", ++io_counter_);
+    SR_RETURN_IF_ERROR(MakeDirs(dir, 0700));
+    SR_RETURN_IF_ERROR(WriteFileAtomically(dir + "/output.jsonl", "", 0600));
+    SR_RETURN_IF_ERROR(WriteFileAtomically(dir + "/export.jsonl", "", 0600));
+    return dir;
+  }
+
+  // Reads a JSON Lines file of {"name": ..., "value": ...} records.
+  absl::StatusOr<std::vector<std::pair<std::string, Json>>> ReadRecords(const std::string& path, absl::string_view what) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) return std::vector<std::pair<std::string, Json>>{};
+    if (static_cast<size_t>(st.st_size) > kMaxOutputFileBytes) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " is ", st.st_size, " bytes; the limit is ", kMaxOutputFileBytes));
+    }
+    SR_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+    std::vector<std::pair<std::string, Json>> records;
+    int line_number = 0;
+    for (absl::string_view line : absl::StrSplit(text, '\n')) {
+      ++line_number;
+      if (absl::StripAsciiWhitespace(line).empty()) continue;
+      Json record = Json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (record.is_discarded() || !record.is_object()) {
+        return absl::InvalidArgumentError(absl::StrCat(what, " line ", line_number,
+                                                       ": expected a JSON object {\"name\": ..., \"value\": ...}"));
+      }
+      auto name = record.find("name");
+      auto value = record.find("value");
+      if (name == record.end() || !name->is_string() || name->get<std::string>().empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(what, " line ", line_number, ": \"name\" must be a non-empty string"));
+      }
+      if (value == record.end() || value->is_null()) {
+        return absl::InvalidArgumentError(absl::StrCat(what, " line ", line_number, ": \"value\" is missing or null"));
+      }
+      records.emplace_back(name->get<std::string>(), *value);
+    }
+    return records;
+  }
+
+  // Reads the exports a process wrote: they become env for every later step of the job.
+  absl::Status CollectExports(const std::string& io_dir, const std::string& step, proto::StepResult& result) {
+    SR_ASSIGN_OR_RETURN(auto records, ReadRecords(io_dir + "/export.jsonl", absl::StrCat("step \"", step, "\": export_file")));
+    for (auto& [name, value] : records) {
+      if (!value.is_string() && !value.is_number() && !value.is_boolean()) {
+        return absl::InvalidArgumentError(absl::StrCat("step \"", step, "\": export ", name,
+                                                       " must be a string, number or boolean, found ",
+                                                       steps::DescribeJson(value)));
+      }
+      if (name.find('=') != std::string::npos) {
+        return absl::InvalidArgumentError(absl::StrCat("step \"", step, "\": export name \"", name, "\" holds '='"));
+      }
+      std::string text = expr::ToDisplayString(value);
+      exports_[name] = text;
+      (*result.mutable_exports())[name] = text;
+    }
+    return absl::OkStatus();
+  }
+
+  // Checks outputs against the spec that declares them: undeclared, mistyped and missing ones
+  // are errors; a missing one with a default takes it.
+  absl::Status CheckOutputs(const Spec& spec, const Frame& frame, StepOutputs& outputs, absl::string_view who) {
+    if (spec.delegate_outputs) return absl::OkStatus();
+    std::vector<std::string> declared;
+    for (const auto& [name, param] : spec.outputs) declared.push_back(name);
+    for (const auto& [name, value] : outputs.values.items()) {
+      auto it = spec.outputs.find(name);
+      if (it == spec.outputs.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(who, ": unexpected output \"", name, "\"; the spec declares ",
+                                                       declared.empty() ? "no outputs" : absl::StrJoin(declared, ", ")));
+      }
+      if (!steps::HasType(value, it->second.type)) {
+        return absl::InvalidArgumentError(absl::StrCat(who, ": output \"", name, "\" is declared as ",
+                                                       steps::TypeName(it->second.type), ", but received ",
+                                                       outputs.sensitive.count(name) ? "a sensitive value of another type"
+                                                                                     : steps::DescribeJson(value)));
+      }
+    }
+    for (const auto& [name, param] : spec.outputs) {
+      if (!outputs.values.contains(name)) {
+        if (!param.default_value) {
+          return absl::InvalidArgumentError(absl::StrCat(who, ": missing output \"", name, "\" (declared as ",
+                                                         steps::TypeName(param.type), ", with no default)"));
+        }
+        outputs.values[name] = *param.default_value;
+      }
+      if (param.sensitive) {
+        outputs.sensitive.insert(name);
+        SecretsOf(outputs.values[name]);
+      }
+    }
+    (void)frame;
+    return absl::OkStatus();
+  }
+
+  void SetOutputs(proto::StepResult& result, const StepOutputs& outputs) {
+    result.clear_outputs();
+    for (const auto& [name, value] : outputs.values.items()) {
+      (*result.mutable_outputs())[name] = ToProtoValue(Masked(value, outputs.sensitive.count(name) > 0));
+    }
+  }
+
+  void Finish(proto::StepResult& result, const absl::Status& status) {
+    *result.mutable_end_time() = Now();
+    if (status.ok()) {
+      result.set_status(proto::StepResult::success);
+    } else {
+      result.set_status(host_.Cancelled() ? proto::StepResult::cancelled : proto::StepResult::failure);
+      if (result.message().empty()) result.set_message(MaskText(std::string(status.message())));
+    }
+  }
+
+  // Secrets found late (an output) also appear in what was recorded earlier (a command line
+  // that carried the value): every string of the tree is masked again before it leaves.
+  void MaskTree(proto::StepResult& r) const {
+    if (secrets_.empty()) return;
+    for (std::string& arg : *r.mutable_exec_result()->mutable_command()) arg = MaskText(arg);
+    r.set_message(MaskText(r.message()));
+    for (auto& [k, v] : *r.mutable_exports()) v = MaskText(v);
+    for (auto& [k, v] : *r.mutable_outputs()) {
+      if (v.has_string_value()) v.set_string_value(MaskText(v.string_value()));
+    }
+    for (auto& [k, v] : *r.mutable_inputs()) {
+      if (v.has_string_value()) v.set_string_value(MaskText(v.string_value()));
+    }
+    for (proto::StepResult& child : *r.mutable_sub_step_results()) MaskTree(child);
+  }
+
+  void PublishMasked(const proto::StepResult& node, const std::string& path, bool finished) {
+    proto::StepResult tree = tree_;
+    MaskTree(tree);
+    proto::StepResult shown = node;
+    MaskTree(shown);
+    host_.Publish(tree, shown, path, finished);
+  }
+
+  std::string MaskText(std::string text) const {
+    for (const std::string& s : secrets_) {
+      for (size_t at = text.find(s); at != std::string::npos; at = text.find(s, at + sizeof(kMasked) - 1)) {
+        text.replace(at, s.size(), kMasked);
+      }
+    }
+    return text;
+  }
+
+  absl::Status Fail(proto::StatusError::Kind kind, int exit_code, std::string message) {
+    failure_ = {kind, exit_code};
+    return absl::AbortedError(MaskText(std::move(message)));
+  }
+
+  absl::Status RunProcess(ProcessSpec spec, const std::string& step, proto::StepResult& result,
+                          std::vector<std::string> shown_command) {
+    for (const std::string& arg : shown_command) result.mutable_exec_result()->add_command(arg);
+    result.mutable_exec_result()->set_work_dir(spec.work_dir);
+    if (host_.Cancelled()) return Fail(proto::StatusError::cancelled, 0, "the job was cancelled");
+    ProcessOutcome outcome = host_.RunProcess(spec);
+    result.mutable_exec_result()->set_exit_code(outcome.exit_code);
+    if (outcome.cancelled) return Fail(proto::StatusError::cancelled, outcome.exit_code, "the job was cancelled");
+    if (!outcome.spawn_error.empty()) {
+      return Fail(proto::StatusError::failed, outcome.exit_code, absl::StrCat("step \"", step, "\": ", outcome.spawn_error));
+    }
+    if (outcome.resource_exhausted) {
+      return Fail(proto::StatusError::resource_exhausted, outcome.exit_code,
+                  absl::StrCat("step \"", step, "\": ", *outcome.resource_exhausted));
+    }
+    if (outcome.timed_out) {
+      return Fail(proto::StatusError::timeout, outcome.exit_code,
+                  absl::StrCat("step \"", step, "\" exceeded its timeout and was stopped"));
+    }
+    if (outcome.exit_code != 0) {
+      std::string how = outcome.exit_code > 128 ? absl::StrCat("was killed by signal ", outcome.exit_code - 128)
+                                                : absl::StrCat("exited with code ", outcome.exit_code);
+      return Fail(proto::StatusError::failed, outcome.exit_code, absl::StrCat("step \"", step, "\" ", how));
+    }
+    return absl::OkStatus();
+  }
+
+  // An error in the step file's use (a bad expression, a wrong input) fails the step.
+  absl::Status Invalid(const std::string& step, const absl::Status& status) {
+    return Fail(proto::StatusError::failed, 1, absl::StrCat("step \"", step, "\": ", status.message()));
+  }
+
+  std::string StepName(const Frame& frame) const {
+    size_t slash = frame.path.rfind('/');
+    return slash == std::string::npos ? frame.path : frame.path.substr(slash + 1);
+  }
+
+  absl::Status RunExec(const steps::ExecDefinition& exec, const Frame& frame, proto::StepResult& result,
+                       StepOutputs& outputs) {
+    const std::string name = frame.path.empty() ? "exec" : StepName(frame);
+    absl::StatusOr<std::string> io_dir = NewIoDir();
+    if (!io_dir.ok()) return Invalid(name, io_dir.status());
+    const expr::Context ctx = MakeContext(frame, nullptr, *io_dir);
+    ProcessSpec spec;
+    spec.name = frame.path.empty() ? "exec" : frame.path;
+    std::vector<std::string> shown;
+    for (size_t i = 0; i < exec.command.size(); ++i) {
+      absl::StatusOr<expr::Value> arg = expr::Expand(exec.command[i], ctx);
+      if (!arg.ok()) return Invalid(name, absl::InvalidArgumentError(absl::StrCat("exec.command[", i, "]: ", arg.status().message())));
+      std::string text = expr::ToDisplayString(arg->json);
+      if (text.find('\0') != std::string::npos) {
+        return Invalid(name, absl::InvalidArgumentError(absl::StrCat("exec.command[", i, "] holds a NUL byte")));
+      }
+      if (arg->sensitive) SecretsOf(Json(text));
+      shown.push_back(arg->sensitive ? kMasked : text);
+      spec.argv.push_back(std::move(text));
+    }
+    std::string work_dir = job_.work_dir;
+    if (!exec.work_dir.empty()) {
+      absl::StatusOr<expr::Value> dir = expr::Expand(exec.work_dir, ctx);
+      if (!dir.ok()) return Invalid(name, absl::InvalidArgumentError(absl::StrCat("exec.work_dir: ", dir.status().message())));
+      work_dir = expr::ToDisplayString(dir->json);
+      if (!absl::StartsWith(work_dir, "/")) work_dir = absl::StrCat(job_.work_dir, "/", work_dir);
+    }
+    spec.work_dir = work_dir;
+    for (const auto& [k, v] : CurrentEnv(frame)) spec.env.push_back(absl::StrCat(k, "=", v));
+    spec.io_dir = *io_dir;
+    spec.deadline = frame.deadline;
+    SR_RETURN_IF_ERROR(RunProcess(std::move(spec), name, result, std::move(shown)));
+    if (absl::Status s = CollectExports(*io_dir, name, result); !s.ok()) return Invalid(name, s);
+    absl::StatusOr<std::vector<std::pair<std::string, Json>>> records =
+        ReadRecords(*io_dir + "/output.jsonl", "output_file");
+    if (!records.ok()) return Invalid(name, records.status());
+    for (auto& [key, value] : *records) outputs.values[key] = std::move(value);
+    (void)RemoveTree(*io_dir);
+    return absl::OkStatus();
+  }
+
+  absl::Status RunScript(const Invocation& inv, const Frame& frame, const SequenceState& sequence,
+                         proto::StepResult& result) {
+    absl::StatusOr<std::string> io_dir = NewIoDir();
+    if (!io_dir.ok()) return Invalid(inv.name, io_dir.status());
+    const expr::Context ctx = MakeContext(frame, &sequence, *io_dir);
+    // Templates in a script never become shell text: each value goes into the environment, and
+    // the script reads it as ${SR_EXPR_n}, so a value full of quotes and semicolons stays data.
+    std::string script;
+    EnvMap values;
+    const std::string& text = *inv.script;
+    for (size_t pos = 0;;) {
+      size_t open = text.find("${{", pos);
+      if (open == std::string::npos) {
+        script.append(text, pos);
+        break;
+      }
+      size_t close = expr::FindTemplateEnd(text, open);
+      if (close == std::string::npos) return Invalid(inv.name, absl::InvalidArgumentError("an expression in script is not closed"));
+      absl::StatusOr<expr::Value> value = expr::Expand(text.substr(open, close + 2 - open), ctx);
+      if (!value.ok()) return Invalid(inv.name, absl::InvalidArgumentError(absl::StrCat("script: ", value.status().message())));
+      std::string var = absl::StrCat("SR_EXPR_", values.size());
+      std::string shown = expr::ToDisplayString(value->json);
+      if (value->sensitive) SecretsOf(Json(shown));
+      values[var] = std::move(shown);
+      absl::StrAppend(&script, text.substr(pos, open - pos), "${", var, "}");
+      pos = close + 2;
+    }
+    Frame child = frame;
+    absl::StatusOr<EnvMap> env = ExpandEnv(inv.env, ctx, inv.name);
+    if (!env.ok()) return Invalid(inv.name, env.status());
+    child.env_layers.push_back(*std::move(env));
+    ProcessSpec spec;
+    spec.name = frame.path.empty() ? inv.name : absl::StrCat(frame.path, "/", inv.name);
+    spec.argv = job_.shell;
+    spec.argv.push_back(script);
+    spec.work_dir = job_.work_dir;
+    for (const auto& [k, v] : CurrentEnv(child)) spec.env.push_back(absl::StrCat(k, "=", v));
+    for (const auto& [k, v] : values) spec.env.push_back(absl::StrCat(k, "=", v));
+    spec.io_dir = *io_dir;
+    spec.deadline = frame.deadline;
+    std::vector<std::string> shown = job_.shell;
+    shown.push_back(MaskText(script));
+    SR_RETURN_IF_ERROR(RunProcess(std::move(spec), inv.name, result, std::move(shown)));
+    if (absl::Status s = CollectExports(*io_dir, inv.name, result); !s.ok()) return Invalid(inv.name, s);
+    (void)RemoveTree(*io_dir);
+    return absl::OkStatus();
+  }
+
+  absl::Status RunReference(const Invocation& inv, const Frame& frame, const SequenceState& sequence,
+                            proto::StepResult& result, StepOutputs& outputs) {
+    const expr::Context ctx = MakeContext(frame, &sequence, "");
+    steps::StepReference ref = *inv.step;
+    if (ref.kind == steps::StepReference::Kind::kDynamic) {
+      absl::StatusOr<expr::Value> text = expr::Expand(ref.text, ctx);
+      if (!text.ok()) return Invalid(inv.name, absl::InvalidArgumentError(absl::StrCat("step: ", text.status().message())));
+      absl::StatusOr<steps::StepReference> parsed = steps::ParseShortReference(expr::ToDisplayString(text->json));
+      if (!parsed.ok()) return Invalid(inv.name, parsed.status());
+      if (parsed->kind == steps::StepReference::Kind::kDynamic) {
+        return Invalid(inv.name, absl::InvalidArgumentError("a step reference cannot expand to another expression"));
+      }
+      ref = *std::move(parsed);
+    }
+    absl::StatusOr<LoadedStep> loaded = job_.loader->Load(ref, frame.step_dir);
+    if (!loaded.ok()) return Invalid(inv.name, loaded.status());
+    if (std::find(frame.files.begin(), frame.files.end(), loaded->path) != frame.files.end()) {
+      return Invalid(inv.name, absl::InvalidArgumentError(absl::StrCat("step ", ref.text, " refers back to itself (a cycle)")));
+    }
+    // Inputs: expanded in the caller's context, then checked against the step's spec.
+    Json given = Json::object();
+    std::set<std::string> derived_sensitive;
+    for (const auto& [key, value] : inv.inputs) {
+      absl::StatusOr<expr::Value> v = ExpandJson(value, ctx);
+      if (!v.ok()) return Invalid(inv.name, absl::InvalidArgumentError(absl::StrCat("inputs.", key, ": ", v.status().message())));
+      given[key] = v->json;
+      if (v->sensitive) derived_sensitive.insert(key);
+    }
+    absl::StatusOr<Json> inputs = BindInputs(loaded->file->spec, given, inv.name);
+    if (!inputs.ok()) return Invalid(inv.name, inputs.status());
+    Frame child;
+    child.spec = &loaded->file->spec;
+    child.step_dir = loaded->dir;
+    child.inputs = *std::move(inputs);
+    for (const auto& [name, param] : loaded->file->spec.inputs) {
+      if (param.sensitive || derived_sensitive.count(name)) child.sensitive_inputs.insert(name);
+    }
+    for (const std::string& name : child.sensitive_inputs) SecretsOf(child.inputs[name]);
+    for (const auto& [name, value] : child.inputs.items()) {
+      (*result.mutable_inputs())[name] = ToProtoValue(Masked(value, child.sensitive_inputs.count(name) > 0));
+    }
+    child.env_layers = frame.env_layers;
+    absl::StatusOr<EnvMap> env = ExpandEnv(inv.env, ctx, inv.name);
+    if (!env.ok()) return Invalid(inv.name, env.status());
+    child.env_layers.push_back(*std::move(env));
+    child.deadline = frame.deadline;
+    child.path = frame.path;
+    child.files = frame.files;
+    child.files.push_back(loaded->path);
+    SR_RETURN_IF_ERROR(RunDefinition(loaded->file->definition, child, result, outputs));
+    absl::Status checked = CheckOutputs(*child.spec, child, outputs, absl::StrCat("step \"", inv.name, "\""));
+    if (!checked.ok()) return Fail(proto::StatusError::failed, 1, std::string(checked.message()));
+    return absl::OkStatus();
+  }
+
+  // One item of a sequence, with its if/timeout/retry.
+  absl::Status RunInvocation(const Invocation& inv, const Frame& parent, const SequenceState& sequence,
+                             proto::StepResult& result, StepOutputs& outputs) {
+    const std::string path = parent.path.empty() ? inv.name : absl::StrCat(parent.path, "/", inv.name);
+    result.set_name(inv.name);
+    result.set_status(proto::StepResult::running);
+    *result.mutable_start_time() = Now();
+    if (!inv.if_condition.empty()) {
+      absl::StatusOr<expr::Value> cond = expr::Expand(inv.if_condition, MakeContext(parent, &sequence, ""));
+      if (!cond.ok()) {
+        absl::Status failed = Invalid(inv.name, absl::InvalidArgumentError(absl::StrCat("if: ", cond.status().message())));
+        Finish(result, failed);
+        PublishMasked(result, path, true);
+        return failed;
+      }
+      if (!expr::IsTruthy(cond->json)) {
+        result.set_status(kSkipped);
+        result.set_message(absl::StrCat("skipped: its if (", inv.if_condition, ") was false"));
+        *result.mutable_end_time() = Now();
+        PublishMasked(result, path, true);
+        return absl::OkStatus();
+      }
+    }
+    PublishMasked(result, path, false);
+
+    Frame frame = parent;
+    frame.path = path;
+    if (inv.timeout) frame.deadline = std::min(parent.deadline, absl::Now() + *inv.timeout);
+    absl::Status status;
+    for (int attempt = 1; attempt <= inv.retry.max_attempts; ++attempt) {
+      result.set_attempts(attempt);
+      result.clear_sub_step_results();
+      result.clear_exec_result();
+      result.clear_exports();
+      result.clear_message();
+      outputs = StepOutputs();
+      if (inv.timeout) frame.deadline = std::min(parent.deadline, absl::Now() + *inv.timeout);
+      if (inv.script) {
+        status = RunScript(inv, frame, sequence, result);
+      } else if (inv.step) {
+        status = RunReference(inv, frame, sequence, result, outputs);
+      } else {
+        Frame inline_frame = frame;
+        status = RunDefinition(*inv.inline_definition, inline_frame, result, outputs);
+      }
+      if (status.ok() || host_.Cancelled() || attempt == inv.retry.max_attempts) break;
+      host_.Log(absl::StrCat("step-runner: step \"", path, "\" failed (", status.message(), "); retrying in ",
+                             absl::FormatDuration(inv.retry.delay), " (attempt ", attempt + 1, " of ",
+                             inv.retry.max_attempts, ")\n"));
+      if (host_.SleepUnlessCancelled(inv.retry.delay)) break;
+    }
+    SetOutputs(result, outputs);
+    Finish(result, status);
+    PublishMasked(result, path, true);
+    return status;
+  }
+
+  absl::Status RunSequence(const StepDefinition& def, const Frame& frame, proto::StepResult& result,
+                           StepOutputs& outputs) {
+    SequenceState sequence;
+    absl::Status failed;
+    for (const Invocation& inv : def.run) {
+      if (host_.Cancelled()) return Fail(proto::StatusError::cancelled, failure_.exit_code, "the job was cancelled");
+      proto::StepResult* child = result.add_sub_step_results();
+      StepOutputs child_outputs;
+      absl::Status status = RunInvocation(inv, frame, sequence, *child, child_outputs);
+      sequence.steps[inv.name] = Json{{"outputs", child_outputs.values}};
+      for (const std::string& name : child_outputs.sensitive) {
+        sequence.sensitive_paths.insert(absl::StrCat("steps.", inv.name, ".outputs.", name));
+      }
+      if (status.ok()) continue;
+      if (inv.continue_on_error && !host_.Cancelled()) {
+        child->set_continued_on_error(true);
+        host_.Log(absl::StrCat("step-runner: step \"", inv.name, "\" failed (", status.message(),
+                               "); continuing (continue_on_error)\n"));
+        continue;
+      }
+      return status;
+    }
+    const expr::Context ctx = MakeContext(frame, &sequence, "");
+    if (!def.delegate.empty()) {
+      const Json& delegated = sequence.steps[def.delegate]["outputs"];
+      outputs.values = delegated;
+      for (const std::string& path : sequence.sensitive_paths) {
+        const std::string prefix = absl::StrCat("steps.", def.delegate, ".outputs.");
+        if (absl::StartsWith(path, prefix)) outputs.sensitive.insert(path.substr(prefix.size()));
+      }
+    }
+    for (const auto& [name, value] : def.outputs) {
+      absl::StatusOr<expr::Value> v = ExpandJson(value, ctx);
+      if (!v.ok()) {
+        return Fail(proto::StatusError::failed, 1, absl::StrCat("outputs.", name, ": ", v.status().message()));
+      }
+      outputs.values[name] = v->json;
+      if (v->sensitive) {
+        outputs.sensitive.insert(name);
+        SecretsOf(v->json);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RunDefinition(const StepDefinition& def, Frame& frame, proto::StepResult& result, StepOutputs& outputs) {
+    absl::StatusOr<EnvMap> env = ExpandEnv(def.env, MakeContext(frame, nullptr, ""), frame.path.empty() ? "definition" : frame.path);
+    if (!env.ok()) return Invalid(frame.path.empty() ? "exec" : StepName(frame), env.status());
+    Frame inner = frame;
+    inner.env_layers.push_back(*std::move(env));  // the step's own env wins over its callers'
+    if (def.exec) return RunExec(*def.exec, inner, result, outputs);
+    return RunSequence(def, inner, result, outputs);
+  }
+
+  const JobSpec& job_;
+  Host& host_;
+  proto::StepResult tree_;
+  EnvMap exports_;
+  std::vector<std::string> secrets_;
+  FailureInfo failure_;
+  int io_counter_ = 0;
+};
+
+void CheckTree(const StepDefinition& def, const std::string& dir, const std::string& source,
+               std::vector<std::string>& files, StepLoader& loader, std::vector<steps::Violation>& out, int depth) {
+  for (const Invocation& inv : def.run) {
+    if (inv.inline_definition) CheckTree(*inv.inline_definition, dir, source, files, loader, out, depth);
+    if (!inv.step) continue;
+    using Kind = steps::StepReference::Kind;
+    if (inv.step->kind != Kind::kLocal && inv.step->kind != Kind::kDist) continue;
+    const std::string field = absl::StrCat(inv.name, ".step");
+    absl::StatusOr<LoadedStep> loaded = loader.Load(*inv.step, dir);
+    if (!loaded.ok()) {
+      out.push_back({inv.position, field, std::string(loaded.status().message())});
+      continue;
+    }
+    if (std::find(files.begin(), files.end(), loaded->path) != files.end() || depth > 32) {
+      out.push_back({inv.position, field,
+                     absl::StrCat("step ", inv.step->text, " leads back to a step that refers to it (a cycle: ",
+                                  absl::StrJoin(files, " -> "), " -> ", loaded->path, ")")});
+      continue;
+    }
+    // Literal inputs are checked now; templated ones when they run.
+    const steps::Spec& spec = loaded->file->spec;
+    for (const auto& [k, v] : inv.inputs) {
+      auto it = spec.inputs.find(k);
+      if (it == spec.inputs.end()) {
+        out.push_back({inv.position, absl::StrCat(inv.name, ".inputs.", k),
+                       absl::StrCat("step ", inv.step->text, " does not accept an input named \"", k, "\"")});
+      } else if (!(v.is_string() && absl::StrContains(v.get<std::string>(), "${{")) &&
+                 !steps::HasType(v, it->second.type)) {
+        out.push_back({inv.position, absl::StrCat(inv.name, ".inputs.", k),
+                       absl::StrCat("must be ", steps::TypeName(it->second.type), ", found ", steps::DescribeJson(v))});
+      }
+    }
+    for (const auto& [name, param] : spec.inputs) {
+      if (!param.default_value && !inv.inputs.count(name)) {
+        out.push_back({inv.position, absl::StrCat(inv.name, ".inputs"),
+                       absl::StrCat("missing required input \"", name, "\" of step ", inv.step->text)});
+      }
+    }
+    files.push_back(loaded->path);
+    CheckTree(loaded->file->definition, loaded->dir, loaded->source, files, loader, out, depth + 1);
+    files.pop_back();
+  }
+  (void)source;
+}
+
+}  // namespace
+
+absl::StatusOr<Json> BindInputs(const steps::Spec& spec, const Json& values, absl::string_view step_name) {
+  Json bound = Json::object();
+  std::vector<std::string> problems;
+  std::vector<std::string> declared;
+  for (const auto& [name, param] : spec.inputs) declared.push_back(name);
+  for (const auto& [name, value] : values.items()) {
+    auto it = spec.inputs.find(name);
+    if (it == spec.inputs.end()) {
+      problems.push_back(absl::StrCat("the step does not accept an input named \"", name, "\" (it accepts: ",
+                                      declared.empty() ? "none" : absl::StrJoin(declared, ", "), ")"));
+      continue;
+    }
+    if (!value.is_null() && !steps::HasType(value, it->second.type)) {
+      problems.push_back(absl::StrCat("input \"", name, "\" must be ", steps::TypeName(it->second.type), ", found ",
+                                      it->second.sensitive ? "a value of another type" : steps::DescribeJson(value)));
+      continue;
+    }
+    bound[name] = value;
+  }
+  for (const auto& [name, param] : spec.inputs) {
+    if (bound.contains(name) && !bound[name].is_null()) continue;
+    if (values.contains(name) && values[name].is_null()) continue;  // checked when expanded
+    if (param.default_value) {
+      bound[name] = *param.default_value;
+    } else {
+      problems.push_back(absl::StrCat("missing required input \"", name, "\" (", steps::TypeName(param.type), ")"));
+    }
+  }
+  if (!problems.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(step_name.empty() ? "" : absl::StrCat("step \"", step_name, "\": "),
+                                                   absl::StrJoin(problems, "; ")));
+  }
+  return bound;
+}
+
+std::vector<steps::Violation> CheckReferences(const steps::StepFile& file, const std::string& file_dir,
+                                              const std::string& source, StepLoader& loader) {
+  std::vector<steps::Violation> out;
+  std::vector<std::string> files = {source};
+  CheckTree(file.definition, file_dir, source, files, loader, out, 0);
+  return out;
+}
+
+JobOutcome RunJob(const JobSpec& job, Host& host) { return JobRun(job, host).Run(); }
+
+std::string ResultToJson(const proto::StepResult& result) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(result, &out, options);
+  return out;
+}
+
+}  // namespace step_runner::engine

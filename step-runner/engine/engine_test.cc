@@ -1,0 +1,226 @@
+#include "step-runner/engine/engine.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "step-runner/base/files.h"
+#include "step-runner/process/subprocess.h"
+
+namespace step_runner::engine {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+// Runs processes for real, one at a time, their output into one file.
+class TestHost : public Host {
+ public:
+  explicit TestHost(std::string log_path) : log_path_(std::move(log_path)) {}
+  ProcessOutcome RunProcess(const ProcessSpec& spec) override {
+    names.push_back(spec.name);
+    int fd = ::open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    absl::StatusOr<process::Subprocess> child = process::Subprocess::Spawn(
+        {.argv = spec.argv, .env = spec.env, .work_dir = spec.work_dir, .stdout_fd = fd, .stderr_fd = fd});
+    ::close(fd);
+    ProcessOutcome outcome;
+    if (!child.ok()) {
+      outcome.spawn_error = std::string(child.status().message());
+      outcome.exit_code = 127;
+      return outcome;
+    }
+    outcome.exit_code = child->Reap().value_or(1);
+    return outcome;
+  }
+  void Log(absl::string_view line) override { logged += std::string(line); }
+  void Publish(const proto::StepResult&, const proto::StepResult& node, const std::string& path, bool finished) override {
+    events.push_back(absl::StrCat(finished ? "finished " : "started ", path, " ", proto::StepResult::Status_Name(node.status())));
+  }
+  void AddSecret(const std::string& value) override { secrets.push_back(value); }
+  bool Cancelled() override { return false; }
+  bool SleepUnlessCancelled(absl::Duration) override { return false; }
+
+  std::vector<std::string> names, events, secrets;
+  std::string logged;
+
+ private:
+  std::string log_path_;
+};
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/engine-test.XXXXXX";
+    dir_ = ::mkdtemp(tmpl);
+    loader_ = std::make_unique<StepLoader>(LoaderOptions{dir_ + "/catalog", dir_ + "/cache"});
+  }
+  void TearDown() override { (void)RemoveTree(dir_); }
+
+  void Write(const std::string& rel, const std::string& text) {
+    std::string path = dir_ + "/" + rel;
+    ASSERT_TRUE(MakeDirs(path.substr(0, path.rfind('/')), 0700).ok());
+    ASSERT_TRUE(WriteFileAtomically(path, text, 0600).ok());
+  }
+
+  JobOutcome Run(const std::string& text, Json inputs = Json::object()) {
+    absl::StatusOr<steps::StepFile> file = steps::ParseStepFile(text, "job.yml");
+    EXPECT_TRUE(file.ok()) << file.status();
+    if (!file.ok()) return {};
+    JobSpec job;
+    job.file = std::make_shared<steps::StepFile>(*file);
+    job.file_dir = dir_;
+    job.inputs = std::move(inputs);
+    job.env = {{"PATH", "/usr/bin:/bin"}};
+    job.work_dir = dir_;
+    job.io_root = dir_ + "/io";
+    job.shell = {"bash", "--noprofile", "--norc", "-e", "-o", "pipefail", "-c"};
+    job.loader = loader_.get();
+    host_ = std::make_unique<TestHost>(dir_ + "/log");
+    return RunJob(job, *host_);
+  }
+  std::string Log() { return ReadFile(dir_ + "/log").value_or(""); }
+
+  std::string dir_;
+  std::unique_ptr<StepLoader> loader_;
+  std::unique_ptr<TestHost> host_;
+};
+
+TEST_F(EngineTest, OutputsFlowToLaterStepsWithTypes) {
+  Write("count/step.yml", R"(spec:
+  inputs:
+    n: {type: number}
+  outputs:
+    doubled: {type: number}
+    words: {type: array}
+---
+exec:
+  command: [bash, -c, 'echo "{\"name\":\"doubled\",\"value\":$(( $1 * 2 ))}" > "$2"; echo "{\"name\":\"words\",\"value\":[\"a\",\"b\"]}" >> "$2"', x, "${{ inputs.n }}", "${{ output_file }}"]
+)");
+  JobOutcome out = Run(R"(spec: {}
+---
+run:
+  - name: count
+    step: ./count
+    inputs: {n: 21}
+  - name: show
+    script: echo "got ${{ steps.count.outputs.doubled }} and ${{ join(steps.count.outputs.words, '+') }}"
+)");
+  EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
+  EXPECT_EQ(Log(), "got 42 and a+b\n");
+  ASSERT_EQ(out.result.sub_step_results_size(), 2);
+  EXPECT_EQ(out.result.sub_step_results(0).outputs().at("doubled").number_value(), 42);
+}
+
+TEST_F(EngineTest, ScriptTemplatesAreDataNotShell) {
+  JobOutcome out = Run(R"(spec:
+  inputs:
+    evil: {type: string}
+---
+run:
+  - name: greet
+    script: echo "hello ${{ inputs.evil }}" && echo '${{ inputs.evil }}'
+)", Json{{"evil", "$(touch pwned); `id`; ' \" done"}});
+  EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
+  EXPECT_THAT(Log(), HasSubstr("hello $(touch pwned); `id`; ' \" done\n"));
+  EXPECT_FALSE(ReadFile(dir_ + "/pwned").ok());
+}
+
+TEST_F(EngineTest, SkippedAndContinueOnErrorAndRetry) {
+  JobOutcome out = Run(R"(spec: {}
+---
+run:
+  - name: never
+    if: ${{ 1 == 2 }}
+    script: echo never
+  - name: flaky
+    retry: {max: 2, delay: 0s}
+    script: 'n=$(cat count 2>/dev/null || echo 0); echo $((n+1)) > count; [ $n -ge 2 ]'
+  - name: broken
+    continue_on_error: true
+    script: exit 3
+  - name: last
+    script: echo last
+)");
+  EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
+  ASSERT_EQ(out.result.sub_step_results_size(), 4);
+  EXPECT_EQ(out.result.sub_step_results(0).status(), proto::StepResult::skipped);
+  EXPECT_EQ(out.result.sub_step_results(1).attempts(), 3);
+  EXPECT_EQ(out.result.sub_step_results(1).status(), proto::StepResult::success);
+  EXPECT_EQ(out.result.sub_step_results(2).status(), proto::StepResult::failure);
+  EXPECT_TRUE(out.result.sub_step_results(2).continued_on_error());
+  EXPECT_EQ(Log(), "last\n");
+}
+
+TEST_F(EngineTest, ExportsBecomeEnvAndPrecedenceHolds) {
+  JobOutcome out = Run(R"(spec: {}
+---
+run:
+  - name: export
+    script: echo '{"name":"COLOUR","value":"blue"}' > "${{ export_file }}"
+  - name: show
+    script: echo "$COLOUR $LEVEL"
+    env: {LEVEL: invocation}
+env:
+  LEVEL: sequence
+)");
+  EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
+  EXPECT_EQ(Log(), "blue invocation\n");
+}
+
+TEST_F(EngineTest, MissingAndMistypedOutputsFailTheStep) {
+  Write("bad/step.yml", R"(spec:
+  outputs:
+    sha: {type: string}
+---
+exec:
+  command: [bash, -c, 'echo "{\"name\":\"sha\",\"value\":5}" > "$0"', "${{ output_file }}"]
+)");
+  JobOutcome out = Run("spec: {}\n---\nrun:\n  - name: b\n    step: ./bad\n");
+  EXPECT_EQ(out.status, proto::StepResult::failure);
+  EXPECT_THAT(out.message, HasSubstr("output \"sha\" is declared as a string, but received the number 5"));
+}
+
+TEST_F(EngineTest, SensitiveInputsAreSecretsAndMaskedInResults) {
+  Write("use/step.yml", R"(spec:
+  inputs:
+    token: {type: string, sensitive: true}
+---
+exec:
+  command: [echo, "${{ inputs.token }}"]
+)");
+  JobOutcome out = Run("spec: {}\n---\nrun:\n  - name: u\n    step: ./use\n    inputs: {token: glpat-secretvalue123}\n");
+  EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
+  EXPECT_THAT(host_->secrets, ::testing::Contains("glpat-secretvalue123"));
+  EXPECT_EQ(out.result.sub_step_results(0).inputs().at("token").string_value(), "[MASKED]");
+  EXPECT_THAT(out.result.sub_step_results(0).exec_result().command(), ElementsAre("echo", "[MASKED]"));
+}
+
+TEST_F(EngineTest, BindInputsReportsEveryProblem) {
+  absl::StatusOr<steps::StepFile> file = steps::ParseStepFile(
+      "spec:\n  inputs:\n    a: {type: number}\n    b: {type: string}\n---\nexec: {command: [true]}\n", "s");
+  ASSERT_TRUE(file.ok());
+  absl::StatusOr<Json> bound = BindInputs(file->spec, Json{{"a", "x"}, {"c", 1}}, "s");
+  ASSERT_FALSE(bound.ok());
+  EXPECT_THAT(std::string(bound.status().message()), HasSubstr("does not accept an input named \"c\""));
+  EXPECT_THAT(std::string(bound.status().message()), HasSubstr("input \"a\" must be a number"));
+  EXPECT_THAT(std::string(bound.status().message()), HasSubstr("missing required input \"b\""));
+}
+
+TEST_F(EngineTest, CyclesAndUnknownStepsAreFoundBeforeRunning) {
+  Write("a/step.yml", "spec: {}\n---\nrun:\n  - name: b\n    step: ../b\n");
+  Write("b/step.yml", "spec: {}\n---\nrun:\n  - name: a\n    step: ../a\n");
+  absl::StatusOr<steps::StepFile> file =
+      steps::ParseStepFile("spec: {}\n---\nrun:\n  - name: a\n    step: ./a\n  - name: x\n    step: ./missing\n", "job.yml");
+  ASSERT_TRUE(file.ok());
+  std::vector<steps::Violation> v = CheckReferences(*file, dir_, "job.yml", *loader_);
+  ASSERT_EQ(v.size(), 2u);
+  EXPECT_THAT(v[0].description, HasSubstr("a cycle"));
+  EXPECT_THAT(v[1].description, HasSubstr("not found"));
+}
+
+}  // namespace
+}  // namespace step_runner::engine

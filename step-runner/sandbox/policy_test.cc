@@ -1,0 +1,155 @@
+#include "step-runner/sandbox/policy.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_join.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "step-runner/base/testing.h"
+
+namespace step_runner::sandbox {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+// Index of the first "flag a b" triple (or pair) in argv, or -1.
+int Find(const std::vector<std::string>& argv, const std::vector<std::string>& seq) {
+  for (size_t i = 0; i + seq.size() <= argv.size(); ++i) {
+    if (std::equal(seq.begin(), seq.end(), argv.begin() + static_cast<std::ptrdiff_t>(i))) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+StepView BaseView() {
+  StepView view;
+  view.argv = {"/bin/echo", "hi"};
+  view.work_tree = "/state/jobs/j1/work";
+  view.cwd = "/state/jobs/j1/work";
+  return view;
+}
+
+TEST(BwrapArgvTest, ReadOnlySystemFreshKernelViewsPrivateTmpAndNamespaces) {
+  std::string line = absl::StrJoin(BwrapArgv("/usr/bin/bwrap", BaseView()), " ");
+  EXPECT_THAT(line, HasSubstr("/usr/bin/bwrap --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp"));
+  EXPECT_THAT(line, HasSubstr("--unshare-pid --unshare-ipc --unshare-uts --die-with-parent --new-session --cap-drop ALL"));
+  EXPECT_THAT(line, HasSubstr("--unshare-net"));
+  EXPECT_THAT(line, HasSubstr("--bind /state/jobs/j1/work /state/jobs/j1/work"));
+  EXPECT_THAT(line, HasSubstr("--chdir /state/jobs/j1/work -- /bin/echo hi"));
+}
+
+TEST(BwrapArgvTest, NetworkIsSharedOnlyWhenGranted) {
+  StepView view = BaseView();
+  view.network = NetworkMode::kAll;
+  EXPECT_EQ(Find(BwrapArgv("bwrap", view), {"--unshare-net"}), -1);
+  // kAllow: the helper's namespace (loopback and forwards), which bwrap must not replace.
+  view.network = NetworkMode::kAllow;
+  view.hosts_file = "/state/sandbox-hosts";
+  std::vector<std::string> argv = BwrapArgv("bwrap", view);
+  EXPECT_EQ(Find(argv, {"--unshare-net"}), -1);
+  EXPECT_GE(Find(argv, {"--ro-bind", "/state/sandbox-hosts", "/etc/hosts"}), 0);
+}
+
+TEST(BwrapArgvTest, HiddenFoldersAreCoveredBeforeTheWorkTreeIsBoundBack) {
+  StepView view = BaseView();
+  view.hidden = {{"/state", true}, {"/run/step-runner", true}, {"/root/.git-credentials", false},
+                 {"/tmp/other-job", true}, {"/state/jobs/j1/work/.secret", true}};
+  std::vector<std::string> argv = BwrapArgv("bwrap", view);
+  int state = Find(argv, {"--tmpfs", "/state"});
+  int tree = Find(argv, {"--bind", "/state/jobs/j1/work", "/state/jobs/j1/work"});
+  int inner = Find(argv, {"--tmpfs", "/state/jobs/j1/work/.secret"});
+  ASSERT_GE(state, 0);
+  ASSERT_GE(tree, 0);
+  EXPECT_LT(state, tree);  // else the tmpfs would cover the work tree too
+  EXPECT_GT(inner, tree);  // else the bind would bring it back
+  EXPECT_GE(Find(argv, {"--tmpfs", "/run/step-runner"}), 0);
+  EXPECT_GE(Find(argv, {"--ro-bind", "/dev/null", "/root/.git-credentials"}), 0);
+  EXPECT_EQ(Find(argv, {"--tmpfs", "/tmp/other-job"}), -1);  // the private /tmp hides it already
+}
+
+TEST(BwrapArgvTest, SecretFilesAreBoundReadOnlyAfterHiding) {
+  StepView view = BaseView();
+  view.hidden = {{"/var/secrets", true}, {"/dev/shm/step-runner-0", true}};
+  view.readonly_binds = {"/var/secrets/j1/TOKEN"};
+  std::vector<std::string> argv = BwrapArgv("bwrap", view);
+  int hide = Find(argv, {"--tmpfs", "/var/secrets"});
+  ASSERT_GE(hide, 0);
+  EXPECT_LT(hide, Find(argv, {"--ro-bind", "/var/secrets/j1/TOKEN", "/var/secrets/j1/TOKEN"}));
+  EXPECT_EQ(Find(argv, {"--tmpfs", "/dev/shm/step-runner-0"}), -1);  // the fresh /dev has none of it
+}
+
+TEST(PolicyParseTest, TheSystemCannotBeAWorkTree) {
+  for (const char* bad : {"/", "/usr", "/etc/", "/usr/lib", "/proc/1", "/home", "/var", "relative"}) {
+    EXPECT_FALSE(CheckWorkTree(bad).ok()) << bad;
+  }
+  for (const char* good : {"/var/lib/step-runner/jobs/1/work", "/home/dev/project", "/tmp/x", "/workspace"}) {
+    SR_EXPECT_OK(CheckWorkTree(good));
+  }
+}
+
+TEST(PolicyParseTest, HostPortsAndSizes) {
+  SR_ASSERT_OK_AND_ASSIGN(HostPort hp, ParseHostPort("GitLab.com:443"));
+  EXPECT_EQ(hp, (HostPort{"gitlab.com", 443}));
+  SR_EXPECT_OK(ParseHostPort("127.0.0.1:8080").status());
+  EXPECT_FALSE(ParseHostPort("10.0.0.1:443").ok());  // cannot be given a loopback alias
+  EXPECT_FALSE(ParseHostPort("gitlab.com").ok());
+  EXPECT_FALSE(ParseHostPort("gitlab.com:0").ok());
+  EXPECT_FALSE(ParseHostPort("gitlab.com:70000").ok());
+  EXPECT_FALSE(ParseHostPort("a b:1").ok());
+  EXPECT_EQ(ParseByteSize("512M").value(), 512u << 20);
+  EXPECT_EQ(ParseByteSize("4g").value(), uint64_t{4} << 30);
+  EXPECT_EQ(ParseByteSize("1000").value(), 1000u);
+  EXPECT_FALSE(ParseByteSize("lots").ok());
+  EXPECT_FALSE(ParseNetworkMode("some").ok());
+}
+
+TEST(PolicyParseTest, EachNamedHostGetsItsOwnLoopbackAddressAndAHostsLine) {
+  std::vector<Forward> f = PlanForwards({{"gitlab.com", 443}, {"api.model.dev", 443}, {"gitlab.com", 22},
+                                         {"127.0.0.1", 9000}});
+  ASSERT_EQ(f.size(), 4u);
+  EXPECT_EQ(f[0].listen_ip, f[2].listen_ip);
+  EXPECT_NE(f[0].listen_ip, f[1].listen_ip);
+  EXPECT_EQ(f[3].listen_ip, "127.0.0.1");
+  std::string hosts = HostsFile(f);
+  EXPECT_THAT(hosts, HasSubstr(f[0].listen_ip + "\tgitlab.com\n"));
+  EXPECT_THAT(hosts, HasSubstr(f[1].listen_ip + "\tapi.model.dev\n"));
+  EXPECT_THAT(hosts, Not(HasSubstr("\t127.0.0.1")));
+}
+
+TEST(HelperArgvTest, RoundTrips) {
+  HelperPlan plan;
+  plan.verdict_path = "/state/jobs/j1/sandbox.verdict";
+  plan.output_limit = 100;
+  plan.output_budget = 200;
+  plan.output_used = 100;
+  plan.memory_limit = 1 << 30;
+  plan.process_limit = 64;
+  plan.rlimits.processes = 0;
+  plan.cgroup_v1_pids = "/sys/fs/cgroup/pids/x/job-1";
+  plan.new_netns = true;
+  plan.forwards = PlanForwards({{"gitlab.com", 443}});
+  std::vector<std::string> rest;
+  std::vector<std::string> argv = HelperArgv("helper", plan, {"bwrap", "--", "true"});
+  ASSERT_EQ(argv[0], "helper");
+  argv.erase(argv.begin());
+  HelperPlan back;
+  std::string error;
+  ASSERT_TRUE(ParseHelperArgv(argv, &back, &rest, &error)) << error;
+  EXPECT_THAT(rest, ElementsAre("bwrap", "--", "true"));
+  EXPECT_EQ(back.verdict_path, plan.verdict_path);
+  EXPECT_EQ(back.output_limit, 100u);
+  EXPECT_EQ(back.output_budget, 200u);
+  EXPECT_EQ(back.process_limit, 64u);
+  EXPECT_EQ(back.rlimits.processes, 0u);
+  EXPECT_EQ(back.cgroup_v1_pids, plan.cgroup_v1_pids);
+  EXPECT_TRUE(back.new_netns);
+  ASSERT_EQ(back.forwards.size(), 1u);
+  EXPECT_EQ(back.forwards[0].target, (HostPort{"gitlab.com", 443}));
+  EXPECT_FALSE(ParseHelperArgv({"--bogus", "1", "--", "x"}, &back, &rest, &error));
+  EXPECT_FALSE(ParseHelperArgv({"--verdict", "v"}, &back, &rest, &error));
+  EXPECT_FALSE(ParseHelperArgv({"--output-limit", "-1", "--", "x"}, &back, &rest, &error));
+}
+
+}  // namespace
+}  // namespace step_runner::sandbox

@@ -1,0 +1,305 @@
+#include "step-runner/sandbox/sandbox.h"
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "step-runner/base/files.h"
+#include "step-runner/base/logging.h"
+#include "step-runner/base/status_macros.h"
+#include "step-runner/process/subprocess.h"
+
+namespace step_runner::sandbox {
+namespace {
+
+constexpr char kVerdictFile[] = "/sandbox.verdict";
+
+std::string Dirname(const std::string& path) {
+  size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+std::string OwnBinaryDir() {
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) return ".";
+  return Dirname(std::string(buf, static_cast<size_t>(n)));
+}
+
+// nullopt when `path` does not exist.
+std::optional<HiddenPath> Existing(const std::string& path) {
+  struct stat st;
+  if (path.empty() || ::lstat(path.c_str(), &st) != 0) return std::nullopt;
+  return HiddenPath{path, S_ISDIR(st.st_mode)};
+}
+
+bool Within(const std::string& path, const std::string& dir) {
+  return path == dir || (path.size() > dir.size() && path.compare(0, dir.size(), dir) == 0 &&
+                         (dir == "/" || path[dir.size()] == '/'));
+}
+
+// Runs `argv` to the end (or `deadline`) and returns its exit code and what it wrote.
+absl::StatusOr<std::pair<int, std::string>> RunProbe(const std::vector<std::string>& argv, absl::Duration deadline) {
+  SR_ASSIGN_OR_RETURN(process::OutputPipe pipe, process::MakeOutputPipe());
+  SR_ASSIGN_OR_RETURN(process::Subprocess child,
+                      process::Subprocess::Spawn({.argv = argv,
+                                                  .env = {"PATH=/usr/local/bin:/usr/bin:/bin"},
+                                                  .stdout_fd = pipe.write_end.get(),
+                                                  .stderr_fd = pipe.write_end.get()}));
+  pipe.write_end.Close();
+  std::string output;
+  const absl::Time until = absl::Now() + deadline;
+  for (;;) {
+    int left = static_cast<int>(absl::ToInt64Milliseconds(until - absl::Now()));
+    pollfd pfd{.fd = pipe.read_end.get(), .events = POLLIN};
+    if (left <= 0 || ::poll(&pfd, 1, left) == 0) {
+      (void)child.SignalGroup(SIGKILL);
+      (void)child.Reap();
+      return absl::DeadlineExceededError(absl::StrCat("the sandbox probe did not finish in time: ", output));
+    }
+    char buf[4096];
+    ssize_t n = ::read(pipe.read_end.get(), buf, sizeof buf);
+    if (n > 0) {
+      output.append(buf, static_cast<size_t>(n));
+    } else if (n == 0 || errno != EAGAIN) {
+      break;
+    }
+  }
+  SR_ASSIGN_OR_RETURN(int code, child.Reap());
+  return std::make_pair(code, output);
+}
+
+std::string PolicyText(const Limits& l) {
+  return absl::StrCat("bwrap memory=", l.memory_bytes, " cpu=", l.cpu_seconds, "s procs=", l.processes,
+                      " files=", l.open_files, " output=", l.output_bytes);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Sandbox>> Sandbox::Create(SandboxOptions options) {
+  std::unique_ptr<Sandbox> sandbox(new Sandbox(std::move(options)));
+  SR_RETURN_IF_ERROR(sandbox->Init());
+  return sandbox;
+}
+
+Sandbox::~Sandbox() {
+  cleanup_.reset();  // runs what is queued
+  cgroups_.RemoveAll();
+}
+
+absl::Status Sandbox::Init() {
+  if (options_.bwrap.empty()) {
+    absl::StatusOr<std::string> found =
+        process::FindExecutable("bwrap", {absl::StrCat("PATH=", getenv("PATH") ? getenv("PATH") : "/usr/bin:/bin")});
+    if (!found.ok()) {
+      return absl::FailedPreconditionError(
+          "bubblewrap (bwrap) is not installed, and steps run under it by default: install it (apt-get install "
+          "bubblewrap), or start the daemon with --sandbox=none in a setup where steps are trusted");
+    }
+    options_.bwrap = *found;
+  }
+  if (options_.helper.empty()) options_.helper = OwnBinaryDir() + "/step-runner-sandbox";
+  if (::access(options_.helper.c_str(), X_OK) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat("the sandbox helper ", options_.helper,
+                                                      " is missing; it is installed beside step-runner"));
+  }
+  if (options_.network == NetworkMode::kAllow) {
+    forwards_ = PlanForwards(options_.allowed);
+    hosts_file_ = absl::StrCat(options_.state_dir, "/sandbox-hosts");
+    SR_RETURN_IF_ERROR(MakeDirs(options_.state_dir, 0700));
+    // World-readable: the step (perhaps another uid inside its user namespace) reads it as /etc/hosts.
+    SR_RETURN_IF_ERROR(WriteFileAtomically(hosts_file_, HostsFile(forwards_), 0644));
+  }
+  // The probe is the real thing: the helper, in the network mode steps will get, around bwrap
+  // with every namespace a step gets. A guess from sysctls would miss seccomp filters,
+  // AppArmor and container runtimes that refuse unshare.
+  StepView view{.argv = {"/bin/true"}, .network = options_.network == NetworkMode::kAllow ? NetworkMode::kAllow
+                                                                                        : NetworkMode::kNone};
+  HelperPlan plan{.new_netns = options_.network == NetworkMode::kAllow};
+  SR_ASSIGN_OR_RETURN(auto probe, RunProbe(HelperArgv(options_.helper, plan, BwrapArgv(options_.bwrap, view)),
+                                           absl::Seconds(20)));
+  if (probe.first != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "bubblewrap cannot create the step sandbox's namespaces here (exit code ", probe.first, ": ",
+        absl::StripTrailingAsciiWhitespace(probe.second),
+        "). Fix one of: allow unprivileged user namespaces (sysctl -w kernel.unprivileged_userns_clone=1 and "
+        "user.max_user_namespaces > 0; in a container, a seccomp/AppArmor profile that permits unshare and "
+        "mount), run the daemon as root in its container, or, where steps are trusted, start it with "
+        "--sandbox=none"));
+  }
+  cgroups_ = CgroupRoot::Detect("step-runner");
+  // Said at start-up, loudly, because these limits then hold per process only (see README.md).
+  if (!cgroups_.has_pids()) {
+    SR_LOG(WARNING) << "no writable pids cgroup: the process limit falls back to RLIMIT_NPROC"
+                    << (::getuid() == 0 ? ", which does not apply to root: fork bombs are not contained" : "");
+  }
+  if (!cgroups_.has_memory()) {
+    SR_LOG(WARNING) << "no writable memory cgroup: the memory limit falls back to RLIMIT_AS per process";
+  }
+  return absl::OkStatus();
+}
+
+std::string Sandbox::Describe() const {
+  std::string network(NetworkModeName(options_.network));
+  if (options_.network == NetworkMode::kAllow) {
+    std::vector<std::string> hosts;
+    for (const HostPort& hp : options_.allowed) hosts.push_back(hp.ToString());
+    absl::StrAppend(&network, " (", absl::StrJoin(hosts, ", "), ")");
+  }
+  std::string limits = PolicyText(options_.limits);
+  if (!cgroups_.has_pids()) {
+    absl::StrAppend(&limits, ::getuid() == 0 ? "; WARNING: no writable pids cgroup and running as root, so the "
+                                               "process limit is not enforced"
+                                             : "; process limit by RLIMIT_NPROC (no writable pids cgroup)");
+  }
+  if (!cgroups_.has_memory()) absl::StrAppend(&limits, "; memory limit by RLIMIT_AS (no writable memory cgroup)");
+  return absl::StrCat("steps run sandboxed: ", limits, "; network for steps that ask: ", network, "; ",
+                      cgroups_.Describe());
+}
+
+absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::PlannedStep& step) {
+  if (step.argv.empty()) return absl::InvalidArgumentError("empty command");
+  // Resolved here, with the step's PATH, so "command not found" stays the runner's exit 127
+  // rather than a bwrap error.
+  SR_ASSIGN_OR_RETURN(std::string program, process::FindExecutable(step.argv[0], step.env));
+  SR_RETURN_IF_ERROR(CheckWorkTree(context.job_work_dir));
+  // Until the step language has a field for it, a job also asks with STEP_RUNNER_NETWORK=1 in
+  // its env (the request's, like any field of it); the daemon's policy decides either way.
+  bool wants = step.wants_network;
+  for (const std::string& entry : step.env) wants = wants || entry == "STEP_RUNNER_NETWORK=1";
+  const NetworkMode network = wants ? options_.network : NetworkMode::kNone;
+
+  JobSlot slot;
+  std::vector<std::string> other_trees;
+  {
+    absl::MutexLock lock(&mu_);
+    auto [it, inserted] = jobs_.try_emplace(context.job_id);
+    if (inserted) {
+      it->second.number = ++next_slot_;
+      it->second.work_tree = context.job_work_dir;
+      if (cgroups_.has_memory() || cgroups_.has_pids()) {
+        absl::StatusOr<JobCgroup> cgroup =
+            cgroups_.CreateJob(absl::StrCat("job-", it->second.number), options_.limits);
+        if (!cgroup.ok()) {
+          jobs_.erase(it);
+          return absl::InternalError(absl::StrCat("cannot make the job's cgroup: ", cgroup.status().message()));
+        }
+        it->second.cgroup = *cgroup;
+      }
+    }
+    std::string net(NetworkModeName(network));
+    if (network == NetworkMode::kAllow) {
+      std::vector<std::string> hosts;
+      for (const HostPort& hp : options_.allowed) hosts.push_back(hp.ToString());
+      absl::StrAppend(&net, ":", absl::StrJoin(hosts, ","));
+    }
+    it->second.grant = {PolicyText(options_.limits), net};
+    slot = it->second;
+    for (const auto& [id, other] : jobs_) {
+      if (id != context.job_id) other_trees.push_back(other.work_tree);
+    }
+  }
+
+  StepView view;
+  view.argv = step.argv;
+  view.argv[0] = program;
+  view.work_tree = context.job_work_dir;
+  view.cwd = step.work_dir;
+  view.network = network;
+  std::vector<std::string> hide = {options_.state_dir, Dirname(options_.socket_path), options_.secrets_root};
+  hide.insert(hide.end(), options_.hidden.begin(), options_.hidden.end());
+  if (network == NetworkMode::kNone) hide.insert(hide.end(), options_.token_stores.begin(), options_.token_stores.end());
+  for (const std::string& tree : other_trees) {
+    // Not a tree that holds ours or that ours holds (jobs sharing a folder share it).
+    if (!Within(context.job_work_dir, tree) && !Within(tree, context.job_work_dir)) hide.push_back(tree);
+  }
+  for (const std::string& path : hide) {
+    if (path.empty() || path[0] != '/' || path == "/" || path == context.job_work_dir) continue;
+    // Inside another hidden folder it is gone already (unless our tree brings it back).
+    bool covered = false;
+    for (const std::string& other : hide) {
+      covered = covered || (other != path && !other.empty() && other != "/" && Within(path, other) &&
+                            !Within(path, context.job_work_dir));
+    }
+    if (covered) continue;
+    if (std::optional<HiddenPath> h = Existing(path)) view.hidden.push_back(*h);
+  }
+  // The job's own file variables: their paths are in its environment.
+  if (!options_.secrets_root.empty()) {
+    for (const std::string& entry : step.env) {
+      std::string value = entry.substr(entry.find('=') + 1);
+      if (Within(value, options_.secrets_root) && value != options_.secrets_root && Existing(value)) {
+        view.readonly_binds.push_back(value);
+      }
+    }
+  }
+  if (network == NetworkMode::kAllow) view.hosts_file = hosts_file_;
+
+  const std::string verdict = context.job_dir + kVerdictFile;
+  ::unlink(verdict.c_str());
+  HelperPlan plan;
+  plan.verdict_path = verdict;
+  struct stat log;
+  plan.output_used = ::stat((context.job_dir + "/log").c_str(), &log) == 0 ? static_cast<uint64_t>(log.st_size) : 0;
+  plan.output_budget = options_.limits.output_bytes;
+  if (plan.output_budget > 0) {
+    if (plan.output_used >= plan.output_budget) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the job's output budget of ", plan.output_budget, " bytes is spent"));
+    }
+    plan.output_limit = plan.output_budget - plan.output_used;
+  }
+  plan.memory_limit = options_.limits.memory_bytes;
+  plan.process_limit = options_.limits.processes;
+  plan.rlimits = options_.limits;
+  // Where a cgroup bounds memory and processes for the whole job, the per-process rlimits would
+  // only get in the way (RLIMIT_AS breaks runtimes that reserve address space, and RLIMIT_NPROC
+  // counts every process of the uid, the daemon's threads included).
+  if (!slot.cgroup.memory_dir().empty()) plan.rlimits.memory_bytes = 0;
+  if (!slot.cgroup.pids_dir().empty()) plan.rlimits.processes = 0;
+  plan.cgroup_v2 = slot.cgroup.v2;
+  plan.cgroup_v1_memory = slot.cgroup.v1_memory;
+  plan.cgroup_v1_pids = slot.cgroup.v1_pids;
+  if (network == NetworkMode::kAllow) {
+    plan.new_netns = true;
+    plan.forwards = forwards_;
+  }
+  step.argv = HelperArgv(options_.helper, plan, BwrapArgv(options_.bwrap, view));
+  step.explain_exit = [verdict](int) -> std::optional<std::string> {
+    absl::StatusOr<std::string> why = ReadFile(verdict);
+    if (!why.ok()) return std::nullopt;
+    ::unlink(verdict.c_str());
+    return *why;
+  };
+  return absl::OkStatus();
+}
+
+void Sandbox::OnStepEvent(const std::string& job_id, const proto::FollowStepsResponse& event) {
+  if (event.kind() != proto::FollowStepsResponse::JOB_FINISHED) return;
+  JobCgroup cgroup;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(job_id);
+    if (it == jobs_.end()) return;
+    cgroup = it->second.cgroup;
+    jobs_.erase(it);
+  }
+  if (!cgroup.empty()) cleanup_->Post([cgroup] { RemoveCgroup(cgroup); });
+}
+
+Sandbox::Grant Sandbox::LastGrant(const std::string& job_id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return {};
+  return it->second.grant;
+}
+
+}  // namespace step_runner::sandbox

@@ -1,0 +1,86 @@
+#ifndef STEP_RUNNER_SANDBOX_SANDBOX_H_
+#define STEP_RUNNER_SANDBOX_SANDBOX_H_
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "proto/step_runner.pb.h"
+#include "step-runner/base/event_loop.h"
+#include "step-runner/runner/job.h"
+#include "step-runner/sandbox/cgroup.h"
+#include "step-runner/sandbox/policy.h"
+
+namespace step_runner::sandbox {
+
+struct SandboxOptions {
+  NetworkMode network = NetworkMode::kNone;
+  std::vector<HostPort> allowed;  // for kAllow
+  Limits limits;
+  std::string state_dir;    // hidden from steps
+  std::string socket_path;  // its folder is hidden from steps
+  std::string secrets_root;  // hidden, except the running job's own file variables
+  // Hidden unless the step is granted network (the git credential store: the steps that push
+  // are the steps that need the network).
+  std::vector<std::string> token_stores;
+  std::vector<std::string> hidden;  // always hidden
+  std::string bwrap;   // empty: "bwrap" in PATH
+  std::string helper;  // empty: step-runner-sandbox beside the running binary
+};
+
+// The daemon's side of the step sandbox: wraps every step process in the helper and bwrap (the
+// runner's launch hook), keeps one cgroup per running job, and says which policy a step got.
+// Thread-safe.
+class Sandbox {
+ public:
+  // Checks, by running a real sandboxed /bin/true through the helper, that bwrap can create its
+  // namespaces here; FAILED_PRECONDITION naming the fixes if not.
+  static absl::StatusOr<std::unique_ptr<Sandbox>> Create(SandboxOptions options);
+  ~Sandbox();
+
+  // runner::LaunchHook.
+  absl::Status Launch(const runner::LaunchContext& context, runner::PlannedStep& step);
+  // runner::StepEventHook (frees a finished job's cgroup).
+  void OnStepEvent(const std::string& job_id, const proto::FollowStepsResponse& event);
+
+  // What the last step of `job_id` ran under, for the audit log.
+  struct Grant {
+    std::string policy;   // e.g. "bwrap memory=4294967296 cpu=3600s procs=1024 files=4096 output=1073741824"
+    std::string network;  // none, all, or allow:host:port,...
+  };
+  Grant LastGrant(const std::string& job_id) const;
+  // One line for the start-up log.
+  std::string Describe() const;
+
+ private:
+  explicit Sandbox(SandboxOptions options) : options_(std::move(options)) {}
+  absl::Status Init();
+
+  struct JobSlot {
+    int number = 0;
+    std::string work_tree;
+    JobCgroup cgroup;
+    Grant grant;
+  };
+
+  SandboxOptions options_;
+  CgroupRoot cgroups_;
+  std::vector<Forward> forwards_;
+  std::string hosts_file_;
+
+  // Removing a cgroup waits for its killed processes to be reaped; that happens here, off the
+  // runner's event loop (which calls OnStepEvent before it ends the job's streams).
+  std::unique_ptr<SerialExecutor> cleanup_ = std::make_unique<SerialExecutor>();
+
+  mutable absl::Mutex mu_;
+  std::map<std::string, JobSlot> jobs_ ABSL_GUARDED_BY(mu_);
+  int next_slot_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace step_runner::sandbox
+
+#endif  // STEP_RUNNER_SANDBOX_SANDBOX_H_

@@ -1,0 +1,44 @@
+#include "steps-catalog/helper/git_util.h"
+
+#include <mutex>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+
+namespace step_runner::catalog {
+
+void EnsureLibgit2() {
+  static std::once_flag once;
+  // Never shut down: objects may be freed by static destructors after main returns.
+  std::call_once(once, [] { git_libgit2_init(); });
+}
+
+absl::Status GitErrorToStatus(int rc, absl::string_view what) {
+  const git_error* err = git_error_last();
+  std::string message = absl::StrCat(what, ": ", err != nullptr && err->message != nullptr
+                                                     ? err->message
+                                                     : absl::StrCat("libgit2 error ", rc));
+  switch (rc) {
+    case GIT_ENOTFOUND:
+      return absl::NotFoundError(message);
+    case GIT_EAUTH:
+      return absl::UnauthenticatedError(message);
+    case GIT_ENONFASTFORWARD:
+    case GIT_EEXISTS:
+    case GIT_ECONFLICT:
+    case GIT_EAPPLYFAIL:
+      return absl::FailedPreconditionError(message);
+    case GIT_EUSER:
+      return absl::AbortedError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+std::string OidToHex(const git_oid& oid) {
+  char buf[GIT_OID_HEXSZ + 1];
+  git_oid_tostr(buf, sizeof buf, &oid);
+  return buf;
+}
+
+}  // namespace step_runner::catalog

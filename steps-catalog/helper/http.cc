@@ -1,0 +1,85 @@
+#include "steps-catalog/helper/http.h"
+
+#include <curl/curl.h>
+
+#include <memory>
+#include <mutex>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace step_runner::catalog {
+namespace {
+
+size_t AppendBody(char* data, size_t size, size_t n, void* out) {
+  static_cast<std::string*>(out)->append(data, size * n);
+  return size * n;
+}
+
+}  // namespace
+
+std::vector<HttpHeader> AuthHeaders(AuthScheme scheme, absl::string_view token) {
+  if (token.empty()) return {};
+  if (scheme == AuthScheme::kPrivateToken) return {{"PRIVATE-TOKEN", std::string(token)}};
+  return {{"Authorization", absl::StrCat("Bearer ", token)}};
+}
+
+std::string UrlEncode(absl::string_view segment) {
+  std::string out;
+  for (unsigned char c : segment) {
+    if (absl::ascii_isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      absl::StrAppendFormat(&out, "%%%02X", c);
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<HttpResponse> Fetch(const HttpRequest& request) {
+  static std::once_flag once;
+  std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
+  std::unique_ptr<CURL, void (*)(CURL*)> curl(curl_easy_init(), curl_easy_cleanup);
+  if (!curl) return absl::InternalError("curl_easy_init failed");
+  curl_slist* raw_headers = nullptr;
+  for (const auto& [name, value] : request.headers) {
+    raw_headers = curl_slist_append(raw_headers, absl::StrCat(name, ": ", value).c_str());
+  }
+  if (!request.body.empty()) raw_headers = curl_slist_append(raw_headers, "Content-Type: application/json");
+  std::unique_ptr<curl_slist, void (*)(curl_slist*)> headers(raw_headers, curl_slist_free_all);
+  HttpResponse response;
+  CURL* c = curl.get();
+  curl_easy_setopt(c, CURLOPT_URL, request.url.c_str());
+  curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, request.method.c_str());
+  if (!request.body.empty() || request.method == "POST" || request.method == "PUT") {
+    curl_easy_setopt(c, CURLOPT_POSTFIELDS, request.body.c_str());
+    curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(request.body.size()));
+  }
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers.get());
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, AppendBody);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &response.body);
+  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(absl::ToInt64Milliseconds(request.timeout)));
+  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS,
+                   static_cast<long>(absl::ToInt64Milliseconds(request.connect_timeout)));
+  // No signals from curl's resolver timeouts in a process that may run threads.
+  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
+  // A proxy must never see a token meant for a forge on this machine.
+  curl_easy_setopt(c, CURLOPT_NOPROXY, "127.0.0.1,localhost,::1");
+  char error[CURL_ERROR_SIZE] = {0};
+  curl_easy_setopt(c, CURLOPT_ERRORBUFFER, error);
+  CURLcode rc = curl_easy_perform(c);
+  if (rc == CURLE_OPERATION_TIMEDOUT) {
+    return absl::DeadlineExceededError(absl::StrCat(request.method, " ", request.url, ": no answer within ",
+                                                    absl::FormatDuration(request.timeout)));
+  }
+  if (rc != CURLE_OK) {
+    return absl::UnavailableError(absl::StrCat(request.method, " ", request.url, ": ",
+                                               error[0] != '\0' ? error : curl_easy_strerror(rc)));
+  }
+  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &response.status);
+  return response;
+}
+
+}  // namespace step_runner::catalog

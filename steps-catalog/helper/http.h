@@ -1,0 +1,46 @@
+#ifndef STEP_RUNNER_STEPS_CATALOG_HELPER_HTTP_H_
+#define STEP_RUNNER_STEPS_CATALOG_HELPER_HTTP_H_
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+
+namespace step_runner::catalog {
+
+using HttpHeader = std::pair<std::string, std::string>;
+
+// GitLab takes a personal token as PRIVATE-TOKEN or as a Bearer token; OpenAI-compatible
+// endpoints take a Bearer key.
+enum class AuthScheme { kPrivateToken, kBearer };
+// The header carrying `token`; an empty token gives no header (nothing to send).
+std::vector<HttpHeader> AuthHeaders(AuthScheme scheme, absl::string_view token);
+
+struct HttpRequest {
+  std::string method = "GET";
+  std::string url;
+  std::vector<HttpHeader> headers;
+  std::string body;  // sent as application/json when non-empty
+  absl::Duration timeout = absl::Seconds(30);
+  absl::Duration connect_timeout = absl::Seconds(10);
+};
+
+struct HttpResponse {
+  long status = 0;
+  std::string body;
+};
+
+// One HTTP exchange through libcurl. Transport failures are UNAVAILABLE (with the URL, which
+// never carries a secret: tokens travel in headers), a timeout is DEADLINE_EXCEEDED; any HTTP
+// status is a response. Never follows redirects, so a token is never sent to another host.
+absl::StatusOr<HttpResponse> Fetch(const HttpRequest& request);
+
+// Percent-encodes one path segment ("demo/calculator" -> "demo%2Fcalculator").
+std::string UrlEncode(absl::string_view segment);
+
+}  // namespace step_runner::catalog
+
+#endif  // STEP_RUNNER_STEPS_CATALOG_HELPER_HTTP_H_

@@ -1,0 +1,336 @@
+// sr-catalog driven for real against the local forge (tests/forge): clone over smart HTTP with
+// the token, branch, commit, push, MRs, comments, generate against the fake model, test
+// counting, and the faults (wrong token, unknown project or issue, unreachable forge, junk or a
+// stalled model, a stale diff, a refused push). Secrets never land on disk or in outputs.
+#include <dirent.h>
+#include <sys/stat.h>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "step-runner/base/files.h"
+#include "step-runner/base/testing.h"
+#include "tests/forge/forge_test_base.h"
+#include "tests/integration/daemon_fixture.h"
+
+namespace step_runner::testing {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::Not;
+using json = nlohmann::json;
+
+// Every file under `dir` (recursively) whose content holds `needle`.
+void FilesContaining(const std::string& dir, const std::string& needle, std::vector<std::string>* out) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return;
+  while (dirent* entry = ::readdir(d)) {
+    std::string name = entry->d_name;
+    if (name == "." || name == "..") continue;
+    std::string path = absl::StrCat(dir, "/", name);
+    struct stat st;
+    if (::lstat(path.c_str(), &st) != 0) continue;
+    if (S_ISDIR(st.st_mode)) {
+      FilesContaining(path, needle, out);
+    } else if (S_ISREG(st.st_mode) && absl::StrContains(ReadFile(path).value_or(""), needle)) {
+      out->push_back(path);
+    }
+  }
+  ::closedir(d);
+}
+
+struct CatalogRun {
+  int exit_code = -1;
+  std::string err;
+  std::map<std::string, json> outputs;
+};
+
+class CatalogTest : public ForgeTestBase {
+ protected:
+  void SetUp() override {
+    ForgeTestBase::SetUp();
+    if (HasFatalFailure()) return;
+    work_ = tmp_.path() + "/work";
+    ASSERT_TRUE(MakeDirs(work_, 0700).ok());
+  }
+
+  // Runs `sr-catalog args...` in the work dir with the secrets in its environment.
+  CatalogRun Catalog(std::vector<std::string> args, std::vector<std::string> env = {}) {
+    const std::string output = absl::StrCat(work_, "/out-", ++runs_, ".jsonl");
+    std::vector<std::string> argv = {"sh", "-c", "cd \"$0\" && exec \"$@\"", work_, CatalogBinary()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.insert(argv.end(), {"--output-file", output});
+    if (env.empty()) {
+      env = {"SR_GIT_TOKEN=" + forge_->token(), "SR_FORGE_TOKEN=" + forge_->token(), "SR_MODEL_KEY=" + forge_->model_key()};
+    }
+    auto result = RunCommand(argv, absl::Seconds(120), env);
+    CatalogRun run;
+    if (!result.ok()) {
+      run.err = std::string(result.status().message());
+      return run;
+    }
+    run.exit_code = result->exit_code;
+    run.err = result->err;
+    for (absl::string_view line : absl::StrSplit(ReadFile(output).value_or(""), '\n', absl::SkipEmpty())) {
+      json record = json::parse(line, nullptr, false);
+      EXPECT_TRUE(record.is_object() && record.contains("name") && record.contains("value")) << line;
+      if (record.is_object()) run.outputs[record.value("name", "")] = record["value"];
+    }
+    return run;
+  }
+  std::vector<std::string> ForgeArgs(std::vector<std::string> args) {
+    // The subcommand first, then the forge's flags.
+    args.insert(args.begin() + 1, {"--forge-url", forge_->url(), "--project", Forge::kProject});
+    return args;
+  }
+  // Clones the demo project into work/repo and checks out `branch`.
+  void CloneAndBranch(const std::string& branch) {
+    CatalogRun clone = Catalog({"clone", "--url", forge_->clone_url(), "--dir", "repo"});
+    ASSERT_EQ(clone.exit_code, 0) << clone.err;
+    CatalogRun made = Catalog({"branch", "--dir", "repo", "--name", branch, "--base", "main"});
+    ASSERT_EQ(made.exit_code, 0) << made.err;
+  }
+  CatalogRun GenerateFor(int iid, std::vector<std::string> extra = {}) {
+    auto issue = forge_->Api("GET", absl::StrCat("/api/v4/projects/1/issues/", iid));
+    std::vector<std::string> args = {"generate", "--endpoint", forge_->url(), "--model", "fake", "--dir", "repo",
+                                     "--title", issue.ok() ? (*issue)["title"].get<std::string>() : "",
+                                     "--artifacts-dir", absl::StrCat(work_, "/artifacts-", runs_ + 1)};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return Catalog(args);
+  }
+  void ExpectNoSecretsOnDisk() {
+    for (const std::string& secret : {forge_->token(), forge_->model_key()}) {
+      std::vector<std::string> found;
+      FilesContaining(work_, secret, &found);
+      EXPECT_THAT(found, ::testing::IsEmpty()) << "a secret is on disk";
+    }
+  }
+
+  std::string work_;
+  int runs_ = 0;
+};
+
+TEST_F(CatalogTest, CloneBranchCommitPushWithTheTokenNeverOnDisk) {
+  ASSERT_NO_FATAL_FAILURE(CloneAndBranch("feature/notes"));
+  EXPECT_THAT(ReadFile(work_ + "/repo/.git/config").value_or(""), HasSubstr("url = " + forge_->clone_url() + "\n"));
+
+  CatalogRun nothing = Catalog({"commit", "--dir", "repo", "--message", "m", "--author-name", "A", "--author-email", "a@x"});
+  ASSERT_EQ(nothing.exit_code, 0) << nothing.err;
+  EXPECT_EQ(nothing.outputs["committed"], false);
+  EXPECT_THAT(nothing.err, HasSubstr("nothing to commit"));
+
+  ASSERT_TRUE(WriteFileAtomically(work_ + "/repo/NOTES.md", "notes\n", 0644).ok());
+  ASSERT_TRUE(::unlink((work_ + "/repo/README.md").c_str()) == 0);
+  CatalogRun commit = Catalog({"commit", "--dir", "repo", "--message", "Add notes", "--author-name", "Agent", "--author-email",
+                        "agent@example.com"});
+  ASSERT_EQ(commit.exit_code, 0) << commit.err;
+  EXPECT_EQ(commit.outputs["committed"], true);
+  CatalogRun push = Catalog({"push", "--dir", "repo", "--branch", "feature/notes"});
+  ASSERT_EQ(push.exit_code, 0) << push.err;
+  EXPECT_EQ(push.outputs["sha"], commit.outputs["sha"]);
+
+  SR_ASSERT_OK_AND_ASSIGN(json branch, forge_->Api("GET", "/api/v4/projects/1/repository/branches/feature%2Fnotes"));
+  EXPECT_EQ(branch["commit"]["id"], commit.outputs["sha"]);
+  EXPECT_EQ(branch["commit"]["title"], "Add notes");
+  EXPECT_EQ(branch["commit"]["author_name"], "Agent");
+
+  // Run again into the same folder: fetched, not re-cloned, and the branch is reused.
+  CatalogRun again = Catalog({"clone", "--url", forge_->clone_url(), "--dir", "repo"});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(again.outputs["reused"], true);
+  CatalogRun reused = Catalog({"branch", "--dir", "repo", "--name", "feature/notes"});
+  EXPECT_EQ(reused.outputs["created"], false);
+  EXPECT_EQ(reused.outputs["resumed"], true);
+  ExpectNoSecretsOnDisk();
+}
+
+TEST_F(CatalogTest, RefusedPushesAreClearErrors) {
+  ASSERT_NO_FATAL_FAILURE(CloneAndBranch("main"));
+  ASSERT_TRUE(WriteFileAtomically(work_ + "/repo/x.txt", "x\n", 0644).ok());
+  ASSERT_EQ(Catalog({"commit", "--dir", "repo", "--message", "x", "--author-name", "A", "--author-email", "a@x"}).exit_code, 0);
+  CatalogRun to_main = Catalog({"push", "--dir", "repo", "--branch", "main"});
+  EXPECT_EQ(to_main.exit_code, 1);
+  EXPECT_THAT(to_main.err, HasSubstr("the push of main was refused by the forge"));
+  EXPECT_THAT(to_main.err, HasSubstr("not allowed to push code to protected branches"));
+
+  // Two clones diverge on one branch: the second push is not a fast-forward, and is refused.
+  ASSERT_EQ(Catalog({"clone", "--url", forge_->clone_url(), "--dir", "repo2"}).exit_code, 0);
+  for (const char* dir : {"repo", "repo2"}) {
+    ASSERT_EQ(Catalog({"branch", "--dir", dir, "--name", "topic", "--base", "main"}).exit_code, 0);
+    ASSERT_TRUE(WriteFileAtomically(absl::StrCat(work_, "/", dir, "/y.txt"), dir, 0644).ok());
+    ASSERT_EQ(Catalog({"commit", "--dir", dir, "--message", dir, "--author-name", "A", "--author-email", "a@x"}).exit_code, 0);
+  }
+  ASSERT_EQ(Catalog({"push", "--dir", "repo", "--branch", "topic"}).exit_code, 0);
+  CatalogRun diverged = Catalog({"push", "--dir", "repo2", "--branch", "topic"});
+  EXPECT_EQ(diverged.exit_code, 1);
+  EXPECT_THAT(diverged.err, HasSubstr("the push of topic was refused: not a fast-forward"));
+
+  CatalogRun wrong = Catalog({"push", "--dir", "repo", "--branch", "main"}, {"SR_GIT_TOKEN=wrong-token"});
+  EXPECT_EQ(wrong.exit_code, 1);
+  EXPECT_THAT(wrong.err, HasSubstr("rejected the token"));
+  EXPECT_THAT(wrong.err, Not(HasSubstr("wrong-token")));
+}
+
+TEST_F(CatalogTest, MergeRequestAndCommentAreIdempotent) {
+  ASSERT_NO_FATAL_FAILURE(CloneAndBranch("step-runner/issue-1"));
+  ASSERT_TRUE(WriteFileAtomically(work_ + "/repo/x.txt", "x\n", 0644).ok());
+  ASSERT_EQ(Catalog({"commit", "--dir", "repo", "--message", "x", "--author-name", "A", "--author-email", "a@x"}).exit_code, 0);
+  ASSERT_EQ(Catalog({"push", "--dir", "repo", "--branch", "step-runner/issue-1"}).exit_code, 0);
+  std::vector<std::string> open = ForgeArgs({"open-mr", "--source", "step-runner/issue-1", "--target", "main", "--title",
+                                         "Resolve #1", "--description", "Closes #1", "--draft", "true"});
+  CatalogRun first = Catalog(open);
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  EXPECT_EQ(first.outputs["created"], true);
+  CatalogRun second = Catalog(open);
+  ASSERT_EQ(second.exit_code, 0) << second.err;
+  EXPECT_EQ(second.outputs["created"], false);
+  EXPECT_EQ(second.outputs["iid"], first.outputs["iid"]);
+  EXPECT_EQ(second.outputs["web_url"], first.outputs["web_url"]);
+  SR_ASSERT_OK_AND_ASSIGN(json mrs, forge_->Api("GET", "/api/v4/projects/1/merge_requests?state=opened"));
+  ASSERT_EQ(mrs.size(), 1u);
+  EXPECT_EQ(mrs[0]["source_branch"], "step-runner/issue-1");
+  EXPECT_EQ(mrs[0]["target_branch"], "main");
+  EXPECT_EQ(mrs[0]["draft"], true);
+  EXPECT_EQ(mrs[0]["title"], "Draft: Resolve #1");
+
+  std::vector<std::string> comment = ForgeArgs({"comment", "--issue", "1", "--body", "MR: " + first.outputs["web_url"].get<std::string>()});
+  CatalogRun posted = Catalog(comment);
+  ASSERT_EQ(posted.exit_code, 0) << posted.err;
+  EXPECT_EQ(posted.outputs["posted"], true);
+  CatalogRun not_again = Catalog(comment);
+  EXPECT_EQ(not_again.outputs["posted"], false);
+  EXPECT_EQ(not_again.outputs["note_id"], posted.outputs["note_id"]);
+  SR_ASSERT_OK_AND_ASSIGN(json notes, forge_->Api("GET", "/api/v4/projects/1/issues/1/notes"));
+  EXPECT_EQ(notes.size(), 1u);
+
+  CatalogRun issue = Catalog(ForgeArgs({"issue", "--iid", "1"}));
+  ASSERT_EQ(issue.exit_code, 0) << issue.err;
+  EXPECT_EQ(issue.outputs["title"], "Add a multiply function");
+  EXPECT_THAT(issue.outputs["description"].get<std::string>(), HasSubstr("multiply(a, b)"));
+}
+
+TEST_F(CatalogTest, ForgeFaultsAreClearErrorsWithoutHanging) {
+  CatalogRun wrong_token = Catalog(ForgeArgs({"issue", "--iid", "1"}), {"SR_FORGE_TOKEN=not-the-token"});
+  EXPECT_EQ(wrong_token.exit_code, 1);
+  EXPECT_THAT(wrong_token.err, HasSubstr("rejected the token (401 Unauthorized)"));
+  EXPECT_THAT(wrong_token.err, Not(HasSubstr("not-the-token")));
+
+  CatalogRun no_project = Catalog({"issue", "--forge-url", forge_->url(), "--project", "demo/nope", "--iid", "1"});
+  EXPECT_EQ(no_project.exit_code, 1);
+  EXPECT_THAT(no_project.err, HasSubstr("project demo/nope not found"));
+  CatalogRun no_issue = Catalog(ForgeArgs({"issue", "--iid", "42"}));
+  EXPECT_EQ(no_issue.exit_code, 1);
+  EXPECT_THAT(no_issue.err, HasSubstr("issue #42 not found in project demo/calculator"));
+
+  CatalogRun clone_wrong = Catalog({"clone", "--url", forge_->clone_url(), "--dir", "denied"}, {"SR_GIT_TOKEN=not-the-token"});
+  EXPECT_EQ(clone_wrong.exit_code, 1);
+  EXPECT_THAT(clone_wrong.err, HasSubstr("rejected the token"));
+  CatalogRun in_url = Catalog({"clone", "--url", "http://agent:secret-in-url@127.0.0.1:1/x.git", "--dir", "x"});
+  EXPECT_EQ(in_url.exit_code, 1);
+  EXPECT_THAT(in_url.err, HasSubstr("carries credentials"));
+  EXPECT_THAT(in_url.err, Not(HasSubstr("secret-in-url")));
+
+  const std::string url = forge_->url();
+  SR_ASSERT_OK(forge_->Stop());
+  CatalogRun unreachable = Catalog({"issue", "--forge-url", url, "--project", "demo/calculator", "--iid", "1"});
+  EXPECT_EQ(unreachable.exit_code, 1);
+  EXPECT_THAT(unreachable.err, HasSubstr("Failed to connect to 127.0.0.1"));
+  CatalogRun clone_unreachable = Catalog({"clone", "--url", url + "/demo/calculator.git", "--dir", "gone"});
+  EXPECT_EQ(clone_unreachable.exit_code, 1);
+  EXPECT_THAT(clone_unreachable.err, HasSubstr("clone " + url));
+}
+
+TEST_F(CatalogTest, GenerateAppliesTheModelsDiffAndFixesFromATestLog) {
+  ASSERT_NO_FATAL_FAILURE(CloneAndBranch("step-runner/issue-2"));
+  CatalogRun first = GenerateFor(2);
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  EXPECT_EQ(first.outputs["files_changed"], json::array({"calc.py", "test_calc.py"}));
+  EXPECT_EQ(first.outputs["summary"], "Add divide(a, b) with floor division and a zero check.");
+  EXPECT_THAT(ReadFile(work_ + "/repo/calc.py").value_or(""), HasSubstr("return a / b"));
+
+  CatalogRun failing = Catalog({"test", "--dir", "repo", "--allow-failure", "true", "--artifacts-dir", work_ + "/t1"});
+  ASSERT_EQ(failing.exit_code, 0) << failing.err;
+  EXPECT_EQ(failing.outputs["passed"], 3);
+  EXPECT_EQ(failing.outputs["failed"], 1);
+  EXPECT_EQ(failing.outputs["command"], "make test");
+  EXPECT_THAT(failing.outputs["failure_log_tail"].get<std::string>(), HasSubstr("AssertionError: 3.5 != 3"));
+  CatalogRun strict = Catalog({"test", "--dir", "repo", "--artifacts-dir", work_ + "/t2"});
+  EXPECT_EQ(strict.exit_code, 1);
+  EXPECT_THAT(strict.err, HasSubstr("1 test(s) failed"));
+
+  CatalogRun fix = GenerateFor(2, {"--feedback-file", failing.outputs["log_file"].get<std::string>()});
+  ASSERT_EQ(fix.exit_code, 0) << fix.err;
+  EXPECT_EQ(fix.outputs["files_changed"], json::array({"calc.py"}));
+  CatalogRun passing = Catalog({"test", "--dir", "repo", "--artifacts-dir", work_ + "/t3"});
+  ASSERT_EQ(passing.exit_code, 0) << passing.err;
+  EXPECT_EQ(passing.outputs["passed"], 4);
+  EXPECT_EQ(passing.outputs["failed"], 0);
+
+  // The prompt and answer are kept, secrets masked; the fake model saw the failing log.
+  SR_ASSERT_OK_AND_ASSIGN(json seen, forge_->Api("GET", "/-/model/requests"));
+  ASSERT_EQ(seen.size(), 2u);
+  EXPECT_EQ(seen[1]["feedback"], true);
+  std::string request = ReadFile(fix.outputs["artifacts_dir"].get<std::string>() + "/attempt-1-request.json").value_or("");
+  EXPECT_THAT(request, HasSubstr("3.5 != 3"));
+  EXPECT_THAT(ReadFile(fix.outputs["artifacts_dir"].get<std::string>() + "/attempt-1-response.json").value_or(""),
+              HasSubstr("a // b"));
+  ExpectNoSecretsOnDisk();
+}
+
+TEST_F(CatalogTest, GenerateRetriesAStaleDiffShowingTheModelWhy) {
+  ASSERT_NO_FATAL_FAILURE(CloneAndBranch("step-runner/issue-3"));
+  SR_ASSERT_OK(forge_->SetModelMode(3, "stale-once"));
+  CatalogRun run = GenerateFor(3);
+  ASSERT_EQ(run.exit_code, 0) << run.err;
+  EXPECT_EQ(run.outputs["attempts"], 2);
+  EXPECT_EQ(run.outputs["files_changed"], json::array({"calc.py", "test_power.py"}));
+  SR_ASSERT_OK_AND_ASSIGN(json seen, forge_->Api("GET", "/-/model/requests"));
+  ASSERT_EQ(seen.size(), 2u);
+  EXPECT_THAT(seen[1]["last_user_message"].get<std::string>(), HasSubstr("did not apply"));
+  EXPECT_THAT(seen[1]["last_user_message"].get<std::string>(), HasSubstr("calc.py"));
+}
+
+TEST_F(CatalogTest, ModelFaultsEndInClearErrorsAndLeaveTheTreeAlone) {
+  ASSERT_NO_FATAL_FAILURE(CloneAndBranch("step-runner/issue-3"));
+  SR_ASSERT_OK(forge_->SetModelMode(3, "junk"));
+  CatalogRun junk = GenerateFor(3, {"--max-attempts", "2"});
+  EXPECT_EQ(junk.exit_code, 1);
+  EXPECT_THAT(junk.err, HasSubstr("no usable diff from the model after 2 attempts"));
+  EXPECT_THAT(junk.err, HasSubstr("no unified diff"));
+
+  SR_ASSERT_OK(forge_->SetModelMode(3, "stale"));
+  CatalogRun stale = GenerateFor(3, {"--max-attempts", "2"});
+  EXPECT_EQ(stale.exit_code, 1);
+  EXPECT_THAT(stale.err, HasSubstr("does not apply to calc.py"));
+
+  SR_ASSERT_OK(forge_->SetModelMode(3, "malformed"));
+  CatalogRun malformed = GenerateFor(3, {"--max-attempts", "2"});
+  EXPECT_EQ(malformed.exit_code, 1);
+  EXPECT_THAT(malformed.err, HasSubstr("not a chat completion"));
+
+  SR_ASSERT_OK(forge_->SetModelMode(3, "sleep"));
+  CatalogRun slow = GenerateFor(3, {"--request-timeout", "1"});
+  EXPECT_EQ(slow.exit_code, 1);
+  EXPECT_THAT(slow.err, HasSubstr("no answer within 1s"));
+
+  // The whole command's deadline holds even when a single call's timeout is longer.
+  CatalogRun stalled = GenerateFor(3, {"--request-timeout", "60", "--timeout", "1"});
+  EXPECT_EQ(stalled.exit_code, 124);
+  EXPECT_THAT(stalled.err, HasSubstr("gave up after 1 s"));
+
+  CatalogRun wrong_key = Catalog({"generate", "--endpoint", forge_->url(), "--model", "m", "--dir", "repo", "--title", "t"},
+                          {"SR_MODEL_KEY=wrong-key"});
+  EXPECT_EQ(wrong_key.exit_code, 1);
+  EXPECT_THAT(wrong_key.err, HasSubstr("rejected the key"));
+  // Nothing of the failed attempts reached the work tree.
+  SR_ASSERT_OK_AND_ASSIGN(CommandResult status, RunCommand({"git", "-C", work_ + "/repo", "status", "--porcelain"}));
+  EXPECT_EQ(status.out, "");
+}
+
+}  // namespace
+}  // namespace step_runner::testing

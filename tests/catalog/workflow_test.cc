@@ -1,0 +1,154 @@
+// The catalog's step files: each one parses and declares its secrets sensitive, the workflow's
+// references resolve, and the issue-to-MR workflow runs end to end in the real engine
+// (`step-runner exec`) against the local forge, twice, the second run changing nothing.
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "step-runner/base/files.h"
+#include "step-runner/base/status_macros.h"
+#include "step-runner/base/testing.h"
+#include "step-runner/engine/engine.h"
+#include "step-runner/engine/loader.h"
+#include "step-runner/steps/step_file.h"
+#include "tests/forge/forge_test_base.h"
+#include "tests/integration/daemon_fixture.h"
+
+namespace step_runner::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::Not;
+using json = nlohmann::json;
+
+const std::string kCatalog = SR_SOURCE_DIR "/steps-catalog";
+const std::vector<std::string> kSteps = {"git/clone",      "git/branch",      "git/commit",    "git/push",
+                                         "gitlab/issue",   "gitlab/open-mr",  "gitlab/comment", "generate",
+                                         "test",           "workflows/issue-to-mr"};
+
+TEST(StepFilesTest, EveryStepParsesAndKeepsItsSecretsSensitive) {
+  for (const std::string& name : kSteps) {
+    const std::string path = absl::StrCat(kCatalog, "/", name, "/step.yml");
+    SR_ASSERT_OK_AND_ASSIGN(std::string text, ReadFile(path));
+    absl::StatusOr<steps::StepFile> file = steps::ParseStepFile(text, path);
+    ASSERT_TRUE(file.ok()) << file.status();
+    for (const auto& [input, param] : file->spec.inputs) {
+      if (input == "token" || absl::EndsWith(input, "_key")) {
+        EXPECT_TRUE(param.sensitive) << name << ": " << input;
+      }
+    }
+  }
+}
+
+TEST(StepFilesTest, TheWorkflowsReferencesResolveWithTheirInputs) {
+  const std::string path = kCatalog + "/workflows/issue-to-mr/step.yml";
+  SR_ASSERT_OK_AND_ASSIGN(std::string text, ReadFile(path));
+  SR_ASSERT_OK_AND_ASSIGN(steps::StepFile file, steps::ParseStepFile(text, path));
+  engine::StepLoader loader({.catalog_dir = kCatalog});
+  std::vector<steps::Violation> problems =
+      engine::CheckReferences(file, kCatalog + "/workflows/issue-to-mr", path, loader);
+  for (const steps::Violation& v : problems) ADD_FAILURE() << v.field << ": " << v.description;
+}
+
+// The result tree's children, whichever JSON field naming the printer used.
+const json& Children(const json& node) {
+  static const json kNone = json::array();
+  if (node.contains("sub_step_results")) return node["sub_step_results"];
+  if (node.contains("subStepResults")) return node["subStepResults"];
+  return kNone;
+}
+json Child(const json& node, const std::string& name) {
+  for (const json& c : Children(node)) {
+    if (c.value("name", "") == name) return c;
+  }
+  return json();
+}
+
+class WorkflowTest : public ForgeTestBase {
+ protected:
+  // Runs the workflow for `issue` in a fresh work dir; the result tree, or an error.
+  absl::StatusOr<CommandResult> Exec(int issue, const std::string& work, json* result) {
+    SR_RETURN_IF_ERROR(MakeDirs(work, 0700));
+    const std::string result_path = work + ".result.json";
+    std::vector<std::string> argv = {StepRunnerBinary(), "exec", kCatalog + "/workflows/issue-to-mr/step.yml",
+                                     "--catalog", kCatalog, "--work-dir", work, "--result", result_path,
+                                     "--input", "forge_url=" + forge_->url(), "--input", "project=demo/calculator",
+                                     "--input", absl::StrCat("issue=", issue), "--input", "token=" + forge_->token()};
+    SR_ASSIGN_OR_RETURN(CommandResult run,
+                        RunCommand(argv, absl::Seconds(240),
+                                   {absl::StrCat("PATH=", CatalogBinaryDir(), ":", std::getenv("PATH"))}));
+    *result = json::parse(ReadFile(result_path).value_or("{}"), nullptr, false);
+    return run;
+  }
+};
+
+TEST_F(WorkflowTest, IssueToMergeRequestWithAFixRoundThenARerunChangesNothing) {
+  json result;
+  SR_ASSERT_OK_AND_ASSIGN(CommandResult run, Exec(2, tmp_.path() + "/work1", &result));
+  ASSERT_EQ(run.exit_code, 0) << run.out << run.err;
+  const json tree = result.value("result", json::object());
+
+  // The tests ran, failed once, and the fix round made them pass; later rounds were skipped.
+  EXPECT_EQ(Child(tree, "test")["outputs"]["failed"], 1);
+  EXPECT_EQ(Child(tree, "fix_1")["status"], "success");
+  EXPECT_EQ(Child(tree, "test_1")["outputs"]["failed"], 0);
+  EXPECT_EQ(Child(tree, "test_1")["outputs"]["passed"], 4);
+  EXPECT_EQ(Child(tree, "fix_2")["status"], "skipped");
+
+  SR_ASSERT_OK_AND_ASSIGN(json mrs, forge_->Api("GET", "/api/v4/projects/1/merge_requests?state=all"));
+  ASSERT_EQ(mrs.size(), 1u);
+  EXPECT_EQ(mrs[0]["source_branch"], "step-runner/issue-2");
+  EXPECT_EQ(mrs[0]["target_branch"], "main");
+  EXPECT_EQ(mrs[0]["draft"], false);
+  EXPECT_EQ(tree["outputs"]["mr_url"], mrs[0]["web_url"]);
+  SR_ASSERT_OK_AND_ASSIGN(json branch, forge_->Api("GET", "/api/v4/projects/1/repository/branches/step-runner%2Fissue-2"));
+  EXPECT_EQ(branch["commit"]["title"], "Resolve #2: Add integer division that rejects zero");
+  EXPECT_EQ(branch["commit"]["id"], mrs[0]["sha"]);
+  SR_ASSERT_OK_AND_ASSIGN(json changes, forge_->Api("GET", "/api/v4/projects/1/merge_requests/1/changes"));
+  ASSERT_EQ(changes["changes"].size(), 2u);
+  EXPECT_THAT(changes["changes"][0]["diff"].get<std::string>(), HasSubstr("+    return a // b"));
+  SR_ASSERT_OK_AND_ASSIGN(json notes, forge_->Api("GET", "/api/v4/projects/1/issues/2/notes"));
+  ASSERT_EQ(notes.size(), 1u);
+  EXPECT_THAT(notes[0]["body"].get<std::string>(), HasSubstr(mrs[0]["web_url"].get<std::string>()));
+  EXPECT_THAT(notes[0]["body"].get<std::string>(), HasSubstr("(tests: 4 passed, 0 failed)"));
+
+  // The same workflow again, from scratch: it resumes the branch and the forge stays as it was.
+  json again;
+  SR_ASSERT_OK_AND_ASSIGN(CommandResult rerun, Exec(2, tmp_.path() + "/work2", &again));
+  ASSERT_EQ(rerun.exit_code, 0) << rerun.out << rerun.err;
+  const json tree2 = again.value("result", json::object());
+  EXPECT_EQ(Child(tree2, "generate")["status"], "skipped");
+  EXPECT_EQ(Child(tree2, "commit")["outputs"]["committed"], false);
+  EXPECT_EQ(Child(tree2, "open_mr")["outputs"]["created"], false);
+  EXPECT_EQ(Child(tree2, "comment")["outputs"]["posted"], false);
+  SR_ASSERT_OK_AND_ASSIGN(json mrs2, forge_->Api("GET", "/api/v4/projects/1/merge_requests?state=all"));
+  EXPECT_EQ(mrs2.size(), 1u);
+  SR_ASSERT_OK_AND_ASSIGN(json branch2, forge_->Api("GET", "/api/v4/projects/1/repository/branches/step-runner%2Fissue-2"));
+  EXPECT_EQ(branch2["commit"]["id"], branch["commit"]["id"]);
+  SR_ASSERT_OK_AND_ASSIGN(json notes2, forge_->Api("GET", "/api/v4/projects/1/issues/2/notes"));
+  EXPECT_EQ(notes2.size(), 1u);
+
+  // The token is nowhere: not in the logs, the result trees, the clones or the artifacts.
+  for (const std::string& text : {run.out, run.err, rerun.out, rerun.err, result.dump(), again.dump()}) {
+    EXPECT_THAT(text, Not(HasSubstr(forge_->token())));
+  }
+  SR_ASSERT_OK_AND_ASSIGN(CommandResult grep, RunCommand({"grep", "-rlF", forge_->token(), tmp_.path() + "/work1",
+                                                          tmp_.path() + "/work2"}));
+  EXPECT_EQ(grep.out, "");
+}
+
+TEST_F(WorkflowTest, AMissingIssueFailsClearlyAndTouchesNothing) {
+  json result;
+  SR_ASSERT_OK_AND_ASSIGN(CommandResult run, Exec(99, tmp_.path() + "/work", &result));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_THAT(run.out + run.err, HasSubstr("issue #99 not found in project demo/calculator"));
+  EXPECT_EQ(Child(result.value("result", json::object()), "issue")["status"], "failure");
+  SR_ASSERT_OK_AND_ASSIGN(json mrs, forge_->Api("GET", "/api/v4/projects/1/merge_requests?state=all"));
+  EXPECT_THAT(mrs, IsEmpty());
+}
+
+}  // namespace
+}  // namespace step_runner::testing

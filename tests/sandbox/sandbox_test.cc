@@ -1,0 +1,491 @@
+// The step sandbox end to end: the real daemon with --sandbox=bwrap, the real helper and real
+// bubblewrap, steps that try to get out, and the audit log of it all.
+//
+// Where bwrap cannot create its namespaces (a nested container without user namespaces), the
+// daemon refuses to start; that refusal and its message are tested, and the tests that need a
+// sandbox are skipped with the daemon's reason rather than passing vacuously.
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "step-runner/audit/audit_log.h"
+#include "step-runner/base/files.h"
+#include "step-runner/base/testing.h"
+#include "tests/integration/daemon_fixture.h"
+
+namespace step_runner::testing {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+// A TCP server on 127.0.0.1 that greets every connection with `greeting` and closes it.
+class GreetingServer {
+ public:
+  explicit GreetingServer(std::string greeting) : greeting_(std::move(greeting)) {
+    fd_.Reset(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    if (::bind(fd_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 || ::listen(fd_.get(), 16) != 0 ||
+        ::getsockname(fd_.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      ADD_FAILURE() << "cannot listen";
+      return;
+    }
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] {
+      while (!stop_) {
+        pollfd pfd{.fd = fd_.get(), .events = POLLIN};
+        if (::poll(&pfd, 1, 50) <= 0) continue;
+        UniqueFd c(::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+        if (c) (void)WriteAll(c.get(), greeting_ + "\n");
+      }
+    });
+  }
+  ~GreetingServer() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  int port() const { return port_; }
+
+ private:
+  std::string greeting_;
+  UniqueFd fd_;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+// A folder outside /tmp: the sandbox's private /tmp would hide anything under /tmp anyway, so
+// hiding the state dir and token stores is only tested for real elsewhere.
+class VarTmpDir {
+ public:
+  VarTmpDir() {
+    char tmpl[] = "/var/tmp/sr_sandbox_test.XXXXXX";
+    path_ = ::mkdtemp(tmpl);
+  }
+  ~VarTmpDir() { (void)RemoveTree(path_); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+void AddVariable(proto::RunRequest& request, const std::string& key, const std::string& value, bool masked,
+                 bool file) {
+  proto::Variable* var = request.mutable_job()->add_variables();
+  var->set_key(key);
+  var->set_value(value);
+  var->set_masked(masked);
+  var->set_file(file);
+}
+
+// A script whose outcome is one word per probe, so that assertions read plainly.
+std::string Probe(const std::string& name, const std::string& command) {
+  return absl::StrCat("if ", command, " >/dev/null 2>&1; then echo ", name, "=yes; else echo ", name, "=no; fi");
+}
+
+std::string Connect(const std::string& host, int port) {
+  return absl::StrCat("(exec 3<>/dev/tcp/", host, "/", port, " && head -n1 <&3 | grep -q .)");
+}
+
+class SandboxTest : public ::testing::Test {
+ protected:
+  // Starts the daemon with the sandbox on; false (and the test skipped) where bwrap cannot work.
+  bool Start(std::vector<std::string> flags = {}, const std::string& dir = "") {
+    flags.insert(flags.begin(), "--sandbox=bwrap");
+    auto daemon = Daemon::Start(dir.empty() ? dir_.path() : dir, flags);
+    if (!daemon.ok()) {
+      // Only an honest refusal may skip: it must name the fix.
+      EXPECT_THAT(std::string(daemon.status().message()), HasSubstr("--sandbox=none"));
+      skip_reason_ = std::string(daemon.status().message());
+      return false;
+    }
+    daemon_ = *std::move(daemon);
+    client_ = std::make_unique<client::Client>(daemon_->ClientOptions());
+    return true;
+  }
+
+  struct Outcome {
+    proto::Status status;
+    std::string log;
+  };
+  Outcome RunScript(const std::string& id, const std::string& script, std::map<std::string, std::string> env = {},
+                    absl::Duration deadline = absl::Seconds(90)) {
+    proto::RunRequest request = Request(id, "run:\n  - name: probe\n    script: |\n" + Indent(script));
+    for (auto& [k, v] : env) (*request.mutable_env())[k] = v;
+    request.mutable_timeout()->set_seconds(absl::ToInt64Seconds(deadline));
+    return Run(request, deadline + absl::Seconds(30));
+  }
+  Outcome Run(const proto::RunRequest& request, absl::Duration deadline = absl::Seconds(120)) {
+    Outcome out;
+    absl::Status started = client_->Run(request);
+    EXPECT_TRUE(started.ok()) << started;
+    absl::StatusOr<proto::Status> status = WaitForJob(*client_, request.id(), deadline);
+    EXPECT_TRUE(status.ok()) << status.status();
+    if (status.ok()) out.status = *status;
+    out.log = ReadLog(*client_, request.id()).value_or("");
+    return out;
+  }
+  // What the job's log holds now (it may still be running).
+  std::string ReadLogSoFar(const std::string& id) {
+    absl::StatusOr<proto::Status> status = client_->GetStatus(id);
+    if (!status.ok() || status->log_size() == 0) return "";
+    std::string log;
+    (void)client_->Follow(id, 0, [&](const proto::FollowLogsResponse& c) { log += c.data(); }, nullptr,
+                          status->log_size());
+    return log;
+  }
+  static std::string Indent(const std::string& script) {
+    std::string out;
+    for (absl::string_view line : absl::StrSplit(script, '\n')) absl::StrAppend(&out, "      ", line, "\n");
+    return out;
+  }
+
+  TempDir dir_;
+  std::unique_ptr<Daemon> daemon_;
+  std::unique_ptr<client::Client> client_;
+  std::string skip_reason_;
+};
+
+#define START_OR_SKIP(...)                                   \
+  do {                                                       \
+    if (!Start(__VA_ARGS__)) GTEST_SKIP() << skip_reason_;   \
+  } while (0)
+
+TEST_F(SandboxTest, NoTcpConnectionWhenTheNetworkIsOff) {
+  GreetingServer server("hello");
+  START_OR_SKIP();
+  const std::string script = Probe("reached", Connect("127.0.0.1", server.port())) + "\nip -o link | wc -l";
+  Outcome plain = RunScript("off", script);
+  EXPECT_THAT(plain.log, HasSubstr("reached=no"));
+  EXPECT_THAT(plain.log, HasSubstr("\n1\n"));  // only loopback
+  // Asking for the network changes nothing when the daemon's policy is none.
+  Outcome asked = RunScript("asked", script, {{"STEP_RUNNER_NETWORK", "1"}});
+  EXPECT_THAT(asked.log, HasSubstr("reached=no"));
+}
+
+TEST_F(SandboxTest, AllowListReachesExactlyTheAllowedHostAndPort) {
+  GreetingServer allowed("allowed"), other("other");
+  START_OR_SKIP({"--network=allow", "--allow-host", absl::StrCat("localhost:", allowed.port())});
+  const std::string script = absl::StrCat(
+      Probe("allowed_by_name", Connect("localhost", allowed.port())), "\n",
+      Probe("other_port", Connect("localhost", other.port())), "\n",
+      Probe("other_by_ip", Connect("127.0.0.1", other.port())), "\n",
+      // The host's own loopback is not the step's: the allowed port by IP is not there either.
+      Probe("allowed_by_ip", Connect("127.0.0.1", allowed.port())));
+  Outcome granted = RunScript("granted", script, {{"STEP_RUNNER_NETWORK", "1"}});
+  EXPECT_EQ(granted.status.status(), proto::StepResult::success) << granted.log;
+  EXPECT_THAT(granted.log, HasSubstr("allowed_by_name=yes"));
+  EXPECT_THAT(granted.log, HasSubstr("other_port=no"));
+  EXPECT_THAT(granted.log, HasSubstr("other_by_ip=no"));
+  EXPECT_THAT(granted.log, HasSubstr("allowed_by_ip=no"));
+  // A step that did not ask gets no network at all.
+  Outcome not_asked = RunScript("not-asked", script);
+  EXPECT_THAT(not_asked.log, HasSubstr("allowed_by_name=no"));
+}
+
+TEST_F(SandboxTest, CannotWriteOutsideItsTreeNorReadTheStateDirOrTokenStore) {
+  VarTmpDir outside;
+  const std::string tokens = outside.path() + "/git-credentials";
+  SR_ASSERT_OK(WriteFileAtomically(tokens, "https://oauth2:SECRET-TOKEN@gitlab.example\n", 0600));
+  const std::string daemon_dir = outside.path() + "/daemon";
+  SR_ASSERT_OK(MakeDirs(daemon_dir, 0700));
+  START_OR_SKIP({"--hide", tokens}, daemon_dir);
+  // A job first, so that the state dir holds a log and a record to go after.
+  Outcome first = RunScript("first", "echo FIRST-JOB-OUTPUT");
+  const std::string state = daemon_->state_dir();
+  const std::string script = absl::StrCat(
+      Probe("wrote_tree", "touch ./in-tree"), "\n",
+      Probe("wrote_etc", "touch /etc/sr-sandbox-test"), "\n",
+      Probe("wrote_outside", absl::StrCat("touch ", outside.path(), "/escaped")), "\n",
+      Probe("read_tokens", absl::StrCat("grep -q SECRET ", tokens)), "\n",
+      Probe("read_audit", absl::StrCat("test -s ", state, "/audit.log")), "\n",
+      Probe("read_logs", absl::StrCat("grep -rq FIRST-JOB-OUTPUT ", state)), "\n",
+      Probe("saw_socket", absl::StrCat("test -S ", daemon_->socket_path())));
+  proto::RunRequest request = Request("second", "run:\n  - name: probe\n    script: |\n" + Indent(script));
+  request.set_work_dir(outside.path() + "/tree");
+  Outcome second = Run(request);
+  EXPECT_EQ(second.status.status(), proto::StepResult::success) << second.log;
+  for (const char* line : {"wrote_tree=yes", "wrote_etc=no", "wrote_outside=no", "read_tokens=no", "read_audit=no",
+                           "read_logs=no", "saw_socket=no"}) {
+    EXPECT_THAT(second.log, HasSubstr(line));
+  }
+  EXPECT_EQ(::access((outside.path() + "/tree/in-tree").c_str(), F_OK), 0);
+  EXPECT_NE(::access((outside.path() + "/escaped").c_str(), F_OK), 0);
+  EXPECT_NE(::access("/etc/sr-sandbox-test", F_OK), 0);
+  // A job cannot make the system its writable tree.
+  proto::RunRequest system = Request("system", "run:\n  - name: probe\n    script: touch /etc/sr-sandbox-test\n");
+  system.set_work_dir("/etc");
+  Outcome refused = Run(system);
+  EXPECT_EQ(refused.status.status(), proto::StepResult::failure);
+  EXPECT_THAT(refused.status.message(), HasSubstr("system folder"));
+  EXPECT_NE(::access("/etc/sr-sandbox-test", F_OK), 0);
+}
+
+TEST_F(SandboxTest, ItsOwnFileVariablesAreReadableAndNothingElseOfTheSecretStore) {
+  START_OR_SKIP();
+  // Another job's file variable, alive while ours runs.
+  proto::RunRequest other = Request("other", "exec:\n  command: [sleep, \"3002\"]\n");
+  AddVariable(other, "THEIR_KEY", "THEIR-SECRET", false, true);
+  SR_ASSERT_OK(client_->Run(other));
+  proto::RunRequest mine = Request(
+      "mine", "run:\n  - name: probe\n    script: |\n" +
+                  Indent(absl::StrCat("cat \"$MY_KEY\"; echo\n",
+                                      Probe("read_theirs", "grep -rqs THEIR-SECRET /dev/shm $(dirname \"$MY_KEY\")/.."))));
+  AddVariable(mine, "MY_KEY", "MY-FILE-CONTENT", false, true);
+  Outcome out = Run(mine);
+  EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
+  EXPECT_THAT(out.log, HasSubstr("MY-FILE-CONTENT"));
+  EXPECT_THAT(out.log, HasSubstr("read_theirs=no"));
+  SR_ASSERT_OK(client_->Cancel("other"));
+  SR_EXPECT_OK(WaitForJob(*client_, "other").status());
+}
+
+// Host pids of processes whose command line is exactly `argv`.
+std::vector<pid_t> FindProcesses(const std::vector<std::string>& argv) {
+  std::string want;
+  for (const std::string& a : argv) want += a + '\0';
+  std::vector<pid_t> out;
+  DIR* proc = ::opendir("/proc");
+  while (struct dirent* e = proc ? ::readdir(proc) : nullptr) {
+    pid_t pid;
+    if (!absl::SimpleAtoi(e->d_name, &pid)) continue;
+    if (ReadFile(absl::StrCat("/proc/", pid, "/cmdline")).value_or("") == want) out.push_back(pid);
+  }
+  if (proc) ::closedir(proc);
+  return out;
+}
+
+TEST_F(SandboxTest, CannotSeeOrSignalTheDaemonOrAnotherJob) {
+  START_OR_SKIP();
+  SR_ASSERT_OK(client_->Run(Request("victim", "exec:\n  command: [sleep, \"3001\"]\n")));
+  std::vector<pid_t> victim;
+  for (absl::Time until = absl::Now() + absl::Seconds(30); victim.empty() && absl::Now() < until;) {
+    victim = FindProcesses({"/usr/bin/sleep", "3001"});
+    if (victim.empty()) victim = FindProcesses({"/bin/sleep", "3001"});
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_EQ(victim.size(), 1u);
+  const std::string script = absl::StrCat(
+      Probe("killed_daemon", absl::StrCat("kill -KILL ", daemon_->pid())), "\n",
+      Probe("killed_victim", absl::StrCat("kill -KILL ", victim[0])), "\n",
+      "echo procs=$(ls /proc | grep -c '^[0-9]')\n",
+      Probe("saw_daemon", "grep -qs 'se[r]ve' /proc/[0-9]*/cmdline"));
+  Outcome attacker = RunScript("attacker", script);
+  EXPECT_THAT(attacker.log, HasSubstr("killed_daemon=no"));
+  EXPECT_THAT(attacker.log, HasSubstr("killed_victim=no"));
+  EXPECT_THAT(attacker.log, HasSubstr("saw_daemon=no"));
+  // The namespace's init (bwrap), the shell, ls and grep: nothing of anyone else.
+  int procs = 0;
+  size_t at = attacker.log.find("procs=");
+  ASSERT_NE(at, std::string::npos);
+  ASSERT_TRUE(absl::SimpleAtoi(attacker.log.substr(at + 6, attacker.log.find('\n', at) - at - 6), &procs));
+  EXPECT_LE(procs, 6);
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status victim_status, client_->GetStatus("victim"));
+  EXPECT_EQ(victim_status.status(), proto::StepResult::running);
+  EXPECT_EQ(::kill(victim[0], 0), 0);
+  SR_ASSERT_OK(client_->Cancel("victim"));
+  SR_EXPECT_OK(WaitForJob(*client_, "victim").status());
+}
+
+void ExpectResourceExhausted(const proto::Status& status, const std::string& what, const std::string& log) {
+  EXPECT_EQ(status.status(), proto::StepResult::failure) << log.substr(0, 2000);
+  EXPECT_EQ(status.error().kind(), proto::StatusError::resource_exhausted) << status.message();
+  EXPECT_THAT(status.message(), HasSubstr(what));
+}
+
+// Where no cgroup can be made, the daemon says so at start-up, and these limits hold per process
+// only: a fork bomb as root is then not contained, and an RLIMIT_AS failure is the step's own.
+#define SKIP_WITHOUT_CGROUP(controller)                                                           \
+  do {                                                                                            \
+    if (absl::StrContains(daemon_->stderr_output(), "no writable " controller " cgroup")) {       \
+      GTEST_SKIP() << "no writable " controller " cgroup here: " << daemon_->stderr_output();     \
+    }                                                                                             \
+  } while (0)
+
+TEST_F(SandboxTest, ForkBombEndsAsResourceExhaustedAndTheDaemonAnswers) {
+  START_OR_SKIP({"--limit-procs", "64"});
+  SKIP_WITHOUT_CGROUP("pids");
+  Outcome bomb = RunScript("bomb", "bomb() { bomb | bomb & }; bomb; wait", {}, absl::Seconds(90));
+  ExpectResourceExhausted(bomb.status, "process limit of 64", bomb.log);
+  // The daemon is still itself: it answers and runs the next job.
+  Outcome after = RunScript("after", "echo still-here");
+  EXPECT_EQ(after.status.status(), proto::StepResult::success);
+  EXPECT_THAT(after.log, HasSubstr("still-here"));
+}
+
+TEST_F(SandboxTest, MemoryWarnsAt80PercentAndAHogEndsAsResourceExhausted) {
+  START_OR_SKIP({"--limit-memory", "128M"});
+  SKIP_WITHOUT_CGROUP("memory");
+  // Near the limit: a warning in the log, and the job still succeeds.
+  Outcome near = RunScript("near", "python3 -c 'import time; x = bytearray(100 << 20); time.sleep(1.5)'");
+  EXPECT_EQ(near.status.status(), proto::StepResult::success) << near.log;
+  EXPECT_THAT(near.log, HasSubstr("memory use reached 80%"));
+  Outcome hog = RunScript("hog", "python3 -c 'x = bytearray(1 << 30)'");
+  ExpectResourceExhausted(hog.status, "memory limit", hog.log);
+  SR_EXPECT_OK(client_->GetStatus("hog").status());
+}
+
+TEST_F(SandboxTest, TenGigabyteLogWriterEndsAsResourceExhausted) {
+  START_OR_SKIP({"--limit-output", "8M"});
+  Outcome writer = RunScript("writer", "head -c 10G /dev/zero | tr '\\0' x");
+  ExpectResourceExhausted(writer.status, "output limit", writer.log);
+  EXPECT_THAT(writer.log, HasSubstr("80% of its budget"));
+  // The log holds the budget's worth and the notices, not 10 GB.
+  EXPECT_GE(writer.status.log_size(), 8 << 20);
+  EXPECT_LT(writer.status.log_size(), (8 << 20) + 4096);
+}
+
+TEST_F(SandboxTest, CpuTimeLimitEndsAsResourceExhausted) {
+  START_OR_SKIP({"--limit-cpu", "1"});
+  Outcome spin = RunScript("spin", "while :; do :; done");
+  ExpectResourceExhausted(spin.status, "CPU time limit", spin.log);
+}
+
+TEST_F(SandboxTest, AuditChainRecordsCallersAndStepsVerifiesAndCatchesTampering) {
+  START_OR_SKIP();
+  proto::RunRequest request = Request("audited", "run:\n  - name: greet\n    script: echo $TOKEN\n");
+  AddVariable(request, "TOKEN", "MASKED-SECRET-VALUE", true, false);
+  (*request.mutable_env())["PLAIN"] = "ENV-VALUE-NOT-FOR-AUDIT";
+  Outcome out = Run(request);
+  EXPECT_EQ(out.status.status(), proto::StepResult::success);
+  daemon_->Signal(SIGTERM);
+  SR_ASSERT_OK_AND_ASSIGN(int code, daemon_->Wait(absl::Seconds(60)));
+  EXPECT_EQ(code, 0);
+
+  const std::string path = daemon_->state_dir() + "/audit.log";
+  SR_ASSERT_OK_AND_ASSIGN(std::string text, ReadFile(path));
+  EXPECT_THAT(text, Not(HasSubstr("MASKED-SECRET-VALUE")));
+  EXPECT_THAT(text, Not(HasSubstr("ENV-VALUE-NOT-FOR-AUDIT")));
+  // This test process is the caller: its uid and pid, from the socket's peer credentials.
+  std::string run_line;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (absl::StrContains(line, "\"method\":\"Run\"")) run_line = std::string(line);
+  }
+  EXPECT_THAT(run_line, HasSubstr(absl::StrCat("\"pid\":", ::getpid(), ",")));
+  EXPECT_THAT(run_line, HasSubstr(absl::StrCat("\"uid\":", ::getuid())));
+  EXPECT_THAT(text, HasSubstr("\"kind\":\"step_finished\""));
+  EXPECT_THAT(text, HasSubstr("\"network\":\"none\""));
+  EXPECT_THAT(text, HasSubstr("\"sandbox\":\"bwrap"));
+
+  auto verify = [&] {
+    auto r = RunCommand({StepRunnerBinary(), "audit", "verify", "--state-dir", daemon_->state_dir()});
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.value_or(CommandResult{});
+  };
+  CommandResult intact = verify();
+  EXPECT_EQ(intact.exit_code, 0) << intact.err;
+  CommandResult tail = RunCommand({StepRunnerBinary(), "audit", "tail", "--state-dir", daemon_->state_dir()}).value();
+  EXPECT_THAT(tail.out, HasSubstr("step_finished"));
+
+  // One byte changed (in the middle of the chain).
+  std::string edited = text;
+  size_t at = edited.find("\"audited\"");
+  ASSERT_NE(at, std::string::npos);
+  edited[at + 1] = 'A';
+  SR_ASSERT_OK(WriteFileAtomically(path, edited, 0600));
+  CommandResult changed = verify();
+  EXPECT_EQ(changed.exit_code, 1);
+  EXPECT_THAT(changed.err, HasSubstr("line "));
+
+  // One line removed.
+  std::vector<std::string> lines = absl::StrSplit(text, '\n');
+  lines.erase(lines.begin() + 1);
+  SR_ASSERT_OK(WriteFileAtomically(path, absl::StrJoin(lines, "\n"), 0600));
+  CommandResult removed = verify();
+  EXPECT_EQ(removed.exit_code, 1);
+  EXPECT_THAT(removed.err, HasSubstr("line 1"));
+
+  SR_ASSERT_OK(WriteFileAtomically(path, text, 0600));
+  EXPECT_EQ(verify().exit_code, 0);
+}
+
+TEST_F(SandboxTest, GracefulCancelReachesTheStepInsideTheSandbox) {
+  START_OR_SKIP();
+  SR_ASSERT_OK(client_->Run(Request(
+      "graceful", "run:\n  - name: trap\n    script: |\n" +
+                      Indent("trap 'echo got-term; exit 3' TERM\necho ready\nwhile :; do sleep 0.1; done"))));
+  std::string log;
+  for (absl::Time until = absl::Now() + absl::Seconds(60); !absl::StrContains(log, "ready") && absl::Now() < until;) {
+    absl::SleepFor(absl::Milliseconds(20));
+    log = ReadLogSoFar("graceful");
+  }
+  ASSERT_THAT(log, HasSubstr("ready"));
+  SR_ASSERT_OK(client_->Cancel("graceful"));
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status status, WaitForJob(*client_, "graceful", absl::Seconds(60)));
+  EXPECT_EQ(status.status(), proto::StepResult::cancelled);
+  EXPECT_EQ(status.exit_code(), 3);  // its trap ran: SIGTERM, not the SIGKILL after the grace
+  EXPECT_THAT(ReadLog(*client_, "graceful").value_or(""), HasSubstr("got-term"));
+}
+
+TEST_F(SandboxTest, AuditTailFollowPrintsNewLinesAsTheyCome) {
+  START_OR_SKIP();
+  SR_ASSERT_OK_AND_ASSIGN(process::OutputPipe out, process::MakeOutputPipe());
+  SR_ASSERT_OK_AND_ASSIGN(
+      process::Subprocess tail,
+      process::Subprocess::Spawn({.argv = {StepRunnerBinary(), "audit", "tail", "--follow", "--state-dir",
+                                           daemon_->state_dir()},
+                                  .env = {"PATH=/usr/bin:/bin"},
+                                  .stdout_fd = out.write_end.get()}));
+  out.write_end.Close();
+  Outcome job = RunScript("followed", "echo hi");
+  EXPECT_EQ(job.status.status(), proto::StepResult::success);
+  std::string printed;
+  for (absl::Time until = absl::Now() + absl::Seconds(60);
+       !absl::StrContains(printed, "job_finished") && absl::Now() < until;) {
+    pollfd pfd{.fd = out.read_end.get(), .events = POLLIN};
+    if (::poll(&pfd, 1, 100) <= 0) continue;
+    char buf[4096];
+    ssize_t n = ::read(out.read_end.get(), buf, sizeof buf);
+    if (n > 0) printed.append(buf, static_cast<size_t>(n));
+    if (n == 0) break;
+  }
+  SR_EXPECT_OK(tail.SignalGroup(SIGKILL));
+  (void)tail.Reap();
+  EXPECT_THAT(printed, HasSubstr("job=followed"));
+  EXPECT_THAT(printed, HasSubstr("job_finished"));
+}
+
+TEST_F(SandboxTest, SandboxNoneRunsUnconfinedAndSaysSoLoudly) {
+  GreetingServer server("hello");
+  auto daemon = Daemon::Start(dir_.path(), {"--sandbox=none"});
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  daemon_ = *std::move(daemon);
+  client_ = std::make_unique<client::Client>(daemon_->ClientOptions());
+  EXPECT_THAT(daemon_->stderr_output(), HasSubstr("UNSANDBOXED"));
+  // What the sandbox forbids works here, which is also what shows the tests above can fail.
+  Outcome free = RunScript("free", absl::StrCat(Probe("reached", Connect("127.0.0.1", server.port())), "\n",
+                                                Probe("wrote_outside", absl::StrCat("touch ", dir_.path(), "/escaped"))));
+  EXPECT_THAT(free.log, HasSubstr("reached=yes"));
+  EXPECT_THAT(free.log, HasSubstr("wrote_outside=yes"));
+}
+
+TEST(SandboxStartTest, UnknownSandboxOrBadLimitsAreRefusedAtStart) {
+  TempDir dir;
+  auto bad = Daemon::Start(dir.path(), {"--sandbox=chroot"}, absl::Seconds(20));
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("--sandbox: expected bwrap or none"));
+  auto allow = Daemon::Start(dir.path(), {"--sandbox=bwrap", "--network=allow"}, absl::Seconds(20));
+  ASSERT_FALSE(allow.ok());
+  EXPECT_THAT(std::string(allow.status().message()), HasSubstr("--allow-host"));
+}
+
+}  // namespace
+}  // namespace step_runner::testing
