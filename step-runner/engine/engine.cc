@@ -119,6 +119,7 @@ class JobRun {
     absl::Time deadline = absl::InfiniteFuture();
     std::string path;                 // names from the root, "a/b"
     std::vector<std::string> files;   // the step files on the way here, for cycles
+    bool network = false;             // a step on the way here asked for network
   };
   // The outputs of the steps run so far in a sequence, as ${{ steps }} sees them.
   struct SequenceState {
@@ -428,6 +429,7 @@ class JobRun {
     for (const auto& [k, v] : CurrentEnv(frame)) spec.env.push_back(absl::StrCat(k, "=", v));
     spec.io_dir = *io_dir;
     spec.deadline = frame.deadline;
+    spec.wants_network = frame.network || exec.network;
     SR_RETURN_IF_ERROR(RunProcess(std::move(spec), name, result, std::move(shown)));
     if (absl::Status s = CollectExports(*io_dir, name, result); !s.ok()) return Invalid(name, s);
     absl::StatusOr<std::vector<std::pair<std::string, Json>>> records =
@@ -470,7 +472,7 @@ class JobRun {
     if (!env.ok()) return Invalid(inv.name, env.status());
     child.env_layers.push_back(*std::move(env));
     ProcessSpec spec;
-    spec.name = frame.path.empty() ? inv.name : absl::StrCat(frame.path, "/", inv.name);
+    spec.name = frame.path.empty() ? inv.name : frame.path;  // the invocation's own path already
     spec.argv = job_.shell;
     spec.argv.push_back(script);
     spec.work_dir = job_.work_dir;
@@ -478,6 +480,7 @@ class JobRun {
     for (const auto& [k, v] : values) spec.env.push_back(absl::StrCat(k, "=", v));
     spec.io_dir = *io_dir;
     spec.deadline = frame.deadline;
+    spec.wants_network = frame.network;
     std::vector<std::string> shown = job_.shell;
     shown.push_back(MaskText(script));
     SR_RETURN_IF_ERROR(RunProcess(std::move(spec), inv.name, result, std::move(shown)));
@@ -532,6 +535,7 @@ class JobRun {
     if (!env.ok()) return Invalid(inv.name, env.status());
     child.env_layers.push_back(*std::move(env));
     child.deadline = frame.deadline;
+    child.network = frame.network;
     child.path = frame.path;
     child.files = frame.files;
     child.files.push_back(loaded->path);
@@ -568,6 +572,7 @@ class JobRun {
 
     Frame frame = parent;
     frame.path = path;
+    frame.network = frame.network || inv.network;
     if (inv.timeout) frame.deadline = std::min(parent.deadline, absl::Now() + *inv.timeout);
     absl::Status status;
     for (int attempt = 1; attempt <= inv.retry.max_attempts; ++attempt) {

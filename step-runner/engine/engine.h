@@ -29,6 +29,7 @@ struct ProcessSpec {
   std::string work_dir;
   std::string io_dir;  // holds its output_file and export_file
   absl::Time deadline = absl::InfiniteFuture();  // per-step timeouts, the tightest that applies
+  bool wants_network = false;  // `network: true` on it or on a step that contains it
 };
 
 struct ProcessOutcome {

@@ -23,6 +23,7 @@ class TestHost : public Host {
   explicit TestHost(std::string log_path) : log_path_(std::move(log_path)) {}
   ProcessOutcome RunProcess(const ProcessSpec& spec) override {
     names.push_back(spec.name);
+    if (spec.wants_network) networked.push_back(spec.name);
     int fd = ::open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     absl::StatusOr<process::Subprocess> child = process::Subprocess::Spawn(
         {.argv = spec.argv, .env = spec.env, .work_dir = spec.work_dir, .stdout_fd = fd, .stderr_fd = fd});
@@ -44,7 +45,7 @@ class TestHost : public Host {
   bool Cancelled() override { return false; }
   bool SleepUnlessCancelled(absl::Duration) override { return false; }
 
-  std::vector<std::string> names, events, secrets;
+  std::vector<std::string> names, events, secrets, networked;
   std::string logged;
 
  private:
@@ -220,6 +221,40 @@ TEST_F(EngineTest, CyclesAndUnknownStepsAreFoundBeforeRunning) {
   ASSERT_EQ(v.size(), 2u);
   EXPECT_THAT(v[0].description, HasSubstr("a cycle"));
   EXPECT_THAT(v[1].description, HasSubstr("not found"));
+}
+
+}  // namespace
+}  // namespace step_runner::engine
+
+namespace step_runner::engine {
+namespace {
+
+// `network: true` asks for network for exactly what it covers: an exec that declares it, or
+// an invocation and everything beneath it. The sandbox then applies the daemon's policy.
+TEST_F(EngineTest, NetworkAskCoversExactlyWhatDeclaresIt) {
+  Write("fetch/step.yml", "spec: {}\n---\nexec:\n  command: [/bin/true]\n  network: true\n");
+  Write("plain/step.yml", "spec: {}\n---\nexec:\n  command: [/bin/true]\n");
+  JobOutcome out = Run(R"(spec: {}
+---
+run:
+  - name: fetch
+    step: ./fetch
+  - name: plain
+    step: ./plain
+  - name: asked
+    network: true
+    step: ./plain
+  - name: nested
+    network: true
+    run:
+      - name: inner
+        script: "true"
+  - name: script
+    script: "true"
+)");
+  EXPECT_EQ(out.status, proto::StepResult::success) << Log();
+  EXPECT_THAT(host_->networked, ::testing::ElementsAre("fetch", "asked", "nested/inner"));
+  EXPECT_THAT(host_->names, ::testing::ElementsAre("fetch", "plain", "asked", "nested/inner", "script"));
 }
 
 }  // namespace

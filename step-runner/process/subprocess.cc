@@ -65,6 +65,7 @@ absl::StatusOr<Subprocess> Subprocess::Spawn(const SpawnOptions& options) {
   posix_spawnattr_init(&attr);
   absl::Cleanup destroy_attr = [&] { posix_spawnattr_destroy(&attr); };
 
+  if (options.fd3 >= 0 && options.fd3 <= 3) return absl::InvalidArgumentError("fd3 must be a descriptor above 3");
   const int wanted[3] = {options.stdin_fd, options.stdout_fd, options.stderr_fd};
   for (int target = 0; target < 3; ++target) {
     if (wanted[target] >= 0) {
@@ -73,8 +74,9 @@ absl::StatusOr<Subprocess> Subprocess::Spawn(const SpawnOptions& options) {
       posix_spawn_file_actions_addopen(&actions, target, "/dev/null", target == 0 ? O_RDONLY : O_WRONLY, 0);
     }
   }
+  if (options.fd3 >= 0) posix_spawn_file_actions_adddup2(&actions, options.fd3, 3);
   // Nothing of the daemon's (sockets, logs, other jobs' pipes) leaks into a step.
-  posix_spawn_file_actions_addclosefrom_np(&actions, 3);
+  posix_spawn_file_actions_addclosefrom_np(&actions, options.fd3 >= 0 ? 4 : 3);
   if (!options.work_dir.empty()) {
     posix_spawn_file_actions_addchdir_np(&actions, options.work_dir.c_str());
   }

@@ -21,6 +21,9 @@ struct SpawnOptions {
   int stdout_fd = -1;             // dup'ed onto fd 1 in the child (-1: /dev/null)
   int stderr_fd = -1;             // dup'ed onto fd 2 in the child (-1: /dev/null)
   int stdin_fd = -1;              // dup'ed onto fd 0 in the child (-1: /dev/null)
+  // dup'ed onto fd 3 in the child (-1: fd 3 stays closed). The sandbox helper's channel back
+  // to the daemon; must be above 3 itself.
+  int fd3 = -1;
 };
 
 // A child started with posix_spawn into its own session and process group, with stdin on

@@ -84,10 +84,12 @@ absl::StatusOr<std::shared_ptr<Job>> Job::Recover(const std::string& dir, proto:
   return job;
 }
 
-void Job::Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step, const std::string& path) {
+void Job::Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step, const std::string& path,
+                const std::string& warning) {
   proto::FollowStepsResponse event;
   event.set_kind(kind);
   if (!path.empty()) event.set_step_path(path);
+  if (!warning.empty()) event.set_warning(warning);
   *event.mutable_time() = ToProto(absl::Now());
   if (step) *event.mutable_result() = *step;
   if (kind == proto::FollowStepsResponse::JOB_FINISHED) {
@@ -223,7 +225,8 @@ void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessW
   }
   // The launch hook (the sandbox) may rewrite the process; the result tree keeps the step's
   // own command, which is what its author wrote.
-  PlannedStep launched{.name = spec.name, .argv = spec.argv, .env = spec.env, .work_dir = spec.work_dir};
+  PlannedStep launched{
+      .name = spec.name, .argv = spec.argv, .env = spec.env, .work_dir = spec.work_dir, .wants_network = spec.wants_network};
   absl::Status hooked =
       config_.launch_hook
           ? config_.launch_hook({.job_id = id_, .job_dir = dir_, .job_work_dir = config_.work_dir, .io_dir = spec.io_dir},
@@ -234,13 +237,18 @@ void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessW
       hooked.ok() ? process::MakeOutputPipe() : absl::StatusOr<process::OutputPipe>(hooked);
   absl::StatusOr<process::OutputPipe> err =
       out.ok() ? process::MakeOutputPipe() : absl::StatusOr<process::OutputPipe>(out.status());
+  absl::StatusOr<process::OutputPipe> warnings =
+      !err.ok() ? absl::StatusOr<process::OutputPipe>(err.status())
+      : launched.warnings_channel ? process::MakeOutputPipe()
+                                  : absl::StatusOr<process::OutputPipe>(process::OutputPipe{});
   absl::StatusOr<process::Subprocess> child =
-      err.ok() ? process::Subprocess::Spawn({.argv = launched.argv,
-                                             .env = launched.env,
-                                             .work_dir = launched.work_dir,
-                                             .stdout_fd = out->write_end.get(),
-                                             .stderr_fd = err->write_end.get()})
-               : absl::StatusOr<process::Subprocess>(err.status());
+      warnings.ok() ? process::Subprocess::Spawn({.argv = launched.argv,
+                                                  .env = launched.env,
+                                                  .work_dir = launched.work_dir,
+                                                  .stdout_fd = out->write_end.get(),
+                                                  .stderr_fd = err->write_end.get(),
+                                                  .fd3 = warnings->write_end.get()})
+                    : absl::StatusOr<process::Subprocess>(warnings.status());
   if (!child.ok()) {
     // Shown in the log, where the person following the job looks first.
     std::string message = Mask(child.status().message());
@@ -256,6 +264,11 @@ void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessW
   // out/err write ends close here: the child holds the only copies, so EOF means it is done.
   out->write_end.Close();
   err->write_end.Close();
+  live_->path = spec.name;
+  if (launched.warnings_channel) {
+    warnings->write_end.Close();
+    live_->warnings.emplace(std::move(warnings->read_end));
+  }
 
   proto::ProcessGroupRecord group;
   group.set_pgid(live_->child.pid());
@@ -277,6 +290,10 @@ void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessW
   for (int i = 0; i < 2; ++i) {
     absl::Status s = loop_->WatchFd(live_->pipes[i]->fd.get(), EPOLLIN,
                                     [this, self, i](uint32_t) { OnOutput(i); });
+    if (!s.ok()) SR_LOG(ERROR) << "job " << id_ << ": " << s;
+  }
+  if (live_->warnings) {
+    absl::Status s = loop_->WatchFd(live_->warnings->get(), EPOLLIN, [this, self](uint32_t) { OnWarnings(); });
     if (!s.ok()) SR_LOG(ERROR) << "job " << id_ << ": " << s;
   }
   absl::Status s = loop_->WatchFd(live_->child.pidfd(), EPOLLIN, [this, self](uint32_t) { OnLeaderExit(); });
@@ -365,6 +382,33 @@ void Job::ClosePipe(int stream_index) {
   pipe.reset();
 }
 
+void Job::OnWarnings() {
+  if (!live_ || !live_->warnings) return;
+  char buffer[4096];
+  ssize_t n = ::read(live_->warnings->get(), buffer, sizeof buffer);
+  if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+  if (n <= 0) {
+    CloseWarnings();
+    return;
+  }
+  std::string& partial = live_->warnings_partial;
+  partial.append(buffer, static_cast<size_t>(n));
+  size_t newline;
+  while ((newline = partial.find('\n')) != std::string::npos) {
+    std::string line = Mask(partial.substr(0, newline));
+    partial.erase(0, newline + 1);
+    Emit(proto::FollowStepsResponse::WARNING, nullptr, live_->path, line);
+  }
+  // The helper writes short lines; a runaway one is cut rather than buffered without bound.
+  if (partial.size() > sizeof buffer) partial.clear();
+}
+
+void Job::CloseWarnings() {
+  if (!live_ || !live_->warnings) return;
+  loop_->UnwatchFd(live_->warnings->get());
+  live_->warnings.reset();
+}
+
 void Job::OnLeaderExit() {
   loop_->UnwatchFd(live_->child.pidfd());
   // The leader is a zombie, so its pid (the group id) cannot be reused yet: killing what is
@@ -403,6 +447,10 @@ void Job::StepFinished() {
   const int exit_code = live_->exit_code;
   std::shared_ptr<ProcessWaiter> waiter = std::move(live_->waiter);
   const bool timed_out = live_->timed_out;
+  if (live_->warnings) {
+    OnWarnings();  // what the helper said last, before the step's finished event
+    CloseWarnings();
+  }
   if (live_->deadline_timer) loop_->CancelTimer(live_->deadline_timer);
   live_.reset();
   last_exit_code_ = exit_code;

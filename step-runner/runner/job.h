@@ -34,6 +34,10 @@ struct PlannedStep {
   // Set by a LaunchHook: explains an exit that a resource limit caused (the job then ends with
   // error kind resource_exhausted and this message); nullopt for an ordinary exit.
   std::function<std::optional<std::string>(int exit_code)> explain_exit;
+  // Set by a LaunchHook: the process gets a pipe on fd 3, and each line it writes there becomes
+  // a WARNING step event (the sandbox helper's budget warnings). The step itself never sees
+  // fd 3: the helper closes it before bwrap runs, so a step cannot forge these events.
+  bool warnings_channel = false;
 };
 
 // What a LaunchHook knows of the job a process belongs to.
@@ -126,6 +130,9 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
     EventLoop::TimerId drain_timer = 0;
     EventLoop::TimerId deadline_timer = 0;  // the step's own timeout
     bool timed_out = false;
+    std::string path;                 // the step's path, for its warning events
+    std::optional<UniqueFd> warnings;  // PlannedStep::warnings_channel
+    std::string warnings_partial;      // a line not yet ended
   };
 
   Job(std::string id, std::string dir, std::string fingerprint);
@@ -140,6 +147,8 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
   bool SleepUnlessCancelled(absl::Duration d) override;
 
   void StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessWaiter> waiter);
+  void OnWarnings();
+  void CloseWarnings();
   void OnEngineDone(engine::JobOutcome outcome);
   void SignalLive(int signo);
   void OnOutput(int stream_index);
@@ -153,7 +162,8 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
   void WriteRecord(const proto::ProcessGroupRecord* running_group);
   void RemoveFolders();
   std::string Mask(absl::string_view text) const;
-  void Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step, const std::string& path = "");
+  void Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step, const std::string& path = "",
+            const std::string& warning = "");
 
   const std::string id_;
   const std::string dir_;

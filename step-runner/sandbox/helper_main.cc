@@ -93,6 +93,19 @@ void Say(const std::string& text) {
   (void)WriteAll(STDERR_FILENO, line.data(), line.size());
 }
 
+// The daemon's warnings channel, when it gave us one (-1 otherwise).
+int g_warnings_fd = -1;
+
+// A budget warning: into the job's log like everything we say, and to the daemon, which
+// records it as a WARNING step event.
+void Warn(const std::string& text) {
+  Say(Cat("warning: ", text));
+  if (g_warnings_fd >= 0) {
+    std::string line = text + "\n";
+    (void)WriteAll(g_warnings_fd, line.data(), line.size());
+  }
+}
+
 // --- the child: namespace, listeners, cgroup, rlimits, then bwrap --------------------------
 
 [[noreturn]] void ChildFail(int fd, const std::string& what) {
@@ -397,7 +410,7 @@ class Helper {
     const uint64_t total = plan_.output_used + relayed_;
     if (plan_.output_budget > 0 && !output_warned_ && total * 5 >= plan_.output_budget * 4) {
       output_warned_ = true;
-      Say(Cat("warning: the job's output reached 80% of its budget (", total, " of ", plan_.output_budget,
+      Warn(Cat("the job's output reached 80% of its budget (", total, " of ", plan_.output_budget,
                        " bytes)"));
     }
     if (keep < static_cast<size_t>(n) && !verdict_) {
@@ -409,7 +422,7 @@ class Helper {
     CgroupCounters now = ReadCounters(cgroup_);
     if (plan_.memory_limit > 0 && !memory_warned_ && now.memory_current * 5 >= plan_.memory_limit * 4) {
       memory_warned_ = true;
-      Say(Cat("warning: the job's memory use reached 80% of its limit (", now.memory_current, " of ",
+      Warn(Cat("the job's memory use reached 80% of its limit (", now.memory_current, " of ",
                        plan_.memory_limit, " bytes)"));
     }
     if (now.fork_refusals > baseline_.fork_refusals) {
@@ -461,6 +474,7 @@ int Main(int argc, char** argv) {
     Say(Cat("step-runner-sandbox: ", error));
     return 2;
   }
+  if (plan->warnings_fd3 && ::fcntl(3, F_SETFD, FD_CLOEXEC) == 0) g_warnings_fd = 3;
   int out[2], err[2], channel[2] = {-1, -1};
   if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0 ||
       (plan->new_netns && ::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, channel) != 0)) {

@@ -37,6 +37,7 @@ std::vector<std::string> HelperArgv(const std::string& helper, const HelperPlan&
   if (!plan.cgroup_v1_memory.empty()) a.insert(a.end(), {"--cgroup-v1-memory", plan.cgroup_v1_memory});
   if (!plan.cgroup_v1_pids.empty()) a.insert(a.end(), {"--cgroup-v1-pids", plan.cgroup_v1_pids});
   if (plan.new_netns) a.push_back("--netns");
+  if (plan.warnings_fd3) a.push_back("--warnings-fd3");
   for (const Forward& f : plan.forwards) a.insert(a.end(), {"--forward", f.listen_ip + "=" + f.target.ToString()});
   a.push_back("--");
   a.insert(a.end(), bwrap_argv.begin(), bwrap_argv.end());
@@ -64,6 +65,10 @@ bool ParseHelperArgv(const std::vector<std::string>& args, HelperPlan* plan, std
     const std::string& flag = args[i];
     if (flag == "--netns") {
       plan->new_netns = true;
+      continue;
+    }
+    if (flag == "--warnings-fd3") {
+      plan->warnings_fd3 = true;
       continue;
     }
     if (i + 1 >= args.size()) {

@@ -45,6 +45,9 @@ struct HelperPlan {
   std::string cgroup_v1_memory;
   std::string cgroup_v1_pids;
   bool new_netns = false;  // the helper makes the network namespace (for forwards)
+  // fd 3 is the daemon's warnings channel (runner::PlannedStep::warnings_channel): each warning
+  // line goes there too, and becomes a step event. Never inherited by bwrap or the step.
+  bool warnings_fd3 = false;
   std::vector<Forward> forwards;
 };
 

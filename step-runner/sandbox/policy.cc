@@ -192,6 +192,7 @@ std::vector<std::string> BwrapArgv(const std::string& bwrap, const StepView& vie
   if (!view.work_tree.empty()) a.insert(a.end(), {"--bind", view.work_tree, view.work_tree});
   hide(true);
   for (const std::string& path : view.readonly_binds) a.insert(a.end(), {"--ro-bind", path, path});
+  for (const std::string& path : view.writable_binds) a.insert(a.end(), {"--bind", path, path});
   if (!view.cwd.empty()) a.insert(a.end(), {"--chdir", view.cwd});
   a.push_back("--");
   a.insert(a.end(), view.argv.begin(), view.argv.end());

@@ -45,6 +45,9 @@ struct StepView {
   NetworkMode network = NetworkMode::kNone;  // what this step gets (after policy)
   std::vector<HiddenPath> hidden;
   std::vector<std::string> readonly_binds;  // re-exposed after hiding (this job's secret files)
+  // Re-exposed writable after hiding: the folder of this step's ${{ output_file }} and
+  // ${{ export_file }}, which lives in the (hidden) job state.
+  std::vector<std::string> writable_binds;
   std::string hosts_file;                   // bound over /etc/hosts when non-empty
   bool drop_capabilities = true;            // always on outside tests of the builder
 };

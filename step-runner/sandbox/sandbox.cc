@@ -171,8 +171,8 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
   // rather than a bwrap error.
   SR_ASSIGN_OR_RETURN(std::string program, process::FindExecutable(step.argv[0], step.env));
   SR_RETURN_IF_ERROR(CheckWorkTree(context.job_work_dir));
-  // Until the step language has a field for it, a job also asks with STEP_RUNNER_NETWORK=1 in
-  // its env (the request's, like any field of it); the daemon's policy decides either way.
+  // A step asks with `network: true` in its step file; a whole job with STEP_RUNNER_NETWORK=1
+  // in its env. The daemon's policy decides either way.
   bool wants = step.wants_network;
   for (const std::string& entry : step.env) wants = wants || entry == "STEP_RUNNER_NETWORK=1";
   const NetworkMode network = wants ? options_.network : NetworkMode::kNone;
@@ -242,6 +242,8 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
     }
   }
   if (network == NetworkMode::kAllow) view.hosts_file = hosts_file_;
+  // Only this step's own output folder of the hidden job state, so that it can report outputs.
+  if (!context.io_dir.empty() && Existing(context.io_dir)) view.writable_binds.push_back(context.io_dir);
 
   const std::string verdict = context.job_dir + kVerdictFile;
   ::unlink(verdict.c_str());
@@ -272,6 +274,8 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
     plan.new_netns = true;
     plan.forwards = forwards_;
   }
+  plan.warnings_fd3 = true;
+  step.warnings_channel = true;
   step.argv = HelperArgv(options_.helper, plan, BwrapArgv(options_.bwrap, view));
   step.explain_exit = [verdict](int) -> std::optional<std::string> {
     absl::StatusOr<std::string> why = ReadFile(verdict);

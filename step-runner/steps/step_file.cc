@@ -257,9 +257,16 @@ class Parser {
     }
   }
 
+  std::optional<bool> Bool(const YAML::Node& node, const std::string& field) {
+    Json value = ToJson(node);
+    if (value.is_boolean()) return value.get<bool>();
+    Add(node, field, absl::StrCat("expected true or false, found ", DescribeJson(value)));
+    return std::nullopt;
+  }
+
   void ParseExec(const YAML::Node& node, const std::string& field, ExecDefinition& exec, const Scope& scope) {
     if (!ExpectMap(node, field)) return;
-    CheckKeys(node, field, {"command", "work_dir"});
+    CheckKeys(node, field, {"command", "work_dir", "network"});
     YAML::Node command = node["command"];
     if (!command) {
       Add(node, field + ".command", "missing required key \"command\" (a list of argv strings)");
@@ -281,6 +288,7 @@ class Parser {
         exec.work_dir = *dir;
       }
     }
+    if (YAML::Node network = node["network"]) exec.network = Bool(network, field + ".network").value_or(false);
   }
 
   std::optional<StepReference> ParseReference(const YAML::Node& node, const std::string& field,
@@ -319,7 +327,7 @@ class Parser {
   void ParseInvocation(const YAML::Node& item, const std::string& field, const Spec& spec,
                        std::set<std::string>& earlier, Invocation& inv) {
     CheckKeys(item, field, {"name", "script", "step", "func", "inputs", "env", "exec", "run", "outputs",
-                            "delegate", "if", "timeout", "retry", "continue_on_error"});
+                            "delegate", "if", "timeout", "retry", "continue_on_error", "network"});
     const Scope scope{&spec, &earlier};
     inv.position = PositionOf(item.Mark());
     if (YAML::Node name = item["name"]) {
@@ -410,13 +418,9 @@ class Parser {
       }
     }
     if (YAML::Node coe = item["continue_on_error"]) {
-      Json value = ToJson(coe);
-      if (!value.is_boolean()) {
-        Add(coe, field + ".continue_on_error", absl::StrCat("expected true or false, found ", DescribeJson(value)));
-      } else {
-        inv.continue_on_error = value.get<bool>();
-      }
+      inv.continue_on_error = Bool(coe, field + ".continue_on_error").value_or(false);
     }
+    if (YAML::Node network = item["network"]) inv.network = Bool(network, field + ".network").value_or(false);
   }
 
   void ParseRun(const YAML::Node& node, const std::string& field, const Spec& spec, StepDefinition& def,

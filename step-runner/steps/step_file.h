@@ -84,11 +84,15 @@ struct Invocation {
   std::optional<absl::Duration> timeout;
   RetryPolicy retry;
   bool continue_on_error = false;
+  // Beyond GitLab: asks for network for everything this step runs; the daemon's sandbox
+  // policy decides what it gets (none, all, or its allow-list).
+  bool network = false;
 };
 
 struct ExecDefinition {
   std::vector<std::string> command;  // argv; never run through a shell
   std::string work_dir;              // empty: the job's work dir
+  bool network = false;              // beyond GitLab: this command asks for network
 };
 
 struct StepDefinition {

@@ -176,6 +176,7 @@ run:
     retry: {max: many}
     timeout: soon
     continue_on_error: maybe
+    network: please
 )", "steps");
   ASSERT_FALSE(f.ok());
   const std::string message(f.status().message());
@@ -185,6 +186,7 @@ run:
   EXPECT_THAT(message, HasSubstr("run[0].retry.max: expected a whole number from 0 to 100"));
   EXPECT_THAT(message, HasSubstr("run[0].timeout: expected a positive duration"));
   EXPECT_THAT(message, HasSubstr("run[0].continue_on_error: expected true or false"));
+  EXPECT_THAT(message, HasSubstr("run[0].network: expected true or false, found the string \"please\""));
 }
 
 TEST(StepFileTest, ShortReferences) {

@@ -353,6 +353,60 @@ TEST_F(SandboxTest, TenGigabyteLogWriterEndsAsResourceExhausted) {
   EXPECT_LT(writer.status.log_size(), (8 << 20) + 4096);
 }
 
+// The 80% warning is a step event too, so a gateway following the steps sees it coming; and
+// only the sandbox helper can raise one: the step's own fd 3 is closed.
+TEST_F(SandboxTest, OutputBudgetWarningIsAStepEventThatAStepCannotForge) {
+  START_OR_SKIP({"--limit-output", "1M"});
+  Outcome near = RunScript("near", "echo fake >&3 || echo no-fd3\nhead -c 900000 /dev/zero | tr '\\0' x");
+  EXPECT_EQ(near.status.status(), proto::StepResult::success) << near.log.substr(0, 500);
+  EXPECT_THAT(near.log, HasSubstr("no-fd3"));
+  std::vector<proto::FollowStepsResponse> events;
+  SR_ASSERT_OK(client_->FollowSteps("near", 0, [&](const proto::FollowStepsResponse& e) { events.push_back(e); }));
+  std::vector<std::string> warnings;
+  for (const auto& e : events) {
+    if (e.kind() == proto::FollowStepsResponse::WARNING) warnings.push_back(e.step_path() + ": " + e.warning());
+  }
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_THAT(warnings[0], HasSubstr("probe: the job's output reached 80% of its budget"));
+  // Before the step's finished event, where it belongs.
+  ASSERT_GE(events.size(), 3u);
+  EXPECT_EQ(events[events.size() - 2].kind(), proto::FollowStepsResponse::STEP_FINISHED);
+}
+
+// `network: true` is how a step file asks; catalog steps declare it on their exec. Without it,
+// even under an allow-list, a step has no network.
+TEST_F(SandboxTest, StepFileAsksForNetworkWithTheNetworkKey) {
+  GreetingServer allowed("allowed");
+  START_OR_SKIP({"--network=allow", "--allow-host", absl::StrCat("localhost:", allowed.port())});
+  const std::string probe = Probe("reached", Connect("localhost", allowed.port()));
+  Outcome out = Run(Request("keyed", absl::StrCat("run:\n"
+                                                  "  - name: asks\n    network: true\n    script: '", probe, "'\n"
+                                                  "  - name: silent\n    script: '", probe, "'\n"
+                                                  "  - name: exec_asks\n    exec:\n      network: true\n"
+                                                  "      command: [bash, -c, '", probe, "']\n")));
+  EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
+  EXPECT_THAT(out.log, HasSubstr("reached=yes\nreached=no\nreached=yes"));
+}
+
+// A step's ${{ output_file }} and ${{ export_file }} live in the job's state, which is hidden
+// from it: only its own io folder is bound back, writable.
+TEST_F(SandboxTest, OutputsAndExportsWorkInsideTheSandbox) {
+  START_OR_SKIP();
+  proto::RunRequest request = Request("io",
+                                      "run:\n"
+                                      "  - name: greet\n"
+                                      "    step: ./greet\n"
+                                      "    inputs: {name: sandbox}\n"
+                                      "  - name: set\n"
+                                      "    script: printf '{\"name\":\"COLOR\",\"value\":\"blue\"}\\n' >> \"${{ export_file }}\"\n"
+                                      "  - name: consume\n"
+                                      "    script: echo \"message=${{ steps.greet.outputs.message }} color=$COLOR\"\n");
+  request.set_steps_dir(SR_SOURCE_DIR "/tests/conformance/cases/greeting_typed_inputs");
+  Outcome out = Run(request);
+  EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
+  EXPECT_THAT(out.log, HasSubstr("message=hi sandbox color=blue"));
+}
+
 TEST_F(SandboxTest, CpuTimeLimitEndsAsResourceExhausted) {
   START_OR_SKIP({"--limit-cpu", "1"});
   Outcome spin = RunScript("spin", "while :; do :; done");
