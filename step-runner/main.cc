@@ -566,6 +566,16 @@ int CmdStatus(const Args& args) {
 
 // The local runner: the daemon's engine in-process, for an agent inside the workspace. State goes
 // to a temporary folder that is removed at the end; steps run in the current directory.
+// A regular file (or a new one) is replaced whole; /dev/stdout, a fifo or the like is written
+// in place, never renamed over.
+absl::Status WriteResult(const std::string& path, const std::string& json) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0 || S_ISREG(st.st_mode)) return WriteFileAtomically(path, json, 0600);
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_TRUNC | O_CLOEXEC));
+  if (!fd) return ErrnoStatus(errno, absl::StrCat("open(", path, ")"));
+  return WriteAll(fd.get(), json);
+}
+
 int CmdExec(const Args& args) {
   if (args.positional.size() != 1) throw UsageError{"exec takes one step file (or - for stdin)"};
   proto::RunRequest request;
@@ -638,7 +648,7 @@ int CmdExec(const Args& args) {
     print.preserve_proto_field_names = true;  // the same names as step-results.json
     (void)google::protobuf::util::MessageToJsonString(status, &json, print);
     if (auto path = args.Get("result")) {
-      if (absl::Status s = WriteFileAtomically(*path, json, 0600); !s.ok()) Notice(std::string(s.message()));
+      if (absl::Status s = WriteResult(*path, json); !s.ok()) Notice(std::string(s.message()));
     } else {
       std::cerr << json;
     }

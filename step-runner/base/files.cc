@@ -47,6 +47,11 @@ absl::Status WriteAll(int fd, absl::string_view data) {
 }
 
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view data, mode_t mode) {
+  // A rename would replace a device or a fifo with a plain file: `--result /dev/null` run as
+  // root once turned the machine's /dev/null into a regular file.
+  if (struct stat st; ::lstat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode)) {
+    return absl::FailedPreconditionError(absl::StrCat(path, " exists and is not a regular file"));
+  }
   std::string tmp = absl::StrCat(path, ".tmp");
   UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode));
   if (!fd) return ErrnoStatus(errno, absl::StrCat("open(", tmp, ")"));

@@ -28,6 +28,19 @@ TEST(FilesTest, AtomicWriteReplacesContentAndKeepsMode) {
   SR_EXPECT_OK(RemoveTree(dir));
 }
 
+// Renaming over a fifo or a device would replace it with a plain file (as root, /dev/null).
+TEST(FilesTest, AtomicWriteNeverReplacesASpecialFile) {
+  std::string dir = TempDir();
+  const std::string fifo = dir + "/fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  absl::Status s = WriteFileAtomically(fifo, "x", 0600);
+  EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+  struct stat st;
+  ASSERT_EQ(::lstat(fifo.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  EXPECT_TRUE(RemoveTree(dir).ok());
+}
+
 TEST(FilesTest, MakeDirsAndRemoveTree) {
   std::string dir = TempDir();
   SR_ASSERT_OK(MakeDirs(dir + "/a/b/c", 0700));

@@ -198,4 +198,32 @@ int CountOpenFds(pid_t pid) {
   return count;
 }
 
+std::vector<std::string> EnvironmentWith(const std::vector<std::string>& overrides) {
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e) {
+    absl::string_view entry(*e);
+    absl::string_view name = entry.substr(0, entry.find('='));
+    bool overridden = std::any_of(overrides.begin(), overrides.end(), [&](const std::string& o) {
+      return absl::string_view(o).substr(0, o.find('=')) == name;
+    });
+    if (!overridden) env.emplace_back(entry);
+  }
+  env.insert(env.end(), overrides.begin(), overrides.end());
+  return env;
+}
+
+std::string ShStep(const std::string& script) {
+  std::string quoted;
+  for (char c : script) {
+    if (c == '\\' || c == '"') quoted += '\\';
+    quoted += c;
+  }
+  return absl::StrCat("exec: {command: [sh, -c, \"", quoted, "\"]}\n");
+}
+
+std::string WaitForFileScript(const std::string& path, absl::Duration limit) {
+  return absl::StrCat("i=0; while [ ! -e ", path, " ] && [ $i -lt ", limit / absl::Milliseconds(50),
+                      " ]; do sleep 0.05; i=$((i+1)); done");
+}
+
 }  // namespace step_runner::testing

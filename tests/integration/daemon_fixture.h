@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "proto/step_runner.pb.h"
 #include "step-runner/client/client.h"
@@ -19,6 +20,29 @@ namespace step_runner::testing {
 // Paths of the binaries under test (built into the CMake binary dir).
 std::string StepRunnerBinary();
 std::string PatternWriterBinary();
+
+// Polls `condition` every `interval` until it holds or `deadline` passes; whether it held.
+template <typename Condition>
+bool PollUntil(Condition condition, absl::Duration deadline, absl::Duration interval = absl::Milliseconds(5)) {
+  const absl::Time until = absl::Now() + deadline;
+  for (;;) {
+    if (condition()) return true;
+    if (absl::Now() >= until) return false;
+    absl::SleepFor(interval);
+  }
+}
+
+// The test's environment with `overrides` ("KEY=VALUE") replacing any inherited entry of the
+// same name: getenv() returns the first match, so appending alone would not override.
+std::vector<std::string> EnvironmentWith(const std::vector<std::string>& overrides);
+
+// A step running `script` with sh -c. The exec form (not `run:`, no bash needed) so that the
+// step's process is the shell itself and `$$` is the leader of the step's process group.
+std::string ShStep(const std::string& script);
+
+// Shell code that waits for `path` to exist, for at most `limit`: a test that fails before
+// creating it must not leave a step running for long.
+std::string WaitForFileScript(const std::string& path, absl::Duration limit = absl::Minutes(2));
 
 // A temporary folder, removed with everything in it on destruction.
 class TempDir {

@@ -41,52 +41,6 @@ namespace {
 
 using ::testing::HasSubstr;
 
-// Polls `condition` every `interval` until it holds or `deadline` passes; returns whether it held.
-template <typename Condition>
-bool PollUntil(Condition condition, absl::Duration deadline,
-               absl::Duration interval = absl::Milliseconds(5)) {
-  const absl::Time until = absl::Now() + deadline;
-  for (;;) {
-    if (condition()) return true;
-    if (absl::Now() >= until) return false;
-    absl::SleepFor(interval);
-  }
-}
-
-// The test's environment with `overrides` ("KEY=VALUE") replacing any inherited entry of the
-// same name: getenv() returns the first match, so appending alone would not override.
-std::vector<std::string> EnvironmentWith(const std::vector<std::string>& overrides) {
-  std::vector<std::string> env;
-  for (char** e = environ; *e; ++e) {
-    absl::string_view entry(*e);
-    absl::string_view name = entry.substr(0, entry.find('='));
-    bool overridden = std::any_of(overrides.begin(), overrides.end(), [&](const std::string& o) {
-      return absl::string_view(o).substr(0, o.find('=')) == name;
-    });
-    if (!overridden) env.emplace_back(entry);
-  }
-  env.insert(env.end(), overrides.begin(), overrides.end());
-  return env;
-}
-
-// A step running `script` with sh -c. The exec form (not `run:`) so that the step's process is
-// the shell itself and `$$` is the leader of the step's process group.
-std::string ShStep(const std::string& script) {
-  std::string quoted;
-  for (char c : script) {
-    if (c == '\\' || c == '"') quoted += '\\';
-    quoted += c;
-  }
-  return absl::StrCat("exec: {command: [sh, -c, \"", quoted, "\"]}\n");
-}
-
-// Shell code that waits for `path` to exist, for at most `limit`: a test that fails before
-// creating it must not leave a step running for long.
-std::string WaitForFileScript(const std::string& path, absl::Duration limit = absl::Minutes(1)) {
-  return absl::StrCat("i=0; while [ ! -e ", path, " ] && [ $i -lt ", limit / absl::Milliseconds(50),
-                      " ]; do sleep 0.05; i=$((i+1)); done");
-}
-
 // What `pattern_writer BYTES ...` writes, byte for byte.
 std::string ExpectedPattern(int64_t bytes) {
   auto result = RunCommand({PatternWriterBinary(), "--expect", absl::StrCat(bytes)});

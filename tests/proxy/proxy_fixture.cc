@@ -70,19 +70,6 @@ absl::StatusOr<int> Process::Wait(absl::Duration deadline) {
   return code;
 }
 
-std::vector<std::string> EnvironmentWith(const std::vector<std::string>& overrides) {
-  std::vector<std::string> env;
-  for (char** e = environ; *e; ++e) {
-    absl::string_view entry(*e);
-    absl::string_view name = entry.substr(0, entry.find('='));
-    bool overridden = std::any_of(overrides.begin(), overrides.end(), [&](const std::string& o) {
-      return absl::string_view(o).substr(0, o.find('=')) == name;
-    });
-    if (!overridden) env.emplace_back(entry);
-  }
-  env.insert(env.end(), overrides.begin(), overrides.end());
-  return env;
-}
 
 std::string ShellQuote(const std::string& word) {
   std::string quoted = "'";

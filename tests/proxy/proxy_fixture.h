@@ -17,17 +17,6 @@ namespace step_runner::testing {
 
 std::string WorkspaceProxyBinary();
 
-// Polls `condition` every `interval` until it holds or `deadline` passes; whether it held.
-template <typename Condition>
-bool PollUntil(Condition condition, absl::Duration deadline,
-               absl::Duration interval = absl::Milliseconds(5)) {
-  const absl::Time until = absl::Now() + deadline;
-  for (;;) {
-    if (condition()) return true;
-    if (absl::Now() >= until) return false;
-    absl::SleepFor(interval);
-  }
-}
 
 // A process in the background whose stdout and stderr go to files (read at any time), in its own
 // process group. The destructor SIGKILLs the group if it still runs.
@@ -54,8 +43,6 @@ class Process {
   std::optional<int> exit_code_;
 };
 
-// The test's environment plus `overrides` ("KEY=VALUE", replacing inherited entries).
-std::vector<std::string> EnvironmentWith(const std::vector<std::string>& overrides);
 
 // Single-quotes `word` for /bin/sh.
 std::string ShellQuote(const std::string& word);

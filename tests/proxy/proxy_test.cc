@@ -95,21 +95,6 @@ int64_t ResidentBytes(pid_t pid) {
   return -1;
 }
 
-// A step that runs `script` with sh -c (exec form: no bash needed).
-std::string ShStep(const std::string& script) {
-  std::string quoted;
-  for (char c : script) {
-    if (c == '\\' || c == '"') quoted += '\\';
-    quoted += c;
-  }
-  return absl::StrCat("exec: {command: [sh, -c, \"", quoted, "\"]}\n");
-}
-
-// Shell code waiting (at most `limit`) for `path` to exist.
-std::string WaitForFileScript(const std::string& path, absl::Duration limit = absl::Minutes(2)) {
-  return absl::StrCat("i=0; while [ ! -e ", path, " ] && [ $i -lt ", limit / absl::Milliseconds(50),
-                      " ]; do sleep 0.05; i=$((i+1)); done");
-}
 
 // The local forge's GET /api/v4/user: two tokens, everything else 401.
 class FakeForge {
