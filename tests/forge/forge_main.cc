@@ -1,7 +1,7 @@
 // sr-forge: a local forge for tests and the demo.
 //
 //   sr-forge --state-dir DIR [--port 0] [--ready-file FILE] [--fixtures-dir DIR]
-//            [--model-sleep-seconds N]
+//            [--model-sleep-seconds N] [--model-latency-ms N]
 //
 // - Binds 127.0.0.1 only (an ephemeral port by default), then prints "sr-forge listening on URL"
 //   on stdout and writes URL to --ready-file (atomically), so a starter can wait for either.
@@ -27,7 +27,7 @@ namespace {
 int Usage(const std::string& problem) {
   std::cerr << "sr-forge: " << problem << "\n"
             << "usage: sr-forge --state-dir DIR [--port N] [--ready-file FILE] [--fixtures-dir DIR]"
-               " [--model-sleep-seconds N]\n";
+               " [--model-sleep-seconds N] [--model-latency-ms N]\n";
   return 2;
 }
 
@@ -51,6 +51,10 @@ int main(int argc, char** argv) {
       options.fixtures_dir = value;
     } else if (flag == "--model-sleep-seconds") {
       if (!absl::SimpleAtoi(value, &options.model_sleep_seconds)) return Usage("bad --model-sleep-seconds");
+    } else if (flag == "--model-latency-ms") {
+      if (!absl::SimpleAtoi(value, &options.model_latency_ms) || options.model_latency_ms < 0) {
+        return Usage("bad --model-latency-ms");
+      }
     } else {
       return Usage("unknown flag " + flag);
     }

@@ -497,6 +497,10 @@ void ForgeServer::Impl::HandleChat(const httplib::Request& req, httplib::Respons
                                {"last_user_message", last_user}});
   }
 
+  if (options_.model_latency_ms > 0) {
+    std::unique_lock<std::mutex> lock(mu_);
+    stop_cv_.wait_for(lock, std::chrono::milliseconds(options_.model_latency_ms), [this] { return stopping_; });
+  }
   std::string content;
   const json issue_fixture = fixtures_["issues"].value(std::to_string(iid), json::object());
   auto diff_answer = [&](const std::string& file_key, const std::string& summary_key) -> std::string {

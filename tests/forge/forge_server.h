@@ -18,6 +18,9 @@ struct ForgeOptions {
   std::string token = kDefaultToken;         // the user `agent`'s token
   std::string model_key = kDefaultModelKey;  // the chat-completions API key
   int model_sleep_seconds = 30;              // how long mode `sleep` stalls
+  // How long every completion takes before it answers, like a real model's latency (the demo
+  // uses it so that the job is still running when it kills its client); 0 for none.
+  int model_latency_ms = 0;
   int port = 0;                              // 0: ephemeral
 };
 
@@ -35,7 +38,7 @@ class ForgeServer {
   absl::StatusOr<std::string> Bind();
   // Serves until Stop(); returns an error if the server failed.
   absl::Status Serve();
-  // Thread-safe; wakes a handler stalled in model mode `sleep`.
+  // Thread-safe; wakes a handler stalled in model mode `sleep` or in the model's latency.
   void Stop();
 
  private:
