@@ -487,7 +487,8 @@ void Job::ForceKill() {
 void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind,
                  const std::string& message, int exit_code) {
   if (timeout_timer_) loop_->CancelTimer(std::exchange(timeout_timer_, 0));
-  bool remove;
+  // File variables are gone before anyone can see the job as ended.
+  if (!config_.secrets_dir.empty()) (void)RemoveTree(config_.secrets_dir);
   {
     absl::MutexLock lock(&mu_);
     status_.set_status(status);
@@ -500,22 +501,29 @@ void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind
       status_.mutable_error()->set_kind(kind);
       status_.mutable_error()->set_message(masked);
     }
+  }
+  // Everything this job writes into its folder is written before it counts as finished: a
+  // Close that comes the moment the status turns final (or a stream ends) removes the folder,
+  // and must not race a last write that would leave a half-removed job for the next start.
+  Emit(proto::FollowStepsResponse::JOB_FINISHED, nullptr);
+  bool remove;
+  {
+    absl::MutexLock lock(&mu_);
+    remove = delete_when_finished_;
+  }
+  if (!remove) WriteRecord(nullptr);
+  {
+    absl::MutexLock lock(&mu_);
     finished_ = true;
     remove = delete_when_finished_;
   }
   // Only now may followers' streams end: a client that asks for the status when its stream
   // ends must already see the final one.
-  Emit(proto::FollowStepsResponse::JOB_FINISHED, nullptr);
   events_->Finish();
   log_->Finish();
-  if (!config_.secrets_dir.empty()) (void)RemoveTree(config_.secrets_dir);
   // A retained job needs its status and log, not its plan (the step tree, env copies).
   config_.spec = engine::JobSpec();
-  if (remove) {
-    RemoveFolders();
-  } else {
-    WriteRecord(nullptr);
-  }
+  if (remove) RemoveFolders();
   if (on_finished_) on_finished_(*this);
 }
 

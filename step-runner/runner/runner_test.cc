@@ -255,6 +255,39 @@ TEST_F(RunnerTest, CloseDeletesStateAndIsIdempotent) {
   EXPECT_EQ(WaitFinished("c").status(), proto::StepResult::success);
 }
 
+// A gateway closes a job the moment it sees the final status. Whatever the job still wrote
+// then must not race the removal: a closed job must not come back after a restart.
+TEST_F(RunnerTest, CloseRightAfterTheEndLeavesNothingBehind) {
+  for (int i = 0; i < 40; ++i) {
+    const std::string id = absl::StrCat("quick-", i);
+    SR_ASSERT_OK(runner_->Run(Request(id, "exec: {command: [echo, done]}\n")));
+    for (;;) {
+      auto status = runner_->GetStatus(id);
+      ASSERT_TRUE(status.ok()) << status.status();
+      if ((*status)[0].status() != proto::StepResult::running) break;
+    }
+    SR_ASSERT_OK(runner_->Close(id));
+  }
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  std::vector<std::string> left;
+  do {
+    absl::SleepFor(absl::Milliseconds(20));
+    left.clear();
+    if (DIR* d = ::opendir((dir_ + "/state/jobs").c_str())) {
+      while (dirent* e = ::readdir(d)) {
+        if (std::string(e->d_name) != "." && std::string(e->d_name) != "..") left.push_back(e->d_name);
+      }
+      ::closedir(d);
+    }
+  } while (!left.empty() && absl::Now() < until);
+  EXPECT_THAT(left, ::testing::IsEmpty());
+  runner_.reset();
+  StartRunner();
+  auto all = runner_->GetStatus("");
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_THAT(*all, ::testing::IsEmpty());
+}
+
 TEST_F(RunnerTest, RestartKeepsFinishedJobsAndInterruptsRunningOnes) {
   SR_ASSERT_OK(runner_->Run(Request("done", "exec: {command: [echo, kept]}\n")));
   WaitFinished("done");
