@@ -400,8 +400,11 @@ class Evaluator {
         }
         return Result{it->second, context_.IsSensitive(n.name), n.name};
       }
-      case Node::kMember:
-        return Select(n, n.children[0].get(), Json(n.name));
+      case Node::kMember: {
+        std::string path;
+        if (const Json* v = ResolveChain(n, path)) return Result{*v, context_.IsSensitive(path), std::move(path)};
+        return Select(n, n.children[0].get(), Json(n.name));  // the general case, and every error
+      }
       case Node::kIndex: {
         SR_ASSIGN_OR_RETURN(Result index, Eval(*n.children[1]));
         SR_ASSIGN_OR_RETURN(Result r, Select(n, n.children[0].get(), index.json));
@@ -439,6 +442,26 @@ class Evaluator {
   }
 
  private:
+  // A chain of plain names (steps.build.outputs.x), read in place: only the value at its end is
+  // copied, not every container on the way (the `steps` context grows with each step, and a
+  // copy per lookup made a long run: sequence quadratic). nullptr when the chain does not
+  // resolve simply; Select then gives the result or the error.
+  const Json* ResolveChain(const Node& n, std::string& path) const {
+    if (n.kind == Node::kIdent) {
+      auto it = context_.values().find(n.name);
+      if (it == context_.values().end()) return nullptr;
+      path = n.name;
+      return &it->second;
+    }
+    if (n.kind != Node::kMember) return nullptr;
+    const Json* base = ResolveChain(*n.children[0], path);
+    if (base == nullptr || !base->is_object()) return nullptr;
+    auto it = base->find(n.name);
+    if (it == base->end()) return nullptr;
+    absl::StrAppend(&path, ".", n.name);
+    return &*it;
+  }
+
   absl::StatusOr<Result> Select(const Node& n, const Node* base_node, const Json& key) {
     SR_ASSIGN_OR_RETURN(Result base, Eval(*base_node));
     std::optional<std::string> path;
