@@ -11,6 +11,7 @@
 #include <cerrno>
 
 #include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
 #include "step-runner/base/files.h"
 
 namespace step_runner::testing {
@@ -224,6 +225,22 @@ std::string ShStep(const std::string& script) {
 std::string WaitForFileScript(const std::string& path, absl::Duration limit) {
   return absl::StrCat("i=0; while [ ! -e ", path, " ] && [ $i -lt ", limit / absl::Milliseconds(50),
                       " ]; do sleep 0.05; i=$((i+1)); done");
+}
+
+std::string ExpectedPattern(int64_t bytes) {
+  absl::StatusOr<CommandResult> result = RunCommand({PatternWriterBinary(), "--expect", absl::StrCat(bytes)});
+  if (!result.ok() || result->exit_code != 0) {
+    ADD_FAILURE() << "pattern_writer --expect " << bytes << " failed: " << result.status();
+    return "";
+  }
+  return result->out;
+}
+
+std::string Difference(const std::string& got, const std::string& want) {
+  size_t i = 0;
+  while (i < got.size() && i < want.size() && got[i] == want[i]) ++i;
+  if (i == got.size() && i == want.size()) return "identical";
+  return absl::StrCat("got ", got.size(), " bytes, want ", want.size(), "; first difference at byte ", i);
 }
 
 }  // namespace step_runner::testing

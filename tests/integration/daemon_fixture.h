@@ -44,6 +44,12 @@ std::string ShStep(const std::string& script);
 // creating it must not leave a step running for long.
 std::string WaitForFileScript(const std::string& path, absl::Duration limit = absl::Minutes(2));
 
+// What `pattern_writer BYTES ...` writes (its `--expect` output), byte for byte.
+std::string ExpectedPattern(int64_t bytes);
+
+// Where two byte strings first differ, for failure messages (printing megabytes helps no one).
+std::string Difference(const std::string& got, const std::string& want);
+
 // A temporary folder, removed with everything in it on destruction.
 class TempDir {
  public:

@@ -41,22 +41,6 @@ namespace {
 
 using ::testing::HasSubstr;
 
-// What `pattern_writer BYTES ...` writes, byte for byte.
-std::string ExpectedPattern(int64_t bytes) {
-  auto result = RunCommand({PatternWriterBinary(), "--expect", absl::StrCat(bytes)});
-  EXPECT_TRUE(result.ok() && result->exit_code == 0) << result.status();
-  return result.ok() ? result->out : "";
-}
-
-// Where two byte strings first differ, for failure messages (printing megabytes helps no one).
-std::string Difference(const std::string& got, const std::string& want) {
-  size_t i = 0;
-  while (i < got.size() && i < want.size() && got[i] == want[i]) ++i;
-  if (i == got.size() && i == want.size()) return "identical";
-  return absl::StrCat("got ", got.size(), " bytes, want ", want.size(),
-                      "; first difference at byte ", i);
-}
-
 // Pids from a file that shells append `$$` lines to; a line still being written is ignored.
 std::vector<pid_t> ReadPids(const std::string& path) {
   std::vector<pid_t> pids;

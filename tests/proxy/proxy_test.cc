@@ -43,21 +43,6 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-// What `pattern_writer --expect BYTES` prints: the job's log, byte for byte.
-std::string ExpectedPattern(int64_t bytes) {
-  auto result = RunCommand({PatternWriterBinary(), "--expect", absl::StrCat(bytes)});
-  EXPECT_TRUE(result.ok() && result->exit_code == 0) << result.status();
-  return result.ok() ? result->out : "";
-}
-
-// Where two byte strings first differ (printing megabytes helps no one).
-std::string Difference(const std::string& got, const std::string& want) {
-  size_t i = 0;
-  while (i < got.size() && i < want.size() && got[i] == want[i]) ++i;
-  if (i == got.size() && i == want.size()) return "identical";
-  return absl::StrCat("got ", got.size(), " bytes, want ", want.size(), "; first difference at ", i);
-}
-
 // The lines of a pid file that shells append `$$` to; a line being written is ignored.
 std::vector<pid_t> ReadPids(const std::string& path) {
   std::vector<pid_t> pids;
