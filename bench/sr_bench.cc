@@ -41,6 +41,8 @@
 ABSL_FLAG(bool, quick, false,
           "smoke-test sizes (overrides --runs/--warmup/--log_mib/--throughput_rounds/--retained_jobs)");
 ABSL_FLAG(int, runs, 1000, "timed dispatch runs per side");
+// The daemon's own costs; what the step sandbox adds is bench/sandbox_bench's to measure.
+ABSL_FLAG(std::string, sandbox, "none", "the daemons' --sandbox (none or bwrap)");
 ABSL_FLAG(int, warmup, 20, "untimed dispatch runs per side before timing");
 ABSL_FLAG(int, batch, 10, "dispatch runs per side per batch; the sides alternate by batch (ABBA)");
 ABSL_FLAG(bool, close_jobs, true,
@@ -400,7 +402,8 @@ struct MemoryResult {
 
 absl::StatusOr<MemoryResult> RunMemory(const Config& config, const std::string& dir) {
   SR_ASSIGN_OR_RETURN(std::unique_ptr<DaemonProcess> daemon,
-                      DaemonProcess::Start(config.daemon_binary, dir, {"--max-jobs", kMaxJobs}));
+                      DaemonProcess::Start(config.daemon_binary, dir,
+                                           {"--max-jobs", kMaxJobs, "--sandbox=" + absl::GetFlag(FLAGS_sandbox)}));
   // Let the gRPC threads finish starting, so "idle" is the settled figure, not a snapshot of
   // start-up.
   absl::SleepFor(absl::Milliseconds(500));
@@ -693,7 +696,8 @@ absl::Status Main(const std::string& command_line) {
 
   SR_RETURN_IF_ERROR(MakeDirs(tmp->path() + "/main", 0700));
   SR_ASSIGN_OR_RETURN(std::unique_ptr<DaemonProcess> daemon,
-                      DaemonProcess::Start(config.daemon_binary, tmp->path() + "/main", {"--max-jobs", kMaxJobs}));
+                      DaemonProcess::Start(config.daemon_binary, tmp->path() + "/main",
+                                           {"--max-jobs", kMaxJobs, "--sandbox=" + absl::GetFlag(FLAGS_sandbox)}));
   std::cerr << "sr_bench: dispatch..." << std::endl;
   SR_ASSIGN_OR_RETURN(DispatchResult dispatch, RunDispatch(config, *daemon, work_dir));
   if (const std::string path = absl::GetFlag(FLAGS_samples_csv); !path.empty()) {

@@ -51,9 +51,18 @@ nlohmann::json StepRecord(absl::string_view job_id, const proto::FollowStepsResp
       j["kind"] = "step_finished";
       j["step"] = event.result().name();
       j["status"] = proto::StepResult::Status_Name(event.result().status());
-      j["exit_code"] = event.result().exec_result().exit_code();
-      j["sandbox"] = std::string(sandbox_policy);
-      j["network"] = std::string(network);
+      // What the step's process ran under; a skipped step and a run: sequence ran none of
+      // their own (their children's lines say what those got).
+      if (event.result().has_exec_result()) {
+        j["exit_code"] = event.result().exec_result().exit_code();
+        j["sandbox"] = std::string(sandbox_policy);
+        j["network"] = std::string(network);
+      }
+      break;
+    case proto::FollowStepsResponse::WARNING:
+      j["kind"] = "warning";
+      j["step"] = event.step_path();
+      j["warning"] = event.warning();
       break;
     case proto::FollowStepsResponse::JOB_FINISHED:
       j["kind"] = "job_finished";

@@ -179,6 +179,10 @@ std::vector<std::string> BwrapArgv(const std::string& bwrap, const StepView& vie
       for (const char* dir : {"/tmp", "/dev", "/proc"}) {
         fresh = fresh || h.path == dir || h.path.rfind(absl::StrCat(dir, "/"), 0) == 0;
       }
+      // ...unless a tool folder brought it back.
+      for (const std::string& tools : view.tool_binds) {
+        fresh = fresh && !(h.path == tools || h.path.rfind(tools + "/", 0) == 0);
+      }
       if (!after_tree && fresh) continue;
       if (h.is_dir) {
         a.insert(a.end(), {"--tmpfs", h.path});
@@ -187,6 +191,7 @@ std::vector<std::string> BwrapArgv(const std::string& bwrap, const StepView& vie
       }
     }
   };
+  for (const std::string& path : view.tool_binds) a.insert(a.end(), {"--ro-bind", path, path});
   hide(false);
   if (!view.hosts_file.empty()) a.insert(a.end(), {"--ro-bind", view.hosts_file, "/etc/hosts"});
   if (!view.work_tree.empty()) a.insert(a.end(), {"--bind", view.work_tree, view.work_tree});

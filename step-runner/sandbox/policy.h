@@ -45,6 +45,9 @@ struct StepView {
   NetworkMode network = NetworkMode::kNone;  // what this step gets (after policy)
   std::vector<HiddenPath> hidden;
   std::vector<std::string> readonly_binds;  // re-exposed after hiding (this job's secret files)
+  // Folders under /tmp that the step's programs live in (its PATH, its argv[0]): the private
+  // /tmp would hide them, so they are bound back read-only before anything is hidden.
+  std::vector<std::string> tool_binds;
   // Re-exposed writable after hiding: the folder of this step's ${{ output_file }} and
   // ${{ export_file }}, which lives in the (hidden) job state.
   std::vector<std::string> writable_binds;

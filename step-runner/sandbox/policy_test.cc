@@ -51,6 +51,22 @@ TEST(BwrapArgvTest, NetworkIsSharedOnlyWhenGranted) {
   EXPECT_GE(Find(argv, {"--ro-bind", "/state/sandbox-hosts", "/etc/hosts"}), 0);
 }
 
+// Tools under /tmp come back read-only, first; what must stay hidden inside them is hidden after
+// (under /tmp alone it would be skipped as already gone with the private /tmp).
+TEST(BwrapArgvTest, ToolFoldersUnderTmpAreBoundBackBeforeHiding) {
+  StepView view = BaseView();
+  view.tool_binds = {"/tmp/checkout/build/bin"};
+  view.hidden = {{"/tmp/checkout/build/bin/state", true}, {"/tmp/elsewhere", true}};
+  std::vector<std::string> argv = BwrapArgv("bwrap", view);
+  int tmp = Find(argv, {"--tmpfs", "/tmp"});
+  int tools = Find(argv, {"--ro-bind", "/tmp/checkout/build/bin", "/tmp/checkout/build/bin"});
+  int hidden = Find(argv, {"--tmpfs", "/tmp/checkout/build/bin/state"});
+  ASSERT_GE(tmp, 0);
+  ASSERT_GT(tools, tmp);
+  ASSERT_GT(hidden, tools);
+  EXPECT_EQ(Find(argv, {"--tmpfs", "/tmp/elsewhere"}), -1);  // gone with the private /tmp already
+}
+
 TEST(BwrapArgvTest, HiddenFoldersAreCoveredBeforeTheWorkTreeIsBoundBack) {
   StepView view = BaseView();
   view.hidden = {{"/state", true}, {"/run/step-runner", true}, {"/root/.git-credentials", false},

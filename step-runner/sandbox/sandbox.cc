@@ -5,10 +5,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "step-runner/base/files.h"
@@ -165,6 +168,31 @@ std::string Sandbox::Describe() const {
                       cgroups_.Describe());
 }
 
+namespace {
+
+// The folders of the step's program and of its PATH that lie under /tmp (a checkout built
+// there, tools unpacked there): the sandbox's private /tmp would make "command not found" of them.
+std::vector<std::string> ToolFoldersUnderTmp(const std::string& program, const std::vector<std::string>& env) {
+  std::vector<std::string> candidates = {Dirname(program)};
+  for (const std::string& entry : env) {
+    if (!absl::StartsWith(entry, "PATH=")) continue;
+    for (absl::string_view dir : absl::StrSplit(absl::string_view(entry).substr(5), ':')) {
+      candidates.emplace_back(dir);
+    }
+  }
+  std::vector<std::string> folders;
+  for (std::string& dir : candidates) {
+    while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+    if (!absl::StartsWith(dir, "/tmp/") || dir.find("/..") != std::string::npos) continue;
+    struct stat st;
+    if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) continue;
+    if (std::find(folders.begin(), folders.end(), dir) == folders.end()) folders.push_back(dir);
+  }
+  return folders;
+}
+
+}  // namespace
+
 absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::PlannedStep& step) {
   if (step.argv.empty()) return absl::InvalidArgumentError("empty command");
   // Resolved here, with the step's PATH, so "command not found" stays the runner's exit 127
@@ -211,6 +239,7 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
   StepView view;
   view.argv = step.argv;
   view.argv[0] = program;
+  view.tool_binds = ToolFoldersUnderTmp(program, step.env);
   view.work_tree = context.job_work_dir;
   view.cwd = step.work_dir;
   view.network = network;

@@ -362,12 +362,18 @@ TEST_F(ProxyTest, ForbiddenRequestsAreRefusedWithAMessage) {
                                         {"-N", "-L", absl::StrCat(local, ":/step-runner.sock")}),
                                 dir_.path() + "/forward");
   ASSERT_TRUE(forward.ok());
-  ASSERT_TRUE(PollUntil([&] { return ::access(local.c_str(), F_OK) == 0; }, absl::Seconds(30)));
-  UniqueFd client(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   sockaddr_un addr{.sun_family = AF_UNIX};
   ASSERT_LT(local.size(), sizeof addr.sun_path);
   std::memcpy(addr.sun_path, local.c_str(), local.size() + 1);
-  ASSERT_EQ(::connect(client.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  // ssh binds the socket before it listens: until then a connect is refused.
+  UniqueFd client;
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        client = UniqueFd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        return ::connect(client.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+      },
+      absl::Seconds(30), absl::Milliseconds(10)))
+      << "ssh never listened on " << local;
   pollfd pfd{.fd = client.get(), .events = POLLIN};
   char byte;
   ASSERT_EQ(::poll(&pfd, 1, 30000), 1);

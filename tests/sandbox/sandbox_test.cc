@@ -368,6 +368,10 @@ TEST_F(SandboxTest, OutputBudgetWarningIsAStepEventThatAStepCannotForge) {
   }
   ASSERT_EQ(warnings.size(), 1u);
   EXPECT_THAT(warnings[0], HasSubstr("probe: the job's output reached 80% of its budget"));
+  // And in the audit trail, for whoever reviews the job later.
+  SR_ASSERT_OK_AND_ASSIGN(std::string audit, ReadFile(dir_.path() + "/state/audit.log"));
+  EXPECT_THAT(audit, HasSubstr("\"kind\":\"warning\""));
+  EXPECT_THAT(audit, HasSubstr("80% of its budget"));
   // Before the step's finished event, where it belongs.
   ASSERT_GE(events.size(), 3u);
   EXPECT_EQ(events[events.size() - 2].kind(), proto::FollowStepsResponse::STEP_FINISHED);
@@ -405,6 +409,20 @@ TEST_F(SandboxTest, OutputsAndExportsWorkInsideTheSandbox) {
   Outcome out = Run(request);
   EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
   EXPECT_THAT(out.log, HasSubstr("message=hi sandbox color=blue"));
+}
+
+// A checkout built under /tmp (as CI clones often are): the step's tools on PATH are found,
+// read-only, although the sandbox's /tmp is private.
+TEST_F(SandboxTest, ToolsOnAPathUnderTmpStayReachable) {
+  TempDir tools;  // under /tmp
+  ASSERT_TRUE(MakeDirs(tools.path() + "/bin", 0755).ok());
+  ASSERT_TRUE(WriteFileAtomically(tools.path() + "/bin/sr-hello", "#!/bin/sh\necho hello from $0\n", 0755).ok());
+  START_OR_SKIP();
+  Outcome out = RunScript("tools", absl::StrCat(Probe("writable", "touch " + tools.path() + "/bin/x"), "\nsr-hello"),
+                          {{"PATH", tools.path() + "/bin:/usr/bin:/bin"}});
+  EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
+  EXPECT_THAT(out.log, HasSubstr("hello from"));
+  EXPECT_THAT(out.log, HasSubstr("writable=no"));
 }
 
 TEST_F(SandboxTest, CpuTimeLimitEndsAsResourceExhausted) {
