@@ -15,6 +15,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "step-runner/base/files.h"
@@ -23,6 +24,21 @@
 
 namespace step_runner::engine {
 namespace {
+
+// A password in a git URL's user info (https://user:TOKEN@host/...) never reaches a message:
+// messages go to the log, the result tree and the gateway's model.
+absl::Status WithoutUrlPassword(const absl::Status& status, const std::string& url) {
+  const size_t scheme = url.find("://");
+  if (scheme == std::string::npos) return status;
+  const size_t at = url.find('@', scheme + 3);
+  const size_t colon = url.find(':', scheme + 3);
+  if (at == std::string::npos || colon == std::string::npos || colon > at || url.find('/', scheme + 3) < at) {
+    return status;
+  }
+  const std::string password = url.substr(colon + 1, at - colon - 1);
+  if (password.empty()) return status;
+  return absl::Status(status.code(), absl::StrReplaceAll(status.message(), {{password, "[MASKED]"}}));
+}
 
 std::string Sha256Hex(absl::string_view input) {
   unsigned char digest[EVP_MAX_MD_SIZE];
@@ -103,7 +119,9 @@ absl::StatusOr<LoadedStep> StepLoader::Load(const steps::StepReference& ref, con
       return LoadFile(absl::StrCat(options_.catalog_dir, "/", ref.path, "/step.yml"), ref.text);
     }
     case Kind::kGit: {
-      SR_ASSIGN_OR_RETURN(std::string tree, GitTree(ref.git_url, ref.git_rev));
+      absl::StatusOr<std::string> fetched = GitTree(ref.git_url, ref.git_rev);
+      if (!fetched.ok()) return WithoutUrlPassword(fetched.status(), ref.git_url);
+      const std::string& tree = *fetched;
       if (absl::StrContains(ref.git_dir, "..") || absl::StrContains(ref.git_file, "..")) {
         return absl::InvalidArgumentError(absl::StrCat("step ", ref.text, ": dir and file cannot hold \"..\""));
       }

@@ -5,6 +5,8 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "step-runner/base/files.h"
@@ -148,6 +150,56 @@ TEST_F(WorkflowTest, AMissingIssueFailsClearlyAndTouchesNothing) {
   EXPECT_EQ(Child(result.value("result", json::object()), "issue")["status"], "failure");
   SR_ASSERT_OK_AND_ASSIGN(json mrs, forge_->Api("GET", "/api/v4/projects/1/merge_requests?state=all"));
   EXPECT_THAT(mrs, IsEmpty());
+}
+
+// Git step references over smart HTTP (libgit2 against the forge's `git http-backend`), by tag
+// and by branch; a revision that does not exist is a clear error that names it, and nothing runs.
+TEST_F(ForgeTestBase, GitStepReferencesOverHttp) {
+  SR_ASSERT_OK(forge_->Api("POST", "/api/v4/projects", {{"path", "demo/steps"}}).status());
+  const std::string repo = tmp_.path() + "/steps-repo";
+  SR_ASSERT_OK(MakeDirs(repo + "/greet", 0700));
+  SR_ASSERT_OK(WriteFileAtomically(repo + "/greet/step.yml",
+                                   "spec:\n  inputs:\n    who: {type: string, default: world}\n---\n"
+                                   "exec:\n  command: [echo, \"hello ${{ inputs.who }} over http\"]\n",
+                                   0600));
+  // The forge's git asks for HTTP Basic with the token; the test's URL carries it.
+  const std::string url = absl::StrReplaceAll(forge_->url(), {{"http://", absl::StrCat("http://agent:", forge_->token(), "@")}}) +
+                          "/demo/steps.git";
+  for (const std::vector<std::string>& git :
+       {std::vector<std::string>{"git", "-C", repo, "init", "-q", "-b", "main"},
+        {"git", "-C", repo, "add", "-A"},
+        {"git", "-C", repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "greet"},
+        {"git", "-C", repo, "tag", "v1"},
+        {"git", "-C", repo, "push", "-q", url, "main", "v1"}}) {
+    SR_ASSERT_OK_AND_ASSIGN(CommandResult r, RunCommand(git, absl::Seconds(60)));
+    ASSERT_EQ(r.exit_code, 0) << absl::StrJoin(git, " ") << ": " << r.err;
+  }
+  auto exec = [&](const std::string& name, const std::string& steps) -> absl::StatusOr<CommandResult> {
+    const std::string file = tmp_.path() + "/" + name + ".yml";
+    SR_RETURN_IF_ERROR(WriteFileAtomically(file, steps, 0600));
+    SR_RETURN_IF_ERROR(MakeDirs(tmp_.path() + "/work-" + name, 0700));
+    return RunCommand({StepRunnerBinary(), "exec", file, "--work-dir", tmp_.path() + "/work-" + name},
+                      absl::Seconds(120));
+  };
+  SR_ASSERT_OK_AND_ASSIGN(
+      CommandResult ok,
+      exec("ok", absl::StrCat("spec: {}\n---\nrun:\n"
+                              "  - name: by_tag\n    step: {git: {url: \"", url, "\", rev: v1, dir: greet}}\n"
+                              "    inputs: {who: tag}\n"
+                              "  - name: by_branch\n    step: {git: {url: \"", url, "\", rev: main, dir: greet}}\n")));
+  EXPECT_EQ(ok.exit_code, 0) << ok.out << ok.err;
+  EXPECT_THAT(ok.out, HasSubstr("hello tag over http\nhello world over http\n"));
+
+  SR_ASSERT_OK_AND_ASSIGN(
+      CommandResult missing,
+      exec("missing", absl::StrCat("spec: {}\n---\nrun:\n"
+                                   "  - name: nope\n    step: {git: {url: \"", url, "\", rev: v9, dir: greet}}\n")));
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_THAT(missing.out + missing.err, HasSubstr("v9"));
+  EXPECT_THAT(missing.out, Not(HasSubstr("hello")));
+  // The URL's password (the forge token) is not in the message.
+  EXPECT_THAT(missing.out + missing.err, Not(HasSubstr(forge_->token())));
+  EXPECT_THAT(missing.out + missing.err, HasSubstr("agent:[MASKED]@"));
 }
 
 }  // namespace
