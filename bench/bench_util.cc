@@ -232,4 +232,15 @@ absl::StatusOr<int64_t> DrainToEof(const std::vector<int>& fds, size_t buffer_by
   return total;
 }
 
+std::vector<std::string> StepEnvironment() {
+  std::vector<std::string> env;
+  for (const char* name : {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "LOGNAME", "USER", "SHELL",
+                           "TERM", "TMPDIR", "TZ", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+                           "http_proxy", "https_proxy", "no_proxy", "all_proxy"}) {
+    if (const char* value = std::getenv(name)) env.push_back(absl::StrCat(name, "=", value));
+  }
+  if (!std::getenv("PATH")) env.push_back("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+  return env;
+}
+
 }  // namespace step_runner::bench

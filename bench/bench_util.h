@@ -106,6 +106,10 @@ std::string FilesystemType(const std::string& path);
 // were. Polls instead of spinning, as the daemon's event loop does.
 absl::StatusOr<int64_t> DrainToEof(const std::vector<int>& fds, size_t buffer_bytes);
 
+// The environment the daemon gives steps (main.cc keeps these names of its own environment),
+// for raw baselines that must see an equally small environment.
+std::vector<std::string> StepEnvironment();
+
 }  // namespace step_runner::bench
 
 #endif  // STEP_RUNNER_BENCH_BENCH_UTIL_H_

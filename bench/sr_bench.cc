@@ -85,19 +85,6 @@ struct Config {
   std::vector<std::string> step_env;
 };
 
-// The environment the daemon gives steps (main.cc keeps these names of its own environment):
-// the raw side gets the same, so exec sees an equally small environment on both sides.
-std::vector<std::string> StepEnvironment() {
-  std::vector<std::string> env;
-  for (const char* name : {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "LOGNAME", "USER", "SHELL",
-                           "TERM", "TMPDIR", "TZ", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-                           "http_proxy", "https_proxy", "no_proxy", "all_proxy"}) {
-    if (const char* value = std::getenv(name)) env.push_back(absl::StrCat(name, "=", value));
-  }
-  if (!std::getenv("PATH")) env.push_back("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-  return env;
-}
-
 std::string StepFile(const std::vector<std::string>& argv) {
   return absl::StrCat("{}\n---\nexec:\n  command: [", absl::StrJoin(argv, ", "), "]\n");
 }

@@ -304,19 +304,6 @@ absl::StatusOr<ExprResult> RunExpr(const Config& config) {
 // ---------------------------------------------------------------------------------------------
 // 3. Running a run: sequence.
 
-// The environment the daemon gives steps (main.cc's list); the runner and the raw side get the
-// same, so every exec sees an equally small environment.
-std::vector<std::string> StepEnvironment() {
-  std::vector<std::string> env;
-  for (const char* name : {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "LOGNAME", "USER", "SHELL",
-                           "TERM", "TMPDIR", "TZ", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-                           "http_proxy", "https_proxy", "no_proxy", "all_proxy"}) {
-    if (const char* value = std::getenv(name)) env.push_back(absl::StrCat(name, "=", value));
-  }
-  if (!std::getenv("PATH")) env.push_back("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-  return env;
-}
-
 std::string TrueSequence(int steps) {
   std::string out = "{}\n---\nrun:\n";
   for (int i = 0; i < steps; ++i) absl::StrAppend(&out, "  - name: t", i, "\n    exec: {command: [/bin/true]}\n");

@@ -11,6 +11,8 @@
 #include <cerrno>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/numbers.h"
 #include "gtest/gtest.h"
 #include "step-runner/base/files.h"
 
@@ -241,6 +243,17 @@ std::string Difference(const std::string& got, const std::string& want) {
   while (i < got.size() && i < want.size() && got[i] == want[i]) ++i;
   if (i == got.size() && i == want.size()) return "identical";
   return absl::StrCat("got ", got.size(), " bytes, want ", want.size(), "; first difference at byte ", i);
+}
+
+std::vector<pid_t> ReadPids(const std::string& path) {
+  std::vector<pid_t> pids;
+  std::string text = ReadFile(path).value_or("");
+  text.resize(text.rfind('\n') == std::string::npos ? 0 : text.rfind('\n') + 1);
+  for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
+    pid_t pid;
+    if (absl::SimpleAtoi(line, &pid)) pids.push_back(pid);
+  }
+  return pids;
 }
 
 }  // namespace step_runner::testing

@@ -50,6 +50,9 @@ std::string ExpectedPattern(int64_t bytes);
 // Where two byte strings first differ, for failure messages (printing megabytes helps no one).
 std::string Difference(const std::string& got, const std::string& want);
 
+// Pids from a file that shells append `$$` lines to; a line still being written is ignored.
+std::vector<pid_t> ReadPids(const std::string& path);
+
 // A temporary folder, removed with everything in it on destruction.
 class TempDir {
  public:

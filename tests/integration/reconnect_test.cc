@@ -41,18 +41,6 @@ namespace {
 
 using ::testing::HasSubstr;
 
-// Pids from a file that shells append `$$` lines to; a line still being written is ignored.
-std::vector<pid_t> ReadPids(const std::string& path) {
-  std::vector<pid_t> pids;
-  std::string text = ReadFile(path).value_or("");
-  text.resize(text.rfind('\n') == std::string::npos ? 0 : text.rfind('\n') + 1);
-  for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
-    pid_t pid;
-    if (absl::SimpleAtoi(line, &pid)) pids.push_back(pid);
-  }
-  return pids;
-}
-
 std::optional<pid_t> ReadPid(const std::string& path) {
   std::vector<pid_t> pids = ReadPids(path);
   if (pids.empty()) return std::nullopt;

@@ -43,18 +43,6 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
-// The lines of a pid file that shells append `$$` to; a line being written is ignored.
-std::vector<pid_t> ReadPids(const std::string& path) {
-  std::vector<pid_t> pids;
-  std::string text = ReadFile(path).value_or("");
-  text.resize(text.rfind('\n') == std::string::npos ? 0 : text.rfind('\n') + 1);
-  for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
-    pid_t pid;
-    if (absl::SimpleAtoi(line, &pid)) pids.push_back(pid);
-  }
-  return pids;
-}
-
 // SIGKILLs `pid` through a pidfd if it still runs `marker` (so a reused pid is never hit).
 bool KillIfStillOurs(pid_t pid, const std::string& marker) {
   UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
