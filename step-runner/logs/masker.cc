@@ -1,7 +1,10 @@
 #include "step-runner/logs/masker.h"
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
+
+#include "absl/strings/match.h"
 
 namespace step_runner::logs {
 
@@ -25,46 +28,101 @@ bool IsTokenChar(char c) {
 // A token longer than this is masked without waiting for its end.
 constexpr size_t kMaxHeldToken = 4096;
 
-}  // namespace
-
-std::string StreamMasker::Process(absl::string_view data) { return MaskTokens(MaskSecrets(data), false); }
-
-std::string StreamMasker::Flush() {
-  std::string tail = MaskTokens(std::exchange(pending_, std::string()), false);
-  return tail + MaskTokens("", true);
+// The first bytes that the known prefixes begin with ("g" and "x"), each once.
+const std::string& PrefixFirstBytes() {
+  static const std::string* bytes = [] {
+    auto* s = new std::string;
+    for (absl::string_view prefix : kTokenPrefixes) {
+      if (s->find(prefix[0]) == std::string::npos) s->push_back(prefix[0]);
+    }
+    return s;
+  }();
+  return *bytes;
 }
 
-std::string StreamMasker::MaskTokens(absl::string_view data, bool final) {
-  std::string buffer = std::exchange(token_pending_, std::string());
-  buffer.append(data.data(), data.size());
-  std::string out;
-  out.reserve(buffer.size());
-  size_t pos = 0;
-  while (pos < buffer.size()) {
-    // The earliest prefix from here.
-    size_t best = std::string::npos;
-    size_t best_len = 0;
-    for (absl::string_view prefix : kTokenPrefixes) {
-      size_t at = buffer.find(prefix.data(), pos, prefix.size());
-      if (at < best) {
-        best = at;
-        best_len = prefix.size();
+// Finds known token prefixes in one buffer, front to back. It remembers where the next
+// occurrence of each first byte lies, so a buffer full of near misses ("g" in prose) is still
+// scanned about once per first byte rather than once per candidate.
+class PrefixFinder {
+ public:
+  explicit PrefixFinder(absl::string_view text) : text_(text), next_(PrefixFirstBytes().size(), kUnknown) {}
+
+  // The earliest position >= from where a whole prefix starts, or npos; sets *length to its size.
+  size_t Next(size_t from, size_t* length) {
+    for (size_t pos = from;;) {
+      size_t at = NextCandidate(pos);
+      if (at == absl::string_view::npos) return at;
+      for (absl::string_view prefix : kTokenPrefixes) {
+        if (absl::StartsWith(text_.substr(at), prefix)) {
+          *length = prefix.size();
+          return at;
+        }
       }
+      pos = at + 1;
     }
-    if (best == std::string::npos) break;
-    size_t end = best + best_len;
+  }
+
+ private:
+  static constexpr size_t kUnknown = absl::string_view::npos - 1;
+
+  size_t NextCandidate(size_t from) {
+    size_t best = absl::string_view::npos;
+    const std::string& firsts = PrefixFirstBytes();
+    for (size_t i = 0; i < firsts.size(); ++i) {
+      if (next_[i] == kUnknown || (next_[i] != absl::string_view::npos && next_[i] < from)) {
+        const void* hit = from < text_.size() ? std::memchr(text_.data() + from, firsts[i], text_.size() - from) : nullptr;
+        next_[i] = hit ? static_cast<size_t>(static_cast<const char*>(hit) - text_.data()) : absl::string_view::npos;
+      }
+      best = std::min(best, next_[i]);
+    }
+    return best;
+  }
+
+  absl::string_view text_;
+  std::vector<size_t> next_;  // per first byte: its next position, npos when none is left
+};
+
+}  // namespace
+
+absl::string_view StreamMasker::Process(absl::string_view data) { return MaskTokens(MaskSecrets(data), false); }
+
+std::string StreamMasker::Flush() {
+  // What the secrets pass held back is a proper prefix of a secret, so not a secret.
+  std::string held = std::exchange(pending_, std::string());
+  std::string tail(MaskTokens(held, false));
+  absl::string_view last = MaskTokens("", true);
+  tail.append(last.data(), last.size());
+  return tail;
+}
+
+absl::string_view StreamMasker::MaskTokens(absl::string_view data, bool final) {
+  absl::string_view buffer = data;
+  if (!token_pending_.empty()) {
+    tokens_in_.assign(token_pending_);
+    tokens_in_.append(data.data(), data.size());
+    token_pending_.clear();
+    buffer = tokens_in_;
+  }
+  tokens_out_.clear();
+  bool rewritten = false;  // whether the output differs from buffer's head (then it is in tokens_out_)
+  PrefixFinder finder(buffer);
+  size_t pos = 0;
+  size_t prefix_length = 0;
+  for (size_t at = finder.Next(0, &prefix_length); at != absl::string_view::npos;
+       at = finder.Next(pos, &prefix_length)) {
+    size_t end = at + prefix_length;
     while (end < buffer.size() && IsTokenChar(buffer[end])) ++end;
-    if (end == buffer.size() && !final && end - best < kMaxHeldToken) {
+    tokens_out_.append(buffer.data() + pos, at - pos);
+    if (end == buffer.size() && !final && end - at < kMaxHeldToken) {
       // The token may go on in the next write: decide then.
-      out.append(buffer, pos, best - pos);
-      token_pending_ = buffer.substr(best);
-      return out;
+      token_pending_.assign(buffer.data() + at, buffer.size() - at);
+      return tokens_out_;
     }
-    out.append(buffer, pos, best - pos);
-    if (end - best - best_len >= kMinTokenChars) {
-      out.append(kMaskedText.data(), kMaskedText.size());
+    if (end - at - prefix_length >= kMinTokenChars) {
+      tokens_out_.append(kMaskedText.data(), kMaskedText.size());
+      rewritten = true;
     } else {
-      out.append(buffer, best, end - best);
+      tokens_out_.append(buffer.data() + at, end - at);
     }
     pos = end;
   }
@@ -74,39 +132,48 @@ std::string StreamMasker::MaskTokens(absl::string_view data, bool final) {
     size_t remaining = buffer.size() - pos;
     for (absl::string_view prefix : kTokenPrefixes) {
       for (size_t len = std::min(remaining, prefix.size() - 1); len > hold; --len) {
-        if (buffer.compare(buffer.size() - len, len, prefix.data(), len) == 0) {
+        if (buffer.substr(buffer.size() - len) == prefix.substr(0, len)) {
           hold = len;
           break;
         }
       }
     }
   }
-  out.append(buffer, pos, buffer.size() - pos - hold);
-  token_pending_ = buffer.substr(buffer.size() - hold);
-  return out;
+  token_pending_.assign(buffer.data() + buffer.size() - hold, hold);
+  if (!rewritten) return buffer.substr(0, buffer.size() - hold);
+  tokens_out_.append(buffer.data() + pos, buffer.size() - pos - hold);
+  return tokens_out_;
 }
 
-std::string StreamMasker::MaskSecrets(absl::string_view data) {
-  if (secrets_.empty()) return std::string(data);
-  std::string buffer = std::move(pending_);
-  pending_.clear();
-  buffer.append(data.data(), data.size());
-  std::string out;
-  out.reserve(buffer.size());
+absl::string_view StreamMasker::MaskSecrets(absl::string_view data) {
+  if (secrets_.empty()) return data;
+  absl::string_view buffer = data;
+  if (!pending_.empty()) {
+    secrets_in_.assign(pending_);
+    secrets_in_.append(data.data(), data.size());
+    pending_.clear();
+    buffer = secrets_in_;
+  }
+  // Where each secret occurs next; found again only once the output has moved past it.
+  std::vector<size_t> next(secrets_.size());
+  for (size_t i = 0; i < secrets_.size(); ++i) next[i] = buffer.find(secrets_[i]);
+  secrets_out_.clear();
+  bool rewritten = false;
   size_t pos = 0;
   for (;;) {
-    size_t best = std::string::npos;
+    size_t best = absl::string_view::npos;
     size_t best_len = 0;
-    for (const std::string& s : secrets_) {
-      size_t at = buffer.find(s, pos);
-      if (at < best) {
-        best = at;
-        best_len = s.size();
+    for (size_t i = 0; i < secrets_.size(); ++i) {
+      if (next[i] != absl::string_view::npos && next[i] < pos) next[i] = buffer.find(secrets_[i], pos);
+      if (next[i] < best) {  // strictly earlier: at a tie the longer secret (listed first) wins
+        best = next[i];
+        best_len = secrets_[i].size();
       }
     }
-    if (best == std::string::npos) break;
-    out.append(buffer, pos, best - pos);
-    out.append(kMaskedText.data(), kMaskedText.size());
+    if (best == absl::string_view::npos) break;
+    secrets_out_.append(buffer.data() + pos, best - pos);
+    secrets_out_.append(kMaskedText.data(), kMaskedText.size());
+    rewritten = true;
     pos = best + best_len;
   }
   // Hold back the longest tail that is a proper prefix of some secret.
@@ -114,20 +181,21 @@ std::string StreamMasker::MaskSecrets(absl::string_view data) {
   size_t hold = 0;
   for (const std::string& s : secrets_) {
     for (size_t len = std::min(remaining, s.size() - 1); len > hold; --len) {
-      if (buffer.compare(buffer.size() - len, len, s, 0, len) == 0) {
+      if (buffer.substr(buffer.size() - len) == absl::string_view(s).substr(0, len)) {
         hold = len;
         break;
       }
     }
   }
-  out.append(buffer, pos, remaining - hold);
-  pending_ = buffer.substr(buffer.size() - hold);
-  return out;
+  pending_.assign(buffer.data() + buffer.size() - hold, hold);
+  if (!rewritten) return buffer.substr(0, buffer.size() - hold);
+  secrets_out_.append(buffer.data() + pos, remaining - hold);
+  return secrets_out_;
 }
 
 std::string MaskSecrets(absl::string_view text, const std::vector<std::string>& secrets) {
   StreamMasker masker(secrets);
-  std::string out = masker.Process(text);
+  std::string out(masker.Process(text));
   return out + masker.Flush();
 }
 

@@ -27,18 +27,22 @@ class StreamMasker {
  public:
   explicit StreamMasker(std::vector<std::string> secrets);
 
-  // Returns the bytes that are safe to emit now.
-  std::string Process(absl::string_view data);
+  // Returns the bytes that are safe to emit now. The view points into `data` or into this
+  // masker and stays valid until the next call. Output with nothing to mask (the common case)
+  // is not copied: the masker sits on the path of every byte a step writes.
+  absl::string_view Process(absl::string_view data);
   // End of stream: returns what was held back.
   std::string Flush();
 
  private:
-  std::string MaskSecrets(absl::string_view data);
-  std::string MaskTokens(absl::string_view data, bool final);
+  absl::string_view MaskSecrets(absl::string_view data);
+  absl::string_view MaskTokens(absl::string_view data, bool final);
 
   std::vector<std::string> secrets_;  // non-empty, longest first
   std::string pending_;               // held back by the secrets pass
   std::string token_pending_;         // held back by the token pass
+  // Scratch buffers that keep their capacity from one write to the next.
+  std::string secrets_in_, secrets_out_, tokens_in_, tokens_out_;
 };
 
 // Masks whole strings (status messages and the like) with the same rules.

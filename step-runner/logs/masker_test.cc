@@ -2,6 +2,7 @@
 
 #include <random>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace step_runner::logs {
@@ -21,18 +22,18 @@ TEST(MaskerTest, NoSecretsPassesBytesThrough) {
 
 TEST(MaskerTest, SecretSplitAcrossWritesIsMasked) {
   StreamMasker masker({"hunter2"});
-  std::string out = masker.Process("password: hun");
-  out += masker.Process("ter");
-  out += masker.Process("2 ok");
+  std::string out(masker.Process("password: hun"));
+  absl::StrAppend(&out, masker.Process("ter"));
+  absl::StrAppend(&out, masker.Process("2 ok"));
   out += masker.Flush();
   EXPECT_EQ(out, "password: [MASKED] ok");
 }
 
 TEST(MaskerTest, HeldBackPrefixIsReleasedWhenItIsNotASecret) {
   StreamMasker masker({"hunter2"});
-  std::string out = masker.Process("hunt");
+  std::string out(masker.Process("hunt"));
   EXPECT_EQ(out, "");
-  out += masker.Process("ing season");
+  absl::StrAppend(&out, masker.Process("ing season"));
   out += masker.Flush();
   EXPECT_EQ(out, "hunting season");
 }
@@ -55,7 +56,7 @@ TEST(MaskerTest, RandomSplitsGiveTheSameResult) {
     while (pos < text.size()) {
       size_t len = std::uniform_int_distribution<size_t>(0, 5)(rng);
       len = std::min(len, text.size() - pos);
-      out += masker.Process(absl::string_view(text).substr(pos, len));
+      absl::StrAppend(&out, masker.Process(absl::string_view(text).substr(pos, len)));
       pos += len;
     }
     out += masker.Flush();
@@ -74,16 +75,16 @@ TEST(MaskerTest, KnownTokenPrefixesAreMaskedWithoutDeclaration) {
 
 TEST(MaskerTest, TokenSplitAcrossWritesIsMasked) {
   StreamMasker masker({});
-  std::string out = masker.Process("token: gl");
-  out += masker.Process("pat-abcd");
-  out += masker.Process("efgh1234 done");
+  std::string out(masker.Process("token: gl"));
+  absl::StrAppend(&out, masker.Process("pat-abcd"));
+  absl::StrAppend(&out, masker.Process("efgh1234 done"));
   out += masker.Flush();
   EXPECT_EQ(out, "token: [MASKED] done");
 }
 
 TEST(MaskerTest, TokenAtEndOfStreamIsMaskedByFlush) {
   StreamMasker masker({});
-  std::string out = masker.Process("last line glpat-abcdefgh12");
+  std::string out(masker.Process("last line glpat-abcdefgh12"));
   EXPECT_EQ(out.find("glpat"), std::string::npos);
   out += masker.Flush();
   EXPECT_EQ(out, "last line [MASKED]");
@@ -100,11 +101,49 @@ TEST(MaskerTest, TokenRandomSplitsGiveTheSameResult) {
     size_t pos = 0;
     while (pos < text.size()) {
       size_t len = std::min(std::uniform_int_distribution<size_t>(0, 6)(rng), text.size() - pos);
-      out += masker.Process(absl::string_view(text).substr(pos, len));
+      absl::StrAppend(&out, masker.Process(absl::string_view(text).substr(pos, len)));
       pos += len;
     }
     out += masker.Flush();
     ASSERT_EQ(out, expected) << "round " << round;
+  }
+}
+
+// A long stream mixing prose full of near misses ("g", "gl", "glpat" too short), declared
+// secrets and real tokens, cut into writes of every size from one byte to 64 KiB: the output
+// is exactly the stream with each secret and token replaced, whatever the cuts.
+TEST(MaskerTest, LongMixedStreamIsMaskedExactlyAtAnyWriteSize) {
+  const std::vector<std::string> secrets = {"hunter2", "s3cr3t-value"};
+  const std::vector<std::pair<std::string, std::string>> pieces = {
+      {"going glad ", "going glad "},
+      {"hunter2", "[MASKED]"},
+      {" glpat-short ", " glpat-short "},
+      {"glpat-0123456789abcdef ", "[MASKED] "},
+      {"\nxoxo gh ghp ", "\nxoxo gh ghp "},
+      {"s3cr3t-value", "[MASKED]"},
+      {std::string("\0\xffgg", 4), std::string("\0\xffgg", 4)},
+      {"github_pat_ABCDEFGH_12345678\n", "[MASKED]\n"},
+      {" hunter ", " hunter "},
+  };
+  std::mt19937 rng(5);
+  std::string text, expected;
+  while (text.size() < (1u << 20)) {
+    const auto& [in, out] = pieces[std::uniform_int_distribution<size_t>(0, pieces.size() - 1)(rng)];
+    text += in;
+    expected += out;
+  }
+  EXPECT_EQ(MaskSecrets(text, secrets), expected);
+  for (size_t max_write : {1u, 7u, 4096u, 65536u}) {
+    StreamMasker masker(secrets);
+    std::string got;
+    for (size_t pos = 0; pos < text.size();) {
+      size_t len = std::min(std::uniform_int_distribution<size_t>(1, max_write)(rng), text.size() - pos);
+      absl::StrAppend(&got, masker.Process(absl::string_view(text).substr(pos, len)));
+      pos += len;
+    }
+    got += masker.Flush();
+    ASSERT_EQ(got.size(), expected.size()) << "writes of up to " << max_write << " bytes";
+    ASSERT_TRUE(got == expected) << "writes of up to " << max_write << " bytes";
   }
 }
 
