@@ -9,7 +9,7 @@ PACKAGES=(
   libabsl-dev libyaml-cpp-dev libyaml-dev libssl-dev
   clang libclang-rt-14-dev
   libgtest-dev libgmock-dev
-  nlohmann-json3-dev libgit2-dev libcurl4-openssl-dev libssh-dev libcpp-httplib-dev
+  nlohmann-json3-dev libgit2-dev libcurl4-openssl-dev libssh-dev libcpp-httplib-dev nettle-dev
   git bubblewrap openssh-server openssh-client python3 procps iproute2
 )
 

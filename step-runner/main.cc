@@ -47,6 +47,7 @@
 #include "step-runner/runner/runner.h"
 #include "step-runner/base/files.h"
 #include "step-runner/base/logging.h"
+#include "step-runner/cli/cli.h"
 #include "step-runner/client/client.h"
 #include "step-runner/server/daemon.h"
 #include "step-runner/audit/cli.h"
@@ -55,15 +56,8 @@
 namespace step_runner {
 namespace {
 
-// CLI exit codes beyond the job's own (documented in README.md).
-constexpr int kExitUsage = 2;
-constexpr int kExitTimeout = 124;
-constexpr int kExitCancelled = 130;
-constexpr int kExitInvalid = 65;       // EX_DATAERR: the daemon rejected the request
-constexpr int kExitNotFound = 66;      // EX_NOINPUT: no such job or file
-constexpr int kExitUnavailable = 69;   // EX_UNAVAILABLE: the daemon could not be reached
-constexpr int kExitInterrupted = 75;   // EX_TEMPFAIL: the daemon died while the job ran
-constexpr int kExitSoftware = 70;      // EX_SOFTWARE: anything else
+using namespace cli;  // NOLINT: the commands share its flags, exit codes and defaults
+
 
 constexpr char kUsage[] = R"(usage:
   step-runner serve [--socket PATH] [--state-dir DIR] [--allow-uid UID]...
@@ -94,87 +88,8 @@ Client commands reach the daemon through --socket PATH (default: $STEP_RUNNER_SO
 --ssh WORKSPACE@HOST[:PORT] --ssh-key FILE [--ssh-known-hosts FILE] (workspace-proxy).
 )";
 
-struct Args {
-  std::vector<std::string> positional;
-  std::multimap<std::string, std::string> values;
-  std::map<std::string, bool> switches;
 
-  std::optional<std::string> Get(const std::string& name) const {
-    auto it = values.find(name);
-    if (it == values.end()) return std::nullopt;
-    return it->second;
-  }
-  std::vector<std::string> All(const std::string& name) const {
-    std::vector<std::string> out;
-    for (auto [it, end] = values.equal_range(name); it != end; ++it) out.push_back(it->second);
-    return out;
-  }
-  bool Has(const std::string& name) const { return switches.count(name) > 0; }
-};
 
-struct UsageError {
-  std::string message;
-};
-
-// Parses "--flag value", "--flag=value" and "--switch" against the allowed sets.
-std::optional<Args> Parse(int argc, char** argv, int first, const std::vector<std::string>& valued,
-                          const std::vector<std::string>& boolean, std::string* error) {
-  Args args;
-  auto is = [](const std::vector<std::string>& set, const std::string& name) {
-    return std::find(set.begin(), set.end(), name) != set.end();
-  };
-  for (int i = first; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg.size() < 3 || arg.rfind("--", 0) != 0) {
-      args.positional.push_back(arg);
-      continue;
-    }
-    std::string name = arg.substr(2);
-    std::optional<std::string> value;
-    if (size_t eq = name.find('='); eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-    }
-    if (is(boolean, name) && !value) {
-      args.switches[name] = true;
-    } else if (is(valued, name)) {
-      if (!value) {
-        if (i + 1 >= argc) {
-          *error = absl::StrCat("--", name, " needs a value");
-          return std::nullopt;
-        }
-        value = argv[++i];
-      }
-      args.values.emplace(name, *value);
-    } else {
-      *error = absl::StrCat("unknown flag --", name);
-      return std::nullopt;
-    }
-  }
-  return args;
-}
-
-void Notice(const std::string& message) { std::cerr << "step-runner: " << message << std::endl; }
-
-int ExitForStatus(const absl::Status& status) {
-  switch (status.code()) {
-    case absl::StatusCode::kInvalidArgument:
-    case absl::StatusCode::kFailedPrecondition:
-    case absl::StatusCode::kOutOfRange:
-      return kExitInvalid;
-    case absl::StatusCode::kNotFound:
-      return kExitNotFound;
-    case absl::StatusCode::kUnavailable:
-      return kExitUnavailable;
-    default:
-      return kExitSoftware;
-  }
-}
-
-int Fail(const absl::Status& status) {
-  Notice(std::string(status.message()));
-  return ExitForStatus(status);
-}
 
 int ExitForJob(const proto::Status& job) {
   switch (job.status()) {
@@ -194,16 +109,6 @@ std::string StatusName(proto::StepResult::Status s) {
   return proto::StepResult::Status_Name(s);
 }
 
-std::string DefaultSocket() {
-  if (const char* env = std::getenv("STEP_RUNNER_SOCKET"); env && *env) return env;
-  return absl::StrCat("/tmp/step-runner-", ::getuid(), "/step-runner.sock");
-}
-
-std::string StateHome() {
-  if (const char* xdg = std::getenv("XDG_STATE_HOME"); xdg && *xdg) return absl::StrCat(xdg, "/step-runner");
-  if (const char* home = std::getenv("HOME"); home && *home) return absl::StrCat(home, "/.local/state/step-runner");
-  return absl::StrCat("/tmp/step-runner-", ::getuid(), "/state");
-}
 
 client::ClientOptions ClientOptionsFrom(const Args& args) {
   client::ClientOptions options;
@@ -341,13 +246,6 @@ absl::StatusOr<std::pair<std::string, std::string>> SplitKeyValue(const std::str
   return std::make_pair(kv.substr(0, eq), kv.substr(eq + 1));
 }
 
-absl::StatusOr<absl::Duration> ParseDurationFlag(const std::string& name, const std::string& text) {
-  absl::Duration d;
-  if (!absl::ParseDuration(text, &d) || d < absl::ZeroDuration()) {
-    return absl::InvalidArgumentError(absl::StrCat("--", name, ": expected a duration like 90s or 5m, got \"", text, "\""));
-  }
-  return d;
-}
 
 void SetDuration(absl::Duration d, google::protobuf::Duration* out) {
   out->set_seconds(absl::ToInt64Seconds(d));
@@ -366,21 +264,6 @@ absl::Status AddInputs(const Args& args, proto::RunRequest& request) {
   return absl::OkStatus();
 }
 
-// Where dist:// steps come from: --catalog, $STEP_RUNNER_CATALOG, the installed catalog beside
-// the binary (../share/step-runner/steps), or this build's source tree.
-std::string CatalogDir(const Args& args) {
-  if (auto dir = args.Get("catalog")) return *dir;
-  if (const char* env = std::getenv("STEP_RUNNER_CATALOG")) return env;
-  char exe[4096];
-  ssize_t n = ::readlink("/proc/self/exe", exe, sizeof exe - 1);
-  if (n > 0) {
-    std::string path(exe, static_cast<size_t>(n));
-    std::string installed = path.substr(0, path.rfind('/')) + "/../share/step-runner/steps";
-    struct stat st;
-    if (::stat(installed.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return installed;
-  }
-  return SR_DEFAULT_CATALOG;
-}
 
 // step-runner audit verify|tail: reads the daemon's audit log directly (no daemon needed).
 int CmdAudit(const Args& args) {
@@ -391,53 +274,6 @@ int CmdAudit(const Args& args) {
                            args.Has("follow"), lines);
 }
 
-int CmdServe(const Args& args) {
-  server::DaemonOptions options;
-  options.socket_path = args.Get("socket").value_or(DefaultSocket());
-  options.runner.state_dir = args.Get("state-dir").value_or(StateHome() + "/daemon");
-  for (const std::string& uid : args.All("allow-uid")) {
-    uint32_t value;
-    if (!absl::SimpleAtoi(uid, &value)) return Fail(absl::InvalidArgumentError("--allow-uid: not a uid: " + uid));
-    options.extra_allowed_uids.insert(value);
-  }
-  if (auto n = args.Get("max-jobs")) {
-    if (!absl::SimpleAtoi(*n, &options.runner.max_retained_jobs) || options.runner.max_retained_jobs == 0) {
-      return Fail(absl::InvalidArgumentError("--max-jobs: expected a positive number"));
-    }
-  }
-  if (auto age = args.Get("max-age")) {
-    auto d = ParseDurationFlag("max-age", *age);
-    if (!d.ok()) return Fail(d.status());
-    options.runner.max_job_age = *d;
-  }
-  if (auto grace = args.Get("graceful-exit-timeout")) {
-    auto d = ParseDurationFlag("graceful-exit-timeout", *grace);
-    if (!d.ok()) return Fail(d.status());
-    options.runner.default_graceful_exit_timeout = *d;
-  }
-  options.runner.catalog_dir = CatalogDir(args);
-  if (auto level = args.Get("log-level")) {
-    if (*level == "info") internal::SetMinLogSeverity(internal::Severity::kInfo);
-    else if (*level == "warning") internal::SetMinLogSeverity(internal::Severity::kWarning);
-    else if (*level == "error") internal::SetMinLogSeverity(internal::Severity::kError);
-    else return Fail(absl::InvalidArgumentError("--log-level: expected info, warning or error"));
-  }
-  // Steps start from a small, known environment (GitLab's list plus HOME), not the daemon's.
-  for (const char* name : {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "LOGNAME", "USER", "SHELL",
-                           "TERM", "TMPDIR", "TZ", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-                           "http_proxy", "https_proxy", "no_proxy", "all_proxy"}) {
-    if (const char* value = std::getenv(name)) options.runner.base_env.push_back(absl::StrCat(name, "=", value));
-  }
-  if (!std::getenv("PATH")) options.runner.base_env.push_back("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-  auto sandbox = sandbox::OptionsFromFlags({[&](const std::string& n) { return args.Get(n); },
-                                            [&](const std::string& n) { return args.All(n); }},
-                                           options.runner.state_dir, options.socket_path);
-  if (!sandbox.ok()) return Fail(sandbox.status());
-  options.sandbox = *std::move(sandbox);
-  absl::Status s = server::Serve(options);
-  if (!s.ok()) return Fail(s);
-  return 0;
-}
 
 // Copies bytes both ways between stdin/stdout and the daemon's socket until either side closes.
 int CmdProxy(const Args& args) {
@@ -717,7 +553,7 @@ int Main(int argc, char** argv) {
     std::function<int(const Args&)> run;
   };
   std::map<std::string, Spec> commands = {
-      {"serve", {{"socket", "state-dir", "allow-uid", "max-jobs", "max-age", "graceful-exit-timeout", "log-level", "catalog"}, {}, CmdServe}},
+      {"serve", {ServeFlags(), {}, CmdServe}},
       {"proxy", {{"socket"}, {}, CmdProxy}},
       {"run", {with({"id", "env", "input", "var", "masked-var", "file-var", "work-dir", "timeout", "graceful-exit-timeout"}),
                {"follow", "split-streams"}, CmdRun}},
@@ -728,15 +564,21 @@ int Main(int argc, char** argv) {
       {"cancel", {with({}), {}, [](const Args& a) { return CmdCancelOrClose(a, false); }}},
       {"close", {with({}), {}, [](const Args& a) { return CmdCancelOrClose(a, true); }}},
   };
-  auto& serve_flags = commands["serve"].valued;
-  serve_flags.insert(serve_flags.end(), sandbox::ServeFlagNames().begin(), sandbox::ServeFlagNames().end());
   commands["audit"] = {{"state-dir", "lines"}, {"follow"}, CmdAudit};
   auto it = commands.find(command);
   if (it == commands.end()) {
     std::cerr << "step-runner: unknown command \"" << command << "\"\n" << kUsage;
     return kExitUsage;
   }
-  if (command == "serve") server::BlockShutdownSignals();
+  if (command == "serve") {
+    // The daemon is its own, smaller program (see daemon_main.cc): exec it in place, so that the
+    // pid and the command line stay those of `step-runner serve`.
+    const std::string daemon = OwnBinaryDir() + "/step-runner-daemon";
+    ::execv(daemon.c_str(), argv);
+    Notice(absl::StrCat("cannot run ", daemon, " (", std::strerror(errno),
+                        "); serving from this process, which uses more memory"));
+    server::BlockShutdownSignals();
+  }
   std::string error;
   std::optional<Args> args = Parse(argc, argv, 2, it->second.valued, it->second.boolean, &error);
   if (!args) {

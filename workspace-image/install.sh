@@ -12,7 +12,9 @@
 #                     --root (the Dockerfile's final stage; needs root and DESTDIR/etc/passwd)
 #
 # Layout (paths inside DESTDIR):
-#   usr/bin/step-runner                   the daemon and CLI (finds the catalog at ../share)
+#   usr/bin/step-runner                   the CLI; `step-runner serve` execs the daemon beside it
+#   usr/bin/step-runner-daemon            the daemon (finds the catalog at ../share)
+#   usr/bin/step-runner-git               fetches git step references for the daemon (beside it)
 #   usr/bin/step-runner-sandbox           the step sandbox's helper (beside step-runner, where it is looked for)
 #   usr/bin/sr-catalog                    the catalog helper, when the build has it
 #   usr/bin/step-runner-entrypoint        the container's entrypoint
@@ -57,6 +59,15 @@ DESTDIR=$(cd "$DESTDIR" && pwd)
 # that user cannot replace the daemon it talks to.
 install -d -m 0755 "$DESTDIR/usr/bin" "$DESTDIR/usr/share/step-runner/steps" "$DESTDIR/etc/step-runner"
 install -m 0755 "$BUILD/step-runner/step-runner" "$DESTDIR/usr/bin/step-runner"
+# `step-runner serve` execs the daemon, which runs step-runner-git for git step references:
+# both are looked for beside step-runner.
+for program in step-runner-daemon step-runner-git; do
+  [ -x "$BUILD/step-runner/$program" ] || {
+    echo "install.sh: $BUILD/step-runner/$program is missing: build it first (ninja step-runner builds it)" >&2
+    exit 1
+  }
+  install -m 0755 "$BUILD/step-runner/$program" "$DESTDIR/usr/bin/$program"
+done
 install -m 0755 "$SRC/workspace-image/entrypoint.sh" "$DESTDIR/usr/bin/step-runner-entrypoint"
 # The step sandbox's helper: the daemon looks for it beside its own binary.
 if [ -x "$BUILD/step-runner/step-runner-sandbox" ]; then

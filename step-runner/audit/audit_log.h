@@ -11,6 +11,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "nlohmann/json.hpp"
+#include "step-runner/base/sha256.h"  // the chain hashes each line with Sha256Hex
 #include "step-runner/base/unique_fd.h"
 
 // The daemon's audit log: append-only JSON lines in the state dir, one per RPC and per step
@@ -23,8 +24,6 @@
 // chain and the head. Ship the lines elsewhere (audit tail --follow) to make that visible too.
 // Secrets never go in: callers pass ids, methods, uids, codes and policies, never env or argv.
 namespace step_runner::audit {
-
-std::string Sha256Hex(absl::string_view data);
 
 class AuditLog {
  public:

@@ -91,6 +91,19 @@ absl::Status MakeDirs(const std::string& path, mode_t mode) {
   return absl::OkStatus();
 }
 
+std::string Dirname(const std::string& path) {
+  size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+std::string OwnBinaryDir() {
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) return ".";
+  return Dirname(std::string(buf, static_cast<size_t>(n)));
+}
+
 absl::Status RemoveTree(const std::string& path) {
   auto remove_one = [](const char* p, const struct stat*, int, struct FTW*) -> int {
     return ::remove(p) == 0 || errno == ENOENT ? 0 : -1;

@@ -24,6 +24,10 @@ absl::Status WriteAll(int fd, absl::string_view data);
 absl::Status MakeDirs(const std::string& path, mode_t mode);
 // rm -rf; a missing path is fine.
 absl::Status RemoveTree(const std::string& path);
+// The folder part of `path` ("." when it has none, "/" for a file in the root).
+std::string Dirname(const std::string& path);
+// The folder of the running program, where its helper programs are installed beside it.
+std::string OwnBinaryDir();
 
 }  // namespace step_runner
 

@@ -1,4 +1,5 @@
 #include "step-runner/base/files.h"
+#include "step-runner/base/sha256.h"
 
 #include <sys/stat.h>
 
@@ -56,6 +57,20 @@ TEST(FilesTest, ReadMissingFileNamesPath) {
   ASSERT_FALSE(content.ok());
   EXPECT_TRUE(absl::IsNotFound(content.status()));
   EXPECT_NE(content.status().message().find("/nonexistent/sr-file"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace step_runner
+
+namespace step_runner {
+namespace {
+
+// The audit chain and the job fingerprints depend on these being the standard SHA-256.
+TEST(Sha256Test, MatchesTheStandardVectors) {
+  EXPECT_EQ(Sha256Hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(Sha256Hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(Sha256(std::string(1000000, 'a')).size(), 32u);
+  EXPECT_EQ(Sha256Hex(std::string(1000000, 'a')), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
 }
 
 }  // namespace

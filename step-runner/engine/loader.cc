@@ -1,9 +1,6 @@
 #include "step-runner/engine/loader.h"
 
 #include <fcntl.h>
-#include <git2.h>
-#include <openssl/evp.h>
-#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -17,10 +14,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "absl/synchronization/mutex.h"
 #include "step-runner/base/files.h"
 #include "step-runner/base/status_macros.h"
 #include "step-runner/base/unique_fd.h"
+#include "step-runner/process/subprocess.h"
 
 namespace step_runner::engine {
 namespace {
@@ -40,49 +39,10 @@ absl::Status WithoutUrlPassword(const absl::Status& status, const std::string& u
   return absl::Status(status.code(), absl::StrReplaceAll(status.message(), {{password, "[MASKED]"}}));
 }
 
-std::string Sha256Hex(absl::string_view input) {
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  EVP_Digest(input.data(), input.size(), digest, &length, EVP_sha256(), nullptr);
-  std::string hex;
-  for (unsigned int i = 0; i < length; ++i) absl::StrAppendFormat(&hex, "%02x", digest[i]);
-  return hex;
-}
-
-absl::Status GitError(absl::string_view what) {
-  const git_error* e = git_error_last();
-  return absl::FailedPreconditionError(absl::StrCat(what, ": ", e && e->message ? e->message : "unknown libgit2 error"));
-}
-
-// Owns one libgit2 object.
-template <typename T, void (*Free)(T*)>
-struct GitPtr {
-  T* p = nullptr;
-  ~GitPtr() {
-    if (p) Free(p);
-  }
-};
-
-bool IsDir(const std::string& path) {
-  struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-// One in-process lock per repository, besides the lock file that other processes honour.
-absl::Mutex& RepoMutex(const std::string& key) {
-  static absl::Mutex map_mu;
-  static auto* mutexes = new std::map<std::string, std::unique_ptr<absl::Mutex>>();
-  absl::MutexLock lock(&map_mu);
-  auto& slot = (*mutexes)[key];
-  if (!slot) slot = std::make_unique<absl::Mutex>();
-  return *slot;
-}
-
 }  // namespace
 
 StepLoader::StepLoader(LoaderOptions options) : options_(std::move(options)) {
-  static std::once_flag once;
-  std::call_once(once, [] { git_libgit2_init(); });
+  if (options_.git_helper.empty()) options_.git_helper = OwnBinaryDir() + "/step-runner-git";
 }
 
 absl::StatusOr<LoadedStep> StepLoader::LoadFile(const std::string& path, const std::string& source) {
@@ -136,80 +96,51 @@ absl::StatusOr<LoadedStep> StepLoader::Load(const steps::StepReference& ref, con
 
 absl::StatusOr<std::string> StepLoader::GitTree(const std::string& url, const std::string& rev) {
   if (options_.cache_dir.empty()) return absl::FailedPreconditionError("git steps need a cache folder");
-  const std::string key = Sha256Hex(url).substr(0, 32);
-  const std::string repo_dir = absl::StrCat(options_.cache_dir, "/repos/", key, ".git");
-  SR_RETURN_IF_ERROR(MakeDirs(options_.cache_dir + "/repos", 0700));
-  SR_RETURN_IF_ERROR(MakeDirs(options_.cache_dir + "/trees", 0700));
-
-  absl::MutexLock in_process(&RepoMutex(key));
-  UniqueFd lock(::open(absl::StrCat(repo_dir, ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
-  if (!lock.valid() || ::flock(lock.get(), LOCK_EX) != 0) {
-    return absl::InternalError(absl::StrCat("cannot lock the git cache for ", url));
+  if (absl::StrContains(url, "\n") || absl::StrContains(rev, "\n")) {
+    return absl::InvalidArgumentError("git step: the URL and the revision cannot hold a line break");
   }
-
-  GitPtr<git_repository, git_repository_free> repo;
-  if (IsDir(repo_dir)) {
-    if (git_repository_open_bare(&repo.p, repo_dir.c_str()) != 0) return GitError("opening the git cache");
-  } else if (git_repository_init(&repo.p, repo_dir.c_str(), /*is_bare=*/1) != 0) {
-    return GitError("creating the git cache");
+  // step-runner-git does the fetch (see gitref/main.cc for why it is a separate program). The
+  // URL goes on its stdin, never its argv, because it may hold a password.
+  int request[2], reply[2];
+  if (::pipe2(request, O_CLOEXEC) != 0) return ErrnoStatus(errno, "pipe2");
+  UniqueFd request_read(request[0]), request_write(request[1]);
+  if (::pipe2(reply, O_CLOEXEC) != 0) return ErrnoStatus(errno, "pipe2");
+  UniqueFd reply_read(reply[0]), reply_write(reply[1]);
+  process::SpawnOptions spawn;
+  spawn.argv = {options_.git_helper, "fetch-tree", options_.cache_dir};
+  for (char** e = environ; *e; ++e) spawn.env.emplace_back(*e);
+  spawn.stdin_fd = request_read.get();
+  spawn.stdout_fd = reply_write.get();
+  spawn.stderr_fd = reply_write.get();
+  absl::StatusOr<process::Subprocess> child = process::Subprocess::Spawn(spawn);
+  if (!child.ok()) {
+    return absl::InternalError(absl::StrCat("cannot start ", options_.git_helper, ": ", child.status().message()));
   }
-
-  // A full commit id that is already here needs no network.
-  auto resolve = [&]() -> std::optional<std::string> {
-    for (const std::string& spec : {absl::StrCat("refs/remotes/origin/", rev), absl::StrCat("refs/tags/", rev), rev}) {
-      GitPtr<git_object, git_object_free> obj;
-      if (git_revparse_single(&obj.p, repo.p, spec.c_str()) != 0) continue;
-      GitPtr<git_object, git_object_free> commit;
-      if (git_object_peel(&commit.p, obj.p, GIT_OBJECT_COMMIT) != 0) continue;
-      return std::string(git_oid_tostr_s(git_object_id(commit.p)));
-    }
-    return std::nullopt;
-  };
-  std::optional<std::string> sha;
-  if (rev.size() == 40) sha = resolve();
-  if (!sha) {
-    GitPtr<git_remote, git_remote_free> remote;
-    if (git_remote_create_anonymous(&remote.p, repo.p, url.c_str()) != 0) return GitError(absl::StrCat("git step ", url));
-    git_fetch_options fetch = GIT_FETCH_OPTIONS_INIT;
-    fetch.download_tags = GIT_REMOTE_DOWNLOAD_TAGS_ALL;
-    char heads[] = "+refs/heads/*:refs/remotes/origin/*";
-    char tags[] = "+refs/tags/*:refs/tags/*";
-    char* specs[] = {heads, tags};
-    git_strarray refspecs = {specs, 2};
-    if (git_remote_fetch(remote.p, &refspecs, &fetch, nullptr) != 0) {
-      return GitError(absl::StrCat("fetching the git step ", url));
-    }
-    sha = resolve();
+  request_read.Reset();
+  reply_write.Reset();
+  // A few hundred bytes: far below a pipe's buffer, so writing before reading cannot block.
+  (void)WriteAll(request_write.get(), absl::StrCat(url, "\n", rev, "\n"));
+  request_write.Reset();
+  std::string output;
+  char buffer[4096];
+  for (;;) {
+    ssize_t n = ::read(reply_read.get(), buffer, sizeof buffer);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    if (output.size() < (64 << 10)) output.append(buffer, static_cast<size_t>(n));
   }
-  if (!sha) {
-    return absl::NotFoundError(absl::StrCat("git step ", url, ": revision \"", rev,
-                                            "\" does not exist (no such branch, tag or commit)"));
+  SR_ASSIGN_OR_RETURN(int code, child->Reap());
+  output = std::string(absl::StripTrailingAsciiWhitespace(output));
+  switch (code) {
+    case 0:
+      return output;
+    case 3:
+      return absl::NotFoundError(output);
+    case 4:
+      return absl::FailedPreconditionError(output);
+    default:
+      return absl::InternalError(absl::StrCat("git step ", url, ": step-runner-git exited with ", code, ": ", output));
   }
-
-  const std::string tree_dir = absl::StrCat(options_.cache_dir, "/trees/", *sha);
-  if (IsDir(tree_dir)) return tree_dir;
-  // Checked out beside, then published by rename: a reader sees a whole tree or none.
-  const std::string tmp = absl::StrCat(tree_dir, ".tmp-", ::getpid());
-  (void)RemoveTree(tmp);
-  SR_RETURN_IF_ERROR(MakeDirs(tmp, 0700));
-  GitPtr<git_object, git_object_free> commit;
-  git_oid oid;
-  if (git_oid_fromstr(&oid, sha->c_str()) != 0 || git_object_lookup(&commit.p, repo.p, &oid, GIT_OBJECT_COMMIT) != 0) {
-    return GitError("reading the fetched commit");
-  }
-  git_checkout_options checkout = GIT_CHECKOUT_OPTIONS_INIT;
-  checkout.checkout_strategy = GIT_CHECKOUT_FORCE;
-  checkout.target_directory = tmp.c_str();
-  if (git_checkout_tree(repo.p, commit.p, &checkout) != 0) {
-    absl::Status error = GitError(absl::StrCat("checking out ", url, "@", rev));
-    (void)RemoveTree(tmp);
-    return error;
-  }
-  if (::rename(tmp.c_str(), tree_dir.c_str()) != 0) {
-    (void)RemoveTree(tmp);
-    if (!IsDir(tree_dir)) return absl::InternalError(absl::StrCat("cannot publish ", tree_dir));
-  }
-  return tree_dir;
 }
 
 }  // namespace step_runner::engine

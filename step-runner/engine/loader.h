@@ -24,6 +24,9 @@ struct LoaderOptions {
   // Git steps: bare repositories and checked-out trees, content-addressed by commit, shared
   // by every job (and every daemon) that uses the same folder.
   std::string cache_dir;
+  // The program that fetches git references (step-runner-git); empty: the one beside the
+  // running binary.
+  std::string git_helper;
 };
 
 // Resolves step references to parsed step files. Thread-safe; the git cache is also safe

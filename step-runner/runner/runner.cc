@@ -1,7 +1,6 @@
 #include "step-runner/runner/runner.h"
 
 #include <dirent.h>
-#include <openssl/evp.h>
 #include <signal.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -20,6 +19,7 @@
 #include "google/protobuf/util/time_util.h"
 #include "step-runner/engine/engine.h"
 #include "step-runner/base/files.h"
+#include "step-runner/base/sha256.h"
 #include "step-runner/base/logging.h"
 #include "step-runner/base/status_macros.h"
 #include "step-runner/process/subprocess.h"
@@ -253,10 +253,7 @@ std::string Runner::Fingerprint(const proto::RunRequest& request) const {
   }
   // Salted, so that the record on disk does not let anyone test guesses of masked values.
   std::string input = salt_ + serialized;
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  EVP_Digest(input.data(), input.size(), digest, &length, EVP_sha256(), nullptr);
-  return std::string(reinterpret_cast<char*>(digest), length);
+  return Sha256(input);
 }
 
 absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const std::string& dir_name) {

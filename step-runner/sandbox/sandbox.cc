@@ -24,19 +24,6 @@ namespace {
 
 constexpr char kVerdictFile[] = "/sandbox.verdict";
 
-std::string Dirname(const std::string& path) {
-  size_t slash = path.rfind('/');
-  if (slash == std::string::npos) return ".";
-  return slash == 0 ? "/" : path.substr(0, slash);
-}
-
-std::string OwnBinaryDir() {
-  char buf[4096];
-  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  if (n <= 0) return ".";
-  return Dirname(std::string(buf, static_cast<size_t>(n)));
-}
-
 // nullopt when `path` does not exist.
 std::optional<HiddenPath> Existing(const std::string& path) {
   struct stat st;

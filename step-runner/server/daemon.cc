@@ -8,7 +8,6 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server_posix.h"
 #include "step-runner/audit/audit_log.h"
@@ -18,6 +17,7 @@
 #include "step-runner/base/logging.h"
 #include "step-runner/base/status_macros.h"
 #include "step-runner/server/listener.h"
+#include "step-runner/server/reflection.h"
 #include "step-runner/server/service.h"
 
 namespace step_runner::server {
@@ -90,9 +90,10 @@ absl::Status Serve(const DaemonOptions& options) {
   audit::PeerTable peers;
   StepRunnerService service(runner.get(), audit_log.get(), &peers);
   grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  Reflection reflection({proto::StepRunner::service_full_name(), "grpc.health.v1.Health"});
   grpc::ServerBuilder builder;
   builder.RegisterService(&service);
+  for (grpc::Service* s : reflection.services()) builder.RegisterService(s);
   // Step files up to the parser's limit must reach the parser, which explains what is wrong.
   builder.SetMaxReceiveMessageSize(16 << 20);
   // Clients ping to notice a dead SSH hop quickly; allow it, and ping them too so the streams of

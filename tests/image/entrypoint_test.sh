@@ -114,6 +114,9 @@ mkdir -p "$T/client"
 # Once they are fixed, start_entrypoint can take SANDBOX_ENV for every run.
 SANDBOX_ENV=()
 UNSANDBOXED=()
+for program in step-runner-daemon step-runner-git; do
+  [ -x "$R/usr/bin/$program" ] || fail "step-runner needs $program beside it, and it is not installed"
+done
 if "$SR" --help 2>&1 | grep -q -- '--sandbox'; then
   [ -x "$R/usr/bin/step-runner-sandbox" ] || fail "the daemon sandboxes steps, but its helper step-runner-sandbox is not installed"
   UNSANDBOXED=(SR_SANDBOX=none)

@@ -17,7 +17,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
+#include "google/protobuf/descriptor.pb.h"
 #include "google/rpc/error_details.pb.h"
+#include "grpc/reflection/v1/reflection.grpc.pb.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -423,6 +425,66 @@ TEST_F(DaemonTest, HealthServiceAndReflectionForStockTools) {
   cq.Shutdown();
   while (cq.Next(&tag, &ok)) {
   }
+}
+
+// What grpcurl does with reflection v1 (it falls back to v1alpha, above, on older servers):
+// list the services, fetch the file that defines one (with its imports), and build requests from
+// its descriptors. An unknown symbol is an error in the stream, which stays open.
+TEST_F(DaemonTest, ReflectionDescribesTheApiToStockTools) {
+  auto channel = grpc::CreateChannel("unix:" + daemon_->socket_path(), grpc::InsecureChannelCredentials());
+  auto stub = grpc::reflection::v1::ServerReflection::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto stream = stub->ServerReflectionInfo(&context);
+  grpc::reflection::v1::ServerReflectionResponse response;
+
+  grpc::reflection::v1::ServerReflectionRequest list;
+  list.set_list_services("");
+  ASSERT_TRUE(stream->Write(list));
+  ASSERT_TRUE(stream->Read(&response));
+  std::vector<std::string> services;
+  for (const auto& s : response.list_services_response().service()) services.push_back(s.name());
+  EXPECT_THAT(services, ::testing::IsSupersetOf({"proto.StepRunner", "grpc.health.v1.Health",
+                                                 "grpc.reflection.v1.ServerReflection",
+                                                 "grpc.reflection.v1alpha.ServerReflection"}));
+
+  grpc::reflection::v1::ServerReflectionRequest symbol;
+  symbol.set_file_containing_symbol("proto.StepRunner");
+  ASSERT_TRUE(stream->Write(symbol));
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_TRUE(response.has_file_descriptor_response()) << response.DebugString();
+  std::vector<std::string> files;
+  std::vector<std::string> methods;
+  for (const std::string& bytes : response.file_descriptor_response().file_descriptor_proto()) {
+    google::protobuf::FileDescriptorProto file;
+    ASSERT_TRUE(file.ParseFromString(bytes));
+    files.push_back(file.name());
+    for (const auto& service : file.service()) {
+      if (service.name() != "StepRunner") continue;
+      for (const auto& method : service.method()) methods.push_back(method.name());
+    }
+  }
+  ASSERT_FALSE(files.empty());
+  EXPECT_EQ(files[0], "proto/step_runner.proto");
+  EXPECT_THAT(methods, ::testing::IsSupersetOf({"Run", "Close", "FollowLogs", "Status", "Cancel"}));
+  // The imports come along, so that the client can resolve every message type.
+  EXPECT_THAT(files, ::testing::Contains("google/protobuf/struct.proto"));
+
+  grpc::reflection::v1::ServerReflectionRequest unknown;
+  unknown.set_file_containing_symbol("proto.NoSuchService");
+  ASSERT_TRUE(stream->Write(unknown));
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.error_response().error_code(), static_cast<int>(grpc::StatusCode::NOT_FOUND));
+  EXPECT_THAT(response.error_response().error_message(), HasSubstr("proto.NoSuchService"));
+
+  grpc::reflection::v1::ServerReflectionRequest by_name;
+  by_name.set_file_by_filename("proto/step_runner.proto");
+  ASSERT_TRUE(stream->Write(by_name));
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_EQ(response.file_descriptor_response().file_descriptor_proto_size(), 1)
+      << "the imports were sent earlier on this stream";
+  ASSERT_TRUE(stream->WritesDone());
+  EXPECT_TRUE(stream->Finish().ok());
 }
 
 TEST_F(DaemonTest, FollowStepsStreamsEventsAndResumesBySequence) {

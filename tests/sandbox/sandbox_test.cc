@@ -323,7 +323,9 @@ void ExpectResourceExhausted(const proto::Status& status, const std::string& wha
 TEST_F(SandboxTest, ForkBombEndsAsResourceExhaustedAndTheDaemonAnswers) {
   START_OR_SKIP({"--limit-procs", "64"});
   SKIP_WITHOUT_CGROUP("pids");
-  Outcome bomb = RunScript("bomb", "bomb() { bomb | bomb & }; bomb; wait", {}, absl::Seconds(90));
+  // The shell stays: `wait` would return as soon as its own child pipeline did, and the step
+  // could then end (its group killed) before the bomb reached the limit, on a slow machine.
+  Outcome bomb = RunScript("bomb", "bomb() { bomb | bomb & }; bomb; sleep 60", {}, absl::Seconds(90));
   ExpectResourceExhausted(bomb.status, "process limit of 64", bomb.log);
   // The daemon is still itself: it answers and runs the next job.
   Outcome after = RunScript("after", "echo still-here");
