@@ -383,11 +383,13 @@ absl::Status Runner::Run(const proto::RunRequest& request) {
   SR_ASSIGN_OR_RETURN(JobConfig config, Plan(request, dir_name));
   config.fingerprint = fingerprint;
 
-  // Nothing is created until the whole request is valid.
+  // Nothing is created until the whole request is valid. The job's folder first: the default
+  // work dir is inside it, and each is then one mkdir rather than a walk from the root.
+  SR_RETURN_IF_ERROR(MakeDirs(config.dir, 0700));
   if (absl::Status s = MakeDirs(config.work_dir, 0700); !s.ok()) {
+    (void)RemoveTree(config.dir);
     return Invalid("work_dir", absl::StrCat("cannot create it: ", s.message()));
   }
-  SR_RETURN_IF_ERROR(MakeDirs(config.dir, 0700));
   absl::Status prepared = absl::OkStatus();
   if (!config.secrets_dir.empty()) {
     prepared = MakeDirs(config.secrets_dir, 0700);
