@@ -10,7 +10,12 @@ namespace step_runner::catalog {
 void EnsureLibgit2() {
   static std::once_flag once;
   // Never shut down: objects may be freed by static destructors after main returns.
-  std::call_once(once, [] { git_libgit2_init(); });
+  std::call_once(once, [] {
+    git_libgit2_init();
+    // libgit2 caches no tree over 4 KiB by default, so a push's walk of the remote's trees
+    // inflated and delta-resolved a large folder's tree again at every visit.
+    (void)git_libgit2_opts(GIT_OPT_SET_CACHE_OBJECT_LIMIT, GIT_OBJECT_TREE, static_cast<size_t>(1) << 20);
+  });
 }
 
 absl::Status GitErrorToStatus(int rc, absl::string_view what) {
