@@ -187,6 +187,26 @@ void SetTcpOptions(int fd, const Limits& limits) {
   ::setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, sizeof user_timeout);
 }
 
+// The key exchange, driven here (libssh's non-blocking mode) rather than inside libssh, so that
+// every wait can ask the kernel for quick ACKs: OpenSSH's client writes its KEXINIT and then its
+// ECDH_INIT with Nagle on, so the second waited for our delayed ACK of the first, 40 ms of each
+// connect, and so of every reconnect (BENCHMARKS.md, "SSH proxy").
+int HandleKeyExchange(ssh_session session, int fd, absl::Time deadline) {
+  ssh_set_blocking(session, 0);
+  int rc;
+  while ((rc = ssh_handle_key_exchange(session)) == SSH_AGAIN) {
+    const absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) break;
+    const int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+    // libssh queues what it cannot send at once; a short wait keeps that flowing too.
+    pollfd pfd{.fd = fd, .events = POLLIN};
+    ::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(10, absl::ToInt64Milliseconds(left) + 1)));
+  }
+  ssh_set_blocking(session, 1);
+  return rc;
+}
+
 const char* ChannelTypeName(int subtype) {
   switch (subtype) {
     case SSH_CHANNEL_SESSION: return "session";
@@ -666,8 +686,9 @@ void Connection::Serve() {
   const int socket_fd = ssh_get_fd(session_);
   SetTcpOptions(socket_fd, limits);
 
-  if (ssh_handle_key_exchange(session_) != SSH_OK) {
-    end_reason_ = absl::StrCat("key exchange failed: ", ssh_get_error(session_));
+  if (int rc = HandleKeyExchange(session_, socket_fd, start_ + limits.login_grace); rc != SSH_OK) {
+    end_reason_ = rc == SSH_AGAIN ? "key exchange not finished within the login grace time"
+                                  : absl::StrCat("key exchange failed: ", ssh_get_error(session_));
   } else {
     int methods = SSH_AUTH_METHOD_PUBLICKEY;
     if (!state_.config.forge_url.empty()) methods |= SSH_AUTH_METHOD_PASSWORD;

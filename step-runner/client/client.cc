@@ -177,9 +177,12 @@ absl::Status Client::WithReconnect(const Call& call) {
       last = FromGrpcStatus(status);
       DropConnection(status.error_message());
       if (progress) {
-        // The connection worked until it dropped: this is a new outage, not the same one.
+        // The connection worked until it dropped: this is a new outage, not the same one. A
+        // dropped hop (a killed ssh, a restarted proxy) is usually dialable at once, so the
+        // first redial does not wait; a failure right after it backs off as usual.
         give_up_at = absl::Now() + options_.reconnect_timeout;
         delay = options_.initial_backoff;
+        continue;
       }
     }
     if (absl::Now() >= give_up_at) {

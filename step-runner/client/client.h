@@ -50,6 +50,8 @@ struct ClientOptions {
   Endpoint endpoint;
   // Gives up after the daemon has been unreachable this long in a row.
   absl::Duration reconnect_timeout = absl::Minutes(5);
+  // The wait before a redial, doubling up to max_backoff. A connection that was delivering and
+  // dropped is redialled once at once, before any wait.
   absl::Duration initial_backoff = absl::Milliseconds(20);
   absl::Duration max_backoff = absl::Seconds(2);
   absl::Duration rpc_timeout = absl::Seconds(30);
