@@ -186,10 +186,20 @@ void DeferInterruptsWhileOutputting() {
 
 // Streams a job's log to stdout (stderr chunks to stderr with --split-streams) and returns the
 // CLI exit code.
+// `start`: the job to run first (step-runner run --follow), in the same call as the follow when
+// there is nothing to resume.
 int FollowToTerminal(client::Client& client, const client::Endpoint& endpoint, const std::string& id,
-                     std::optional<int64_t> explicit_offset, bool split_streams, bool follow) {
+                     std::optional<int64_t> explicit_offset, bool split_streams, bool follow,
+                     const proto::RunRequest* start = nullptr) {
   ResumePoint resume(endpoint, id);
   int64_t offset = explicit_offset ? *explicit_offset : (follow ? resume.Load() : 0);
+  auto started = [&] { Notice(absl::StrCat("job ", id, " started")); };
+  if (start && offset > 0) {
+    // A killed client started again: the job is there (Run is idempotent); resume where it was.
+    if (absl::Status s = client.Run(*start); !s.ok()) return Fail(s);
+    started();
+    start = nullptr;
+  }
   if (follow && !explicit_offset && offset > 0) Notice(absl::StrCat("resuming job ", id, " at byte ", offset));
   std::optional<int64_t> stop_at;
   if (!follow) {
@@ -209,7 +219,7 @@ int FollowToTerminal(client::Client& client, const client::Endpoint& endpoint, c
     g_in_output = 0;
     if (g_deferred_signal) ::_exit(128 + g_deferred_signal);
   };
-  auto final_status = client.Follow(id, offset, sink, nullptr, stop_at);
+  auto final_status = start ? client.RunAndFollow(*start, sink, started) : client.Follow(id, offset, sink, nullptr, stop_at);
   if (!final_status.ok()) {
     if (absl::IsOutOfRange(final_status.status()) && follow && !explicit_offset) resume.Clear();
     return Fail(final_status.status());
@@ -346,13 +356,12 @@ int CmdRun(const Args& args) {
   }
   client::ClientOptions options = ClientOptionsFrom(args);
   client::Client client(options);
-  if (absl::Status s = client.Run(request); !s.ok()) return Fail(s);
-  if (!args.Has("follow")) {
-    std::cout << id << std::endl;
-    return 0;
+  if (args.Has("follow")) {
+    return FollowToTerminal(client, options.endpoint, id, std::nullopt, args.Has("split-streams"), true, &request);
   }
-  Notice(absl::StrCat("job ", id, " started"));
-  return FollowToTerminal(client, options.endpoint, id, std::nullopt, args.Has("split-streams"), true);
+  if (absl::Status s = client.Run(request); !s.ok()) return Fail(s);
+  std::cout << id << std::endl;
+  return 0;
 }
 
 int CmdLogs(const Args& args) {

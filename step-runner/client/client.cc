@@ -15,6 +15,7 @@
 #include "grpcpp/create_channel_posix.h"
 #include "grpcpp/grpcpp.h"
 #include "step-runner/base/files.h"
+#include "step-runner/base/status_macros.h"
 #include "step-runner/client/ssh_transport.h"
 
 namespace step_runner::client {
@@ -295,6 +296,51 @@ absl::StatusOr<proto::Status> Client::Follow(const std::string& id, int64_t offs
   // Our daemon sends the final status at the end of the stream; ask only servers that do not.
   if (final_status && !stop_at) return *final_status;
   return GetStatus(id);
+}
+
+absl::StatusOr<proto::Status> Client::RunAndFollow(const proto::RunRequest& request, const Sink& sink,
+                                                   const std::function<void()>& on_started) {
+  bool accepted = false;
+  auto accept = [&] {
+    if (accepted) return;
+    accepted = true;
+    if (on_started) on_started();
+  };
+  int64_t offset = 0;
+  if (EnsureConnected().ok()) {
+    auto context = NewContext(false);
+    auto reader = connection_->stub()->RunAndFollow(context.get(), request);
+    std::optional<proto::Status> final_status;
+    reader->WaitForInitialMetadata();
+    if (context->GetServerInitialMetadata().count("step-runner-job")) accept();
+    proto::FollowLogsResponse chunk;
+    grpc::Status status;
+    while (reader->Read(&chunk)) {
+      accept();
+      if (chunk.has_job_status()) final_status = chunk.job_status();
+      if (chunk.data().empty()) continue;
+      if (chunk.offset() != offset) {
+        context->TryCancel();
+        reader->Finish();
+        return absl::DataLossError(absl::StrCat("expected log offset ", offset, ", the daemon sent ", chunk.offset()));
+      }
+      sink(chunk);
+      offset += static_cast<int64_t>(chunk.data().size());
+    }
+    status = reader->Finish();
+    if (status.ok() && final_status) return *final_status;
+    if (!status.ok() && !IsTransportError(status) && status.error_code() != grpc::StatusCode::UNIMPLEMENTED) {
+      return FromGrpcStatus(status);  // the daemon's answer (a bad request, an id in use): final
+    }
+    if (IsTransportError(status)) DropConnection(status.error_message());
+  }
+  // A daemon without RunAndFollow, or a stream that broke: Run is idempotent by id, and Follow
+  // resumes after the last byte delivered.
+  if (!accepted) {
+    SR_RETURN_IF_ERROR(Run(request));
+    accept();
+  }
+  return Follow(request.id(), offset, sink);
 }
 
 absl::Status Client::FollowSteps(const std::string& id, int64_t after_seq, const EventSink& sink) {

@@ -82,6 +82,12 @@ class Client {
                                        int64_t* end_offset = nullptr,
                                        std::optional<int64_t> stop_at = std::nullopt);
 
+  // Run, then Follow from offset 0, in one call where the daemon offers RunAndFollow (ours), else
+  // as Run and Follow (GitLab's step-runner). `on_started` runs once, when the daemon has
+  // accepted the job. A dropped stream resumes with Follow from the last byte delivered.
+  absl::StatusOr<proto::Status> RunAndFollow(const proto::RunRequest& request, const Sink& sink,
+                                             const std::function<void()>& on_started = nullptr);
+
   using EventSink = std::function<void(const proto::FollowStepsResponse& event)>;
   // Streams the step events of job `id` after `after_seq` into `sink` until the job-finished
   // event, reconnecting as needed and resuming after the last event delivered.

@@ -38,9 +38,11 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
     handle_->reactor = this;
   }
 
-  // Call once, after construction (it calls the subclass).
-  void Begin() {
+  // Call once, after construction (it calls the subclass). `announce`: send the initial
+  // metadata now rather than with the first message, which may be a long way off.
+  void Begin(bool announce = false) {
     absl::MutexLock lock(&mu_);
+    if (announce) this->StartSendInitialMetadata();
     NextLocked();
   }
 
@@ -303,23 +305,39 @@ grpc::ServerUnaryReactor* StepRunnerService::Status(grpc::CallbackServerContext*
 
 grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::FollowLogs(
     grpc::CallbackServerContext* context, const proto::FollowLogsRequest* request) {
+  return TailLog(context, "FollowLogs", request->id(), request->offset(), /*announce=*/false);
+}
+
+grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::RunAndFollow(
+    grpc::CallbackServerContext* context, const proto::RunRequest* request) {
+  absl::Status result = runner_->Run(*request);
+  if (!result.ok()) {
+    Audit(context, "RunAndFollow", request->id(), result);
+    return new ErrorReactor<proto::FollowLogsResponse>(result);
+  }
+  context->AddInitialMetadata("step-runner-job", "accepted");
+  return TailLog(context, "RunAndFollow", request->id(), 0, /*announce=*/true);
+}
+
+grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::TailLog(grpc::CallbackServerContext* context,
+                                                                              absl::string_view method,
+                                                                              const std::string& id, int64_t offset,
+                                                                              bool announce) {
   using Error = ErrorReactor<proto::FollowLogsResponse>;
-  absl::StatusOr<std::shared_ptr<const runner::Job>> job = runner_->GetJob(request->id());
-  Audit(context, "FollowLogs", request->id(), job.status());
+  absl::StatusOr<std::shared_ptr<const runner::Job>> job = runner_->GetJob(id);
+  Audit(context, method, id, job.status());
   if (!job.ok()) return new Error(job.status());
   std::shared_ptr<logs::JobLog> log = (*job)->log();
-  if (request->offset() < 0 || request->offset() > log->size()) {
+  if (offset < 0 || offset > log->size()) {
     return new Error(absl::OutOfRangeError(absl::StrCat(
-        "offset ", request->offset(), " is outside the log of job \"", request->id(), "\", which has ",
-        log->size(), " bytes")));
+        "offset ", offset, " is outside the log of job \"", id, "\", which has ", log->size(), " bytes")));
   }
   absl::StatusOr<UniqueFd> reader = log->OpenReader();
   if (!reader.ok()) return new Error(reader.status());
   // Bound to this job, not its id: the id may name another job by the time the stream ends.
   auto final_status = [job = *job] { return job->status(); };
-  auto* reactor =
-      new LogTailReactor(std::move(log), *std::move(reader), request->offset(), std::move(final_status), &pump_);
-  reactor->Begin();
+  auto* reactor = new LogTailReactor(std::move(log), *std::move(reader), offset, std::move(final_status), &pump_);
+  reactor->Begin(announce);
   return reactor;
 }
 

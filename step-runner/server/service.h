@@ -38,8 +38,14 @@ class StepRunnerService final : public proto::StepRunner::CallbackService {
       grpc::CallbackServerContext* context, const proto::FollowLogsRequest* request) override;
   grpc::ServerWriteReactor<proto::FollowStepsResponse>* FollowSteps(
       grpc::CallbackServerContext* context, const proto::FollowStepsRequest* request) override;
+  grpc::ServerWriteReactor<proto::FollowLogsResponse>* RunAndFollow(grpc::CallbackServerContext* context,
+                                                                    const proto::RunRequest* request) override;
 
  private:
+  // The log of job `id` from `offset`, live; `announce` sends the initial metadata at once.
+  grpc::ServerWriteReactor<proto::FollowLogsResponse>* TailLog(grpc::CallbackServerContext* context,
+                                                               absl::string_view method, const std::string& id,
+                                                               int64_t offset, bool announce);
   void Audit(grpc::CallbackServerContext* context, absl::string_view method, const std::string& job_id,
              const absl::Status& result);
 

@@ -130,6 +130,51 @@ TEST_F(DaemonTest, IdempotentRunAndConflictingRequest) {
   EXPECT_TRUE(absl::IsFailedPrecondition(client_->Run(request)));
 }
 
+// RunAndFollow: one call runs the job and streams its whole log, ending with its status; it is
+// as idempotent as Run, and a bad request is refused before anything starts.
+TEST_F(DaemonTest, RunAndFollowRunsAndStreamsInOneCall) {
+  const std::string counter = dir_.path() + "/runs";
+  proto::RunRequest request =
+      Request("one-call", "run:\n  - name: count\n    script: echo x >> " + counter +
+                              "; printf 'out\\n'; printf 'err\\n' >&2; exit 3\n");
+  std::string log;
+  int started = 0;
+  auto sink = [&](const proto::FollowLogsResponse& chunk) {
+    EXPECT_EQ(started, 1) << "the job is announced before its first byte";
+    EXPECT_EQ(chunk.offset(), static_cast<int64_t>(log.size()));
+    log += chunk.data();
+  };
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status status, client_->RunAndFollow(request, sink, [&] { ++started; }));
+  EXPECT_EQ(started, 1);
+  EXPECT_EQ(status.status(), proto::StepResult::failure);
+  EXPECT_EQ(status.exit_code(), 3);
+  EXPECT_THAT(log, HasSubstr("out\n"));
+  EXPECT_THAT(log, HasSubstr("err\n"));
+  EXPECT_EQ(static_cast<int64_t>(log.size()), status.log_size());
+  EXPECT_EQ(client_->dials(), 1) << "one connection, no fallback";
+
+  // The same request again: the same job's log, not a second run.
+  std::string again;
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status second, client_->RunAndFollow(request, [&](const proto::FollowLogsResponse& c) {
+    again += c.data();
+  }));
+  EXPECT_EQ(again, log);
+  EXPECT_EQ(second.start_time().seconds(), status.start_time().seconds());
+  SR_ASSERT_OK_AND_ASSIGN(std::string runs, ReadFile(counter));
+  EXPECT_EQ(runs, "x\n");
+
+  // Another request under the same id, and a malformed one: refused, nothing starts.
+  request.set_work_dir(dir_.path());
+  int refused_started = 0;
+  auto conflict = client_->RunAndFollow(request, [](const proto::FollowLogsResponse&) {}, [&] { ++refused_started; });
+  EXPECT_TRUE(absl::IsFailedPrecondition(conflict.status())) << conflict.status();
+  auto bad = client_->RunAndFollow(Request("one-call-bad", "exec: {command: [true]\n"),
+                                   [](const proto::FollowLogsResponse&) {}, [&] { ++refused_started; });
+  EXPECT_TRUE(absl::IsInvalidArgument(bad.status())) << bad.status();
+  EXPECT_EQ(refused_started, 0);
+  EXPECT_TRUE(absl::IsNotFound(client_->GetStatus("one-call-bad").status()));
+}
+
 TEST_F(DaemonTest, MaskedVariablesNeverReachTheLog) {
   std::string file = dir_.path() + "/mask.yml";
   SR_ASSERT_OK(WriteFileAtomically(file, Steps(R"y(run:
