@@ -1,7 +1,7 @@
 // proxy_bench: workspace-proxy against OpenSSH's sshd on loopback, side by side in one run.
 //
 //   1. dispatch:   run-to-completion of `exec: [/bin/true]` through a warm proxy connection
-//                  (one ssh process carrying gRPC; Run, then Follow to the end) vs
+//                  (one ssh process carrying gRPC; RunAndFollow to the end) vs
 //                  `ssh host /bin/true` with a fresh connection each time vs the same through
 //                  an OpenSSH ControlMaster connection;
 //   2. throughput: a job's N MiB log followed through the proxy (FollowLogs over ssh) vs
@@ -222,13 +222,12 @@ absl::Status StartAll(Setup& s) {
 
 std::string StepFile(const std::string& definition) { return absl::StrCat("spec: {}\n---\n", definition); }
 
-// Run, then Follow to the end, as a client sees a command.
+// Run and follow to the end in one call (RunAndFollow), as `step-runner run --follow` does.
 absl::Status RunOnce(client::Client& client, const std::string& id, const std::string& steps) {
   proto::RunRequest request;
   request.set_id(id);
   request.set_steps(steps);
-  SR_RETURN_IF_ERROR(client.Run(request));
-  SR_ASSIGN_OR_RETURN(proto::Status status, client.Follow(id, 0, [](const proto::FollowLogsResponse&) {}));
+  SR_ASSIGN_OR_RETURN(proto::Status status, client.RunAndFollow(request, [](const proto::FollowLogsResponse&) {}));
   if (status.status() != proto::StepResult::success) {
     return absl::InternalError(absl::StrCat("job ", id, " failed: ", status.ShortDebugString()));
   }
@@ -465,7 +464,7 @@ absl::Status Main() {
       "rounds, %d reconnects per row\n\n",
       absl::FormatTime("%Y-%m-%d %H:%M UTC", absl::Now(), absl::UTCTimeZone()), uts.sysname,
       uts.release, ::sysconf(_SC_NPROCESSORS_ONLN), s.cipher, runs, mib, rounds, reconnects);
-  absl::StrAppend(&md, "| Dispatch of /bin/true (Run + Follow; ssh: the whole command) | p50 | p99 | p50 / proxy (sandbox=none) p50 |\n| --- | --- | --- | --- |\n");
+  absl::StrAppend(&md, "| Dispatch of /bin/true (RunAndFollow; ssh: the whole command) | p50 | p99 | p50 / proxy (sandbox=none) p50 |\n| --- | --- | --- | --- |\n");
   auto row = [&](const char* name, const Summary& x) {
     absl::StrAppend(&md, "| ", name, " | ", Ms(x.p50), " | ", Ms(x.p99), " | ",
                     absl::StrFormat("%.1fx", x.p50 / d.proxy_none.p50), " |\n");
