@@ -6,6 +6,7 @@
 
 #include <cerrno>
 
+#include <algorithm>
 #include <functional>
 
 #include "absl/strings/match.h"
@@ -217,22 +218,32 @@ class JobRun {
     return out;
   }
 
-  // A fresh folder per process, made by us with mode 0700 just now, so its two empty files are
-  // created in place (O_EXCL): nothing else can have put anything there. This runs before every
-  // process, so it stays at four syscalls after the first.
-  absl::StatusOr<std::string> NewIoDir() {
+  // Each process gets its own folder for ${{ output_file }} and ${{ export_file }}. It is made
+  // only when the process was told where it is: the only way to learn the path is an expanded
+  // expression, so a process whose argv, env and work dir do not contain it cannot use it, and
+  // most processes (a plain command, a test run) skip the folder's files entirely.
+  std::string NextIoDir() { return absl::StrCat(job_.io_root, "/", ++io_counter_); }
+
+  static bool Mentions(const ProcessSpec& spec, const std::string& dir) {
+    auto has = [&](const std::string& text) { return text.find(dir) != std::string::npos; };
+    return has(spec.work_dir) || std::any_of(spec.argv.begin(), spec.argv.end(), has) ||
+           std::any_of(spec.env.begin(), spec.env.end(), has);
+  }
+
+  // Made by us with mode 0700 just now, so its two empty files are created in place (O_EXCL):
+  // nothing else can have put anything there.
+  absl::Status MakeIoDir(const std::string& dir) {
     if (!io_root_made_) {
       SR_RETURN_IF_ERROR(MakeDirs(job_.io_root, 0700));
       io_root_made_ = true;
     }
-    std::string dir = absl::StrCat(job_.io_root, "/", ++io_counter_);
     if (::mkdir(dir.c_str(), 0700) != 0) return ErrnoStatus(errno, absl::StrCat("mkdir(", dir, ")"));
     for (const char* name : {"/output.jsonl", "/export.jsonl"}) {
       const std::string path = dir + name;
       UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
       if (!fd) return ErrnoStatus(errno, absl::StrCat("creating ", path));
     }
-    return dir;
+    return absl::OkStatus();
   }
 
   // Reads a JSON Lines file of {"name": ..., "value": ...} records.
@@ -416,9 +427,8 @@ class JobRun {
   absl::Status RunExec(const steps::ExecDefinition& exec, const Frame& frame, proto::StepResult& result,
                        StepOutputs& outputs) {
     const std::string name = frame.path.empty() ? "exec" : StepName(frame);
-    absl::StatusOr<std::string> io_dir = NewIoDir();
-    if (!io_dir.ok()) return Invalid(name, io_dir.status());
-    const expr::Context ctx = MakeContext(frame, nullptr, *io_dir);
+    const std::string io_dir = NextIoDir();
+    const expr::Context ctx = MakeContext(frame, nullptr, io_dir);
     ProcessSpec spec;
     spec.name = frame.path.empty() ? "exec" : frame.path;
     std::vector<std::string> shown;
@@ -442,24 +452,28 @@ class JobRun {
     }
     spec.work_dir = work_dir;
     for (const auto& [k, v] : CurrentEnv(frame)) spec.env.push_back(absl::StrCat(k, "=", v));
-    spec.io_dir = *io_dir;
     spec.deadline = frame.deadline;
     spec.wants_network = frame.network || exec.network;
+    const bool uses_io = Mentions(spec, io_dir);
+    if (uses_io) {
+      if (absl::Status s = MakeIoDir(io_dir); !s.ok()) return Invalid(name, s);
+      spec.io_dir = io_dir;
+    }
     SR_RETURN_IF_ERROR(RunProcess(std::move(spec), name, result, std::move(shown)));
-    if (absl::Status s = CollectExports(*io_dir, name, result); !s.ok()) return Invalid(name, s);
+    if (!uses_io) return absl::OkStatus();
+    if (absl::Status s = CollectExports(io_dir, name, result); !s.ok()) return Invalid(name, s);
     absl::StatusOr<std::vector<std::pair<std::string, Json>>> records =
-        ReadRecords(*io_dir + "/output.jsonl", "output_file");
+        ReadRecords(io_dir + "/output.jsonl", "output_file");
     if (!records.ok()) return Invalid(name, records.status());
     for (auto& [key, value] : *records) outputs.values[key] = std::move(value);
-    (void)RemoveTree(*io_dir);
+    (void)RemoveTree(io_dir);
     return absl::OkStatus();
   }
 
   absl::Status RunScript(const Invocation& inv, const Frame& frame, const SequenceState& sequence,
                          proto::StepResult& result) {
-    absl::StatusOr<std::string> io_dir = NewIoDir();
-    if (!io_dir.ok()) return Invalid(inv.name, io_dir.status());
-    const expr::Context ctx = MakeContext(frame, &sequence, *io_dir);
+    const std::string io_dir = NextIoDir();
+    const expr::Context ctx = MakeContext(frame, &sequence, io_dir);
     // Templates in a script never become shell text: each value goes into the environment, and
     // the script reads it as ${SR_EXPR_n}, so a value full of quotes and semicolons stays data.
     std::string script;
@@ -493,14 +507,19 @@ class JobRun {
     spec.work_dir = job_.work_dir;
     for (const auto& [k, v] : CurrentEnv(child)) spec.env.push_back(absl::StrCat(k, "=", v));
     for (const auto& [k, v] : values) spec.env.push_back(absl::StrCat(k, "=", v));
-    spec.io_dir = *io_dir;
     spec.deadline = frame.deadline;
     spec.wants_network = frame.network;
+    const bool uses_io = Mentions(spec, io_dir);
+    if (uses_io) {
+      if (absl::Status s = MakeIoDir(io_dir); !s.ok()) return Invalid(inv.name, s);
+      spec.io_dir = io_dir;
+    }
     std::vector<std::string> shown = job_.shell;
     shown.push_back(MaskText(script));
     SR_RETURN_IF_ERROR(RunProcess(std::move(spec), inv.name, result, std::move(shown)));
-    if (absl::Status s = CollectExports(*io_dir, inv.name, result); !s.ok()) return Invalid(inv.name, s);
-    (void)RemoveTree(*io_dir);
+    if (!uses_io) return absl::OkStatus();
+    if (absl::Status s = CollectExports(io_dir, inv.name, result); !s.ok()) return Invalid(inv.name, s);
+    (void)RemoveTree(io_dir);
     return absl::OkStatus();
   }
 
