@@ -18,6 +18,7 @@
 #include "step-runner/base/files.h"
 #include "step-runner/base/status_macros.h"
 #include "step-runner/base/unique_fd.h"
+#include "step-runner/process/subprocess.h"
 
 namespace step_runner::engine {
 namespace {
@@ -223,6 +224,20 @@ class JobRun {
   // expression, so a process whose argv, env and work dir do not contain it cannot use it, and
   // most processes (a plain command, a test run) skip the folder's files entirely.
   std::string NextIoDir() { return absl::StrCat(job_.io_root, "/", ++io_counter_); }
+
+  // bash with errexit and pipefail, as GitLab's script step; sh where there is no bash. Looked
+  // up at the first script, so jobs of plain commands do not walk PATH.
+  const std::vector<std::string>& Shell() {
+    if (!job_.shell.empty()) return job_.shell;
+    if (shell_.empty()) {
+      auto path = job_.env.find("PATH");
+      const std::vector<std::string> env = {path == job_.env.end() ? "" : absl::StrCat("PATH=", path->second)};
+      shell_ = process::FindExecutable("bash", env).ok()
+                   ? std::vector<std::string>{"bash", "--noprofile", "--norc", "-e", "-o", "pipefail", "-c"}
+                   : std::vector<std::string>{"sh", "-e", "-c"};
+    }
+    return shell_;
+  }
 
   static bool Mentions(const ProcessSpec& spec, const std::string& dir) {
     auto has = [&](const std::string& text) { return text.find(dir) != std::string::npos; };
@@ -502,7 +517,7 @@ class JobRun {
     child.env_layers.push_back(*std::move(env));
     ProcessSpec spec;
     spec.name = frame.path.empty() ? inv.name : frame.path;  // the invocation's own path already
-    spec.argv = job_.shell;
+    spec.argv = Shell();
     spec.argv.push_back(script);
     spec.work_dir = job_.work_dir;
     for (const auto& [k, v] : CurrentEnv(child)) spec.env.push_back(absl::StrCat(k, "=", v));
@@ -514,7 +529,7 @@ class JobRun {
       if (absl::Status s = MakeIoDir(io_dir); !s.ok()) return Invalid(inv.name, s);
       spec.io_dir = io_dir;
     }
-    std::vector<std::string> shown = job_.shell;
+    std::vector<std::string> shown = Shell();
     shown.push_back(MaskText(script));
     SR_RETURN_IF_ERROR(RunProcess(std::move(spec), inv.name, result, std::move(shown)));
     if (!uses_io) return absl::OkStatus();
@@ -699,6 +714,7 @@ class JobRun {
   FailureInfo failure_;
   int io_counter_ = 0;
   bool io_root_made_ = false;
+  std::vector<std::string> shell_;  // Shell()'s answer
 };
 
 void CheckTree(const StepDefinition& def, const std::string& dir, const std::string& source,

@@ -68,7 +68,9 @@ struct JobSpec {
   std::set<std::string> masked_variables;
   std::string work_dir;
   std::string io_root;  // a folder per process for output_file and export_file
-  std::vector<std::string> shell;  // how a script: runs, e.g. {bash, -e, -o, pipefail, -c}
+  // How a script: runs, e.g. {bash, -e, -o, pipefail, -c}. Empty: bash with errexit and
+  // pipefail where the job's PATH has bash, else sh -e (looked up at the job's first script).
+  std::vector<std::string> shell;
   StepLoader* loader = nullptr;
 };
 

@@ -64,13 +64,6 @@ absl::StatusOr<absl::Duration> DurationField(const google::protobuf::Duration& d
 // Environment as an ordered map, so later layers override earlier ones.
 using EnvMap = std::map<std::string, std::string>;
 
-std::vector<std::string> Flatten(const EnvMap& env) {
-  std::vector<std::string> out;
-  out.reserve(env.size());
-  for (const auto& [k, v] : env) out.push_back(absl::StrCat(k, "=", v));
-  return out;
-}
-
 std::string RandomHex(size_t bytes) {
   std::string raw(bytes, '\0');
   if (::getrandom(raw.data(), raw.size(), 0) != static_cast<ssize_t>(raw.size())) {
@@ -357,12 +350,6 @@ absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const s
   }
   if (any_file) config.secrets_dir = absl::StrCat(options_.secrets_root, "/", dir_name);
   spec.env = env;
-
-  // bash with errexit and pipefail, as GitLab's script step; sh where there is no bash.
-  spec.shell = {"sh", "-e", "-c"};
-  if (process::FindExecutable("bash", Flatten(env)).ok()) {
-    spec.shell = {"bash", "--noprofile", "--norc", "-e", "-o", "pipefail", "-c"};
-  }
   return config;
 }
 
