@@ -165,6 +165,7 @@ void Client::Backoff(absl::Time give_up_at, absl::Duration& delay) {
 absl::Status Client::WithReconnect(const Call& call) {
   absl::Time give_up_at = absl::Now() + options_.reconnect_timeout;
   absl::Duration delay = options_.initial_backoff;
+  absl::Time last_immediate_redial = absl::InfinitePast();
   absl::Status last;
   for (;;) {
     if (absl::Status s = EnsureConnected(); !s.ok()) {
@@ -180,10 +181,14 @@ absl::Status Client::WithReconnect(const Call& call) {
       if (progress) {
         // The connection worked until it dropped: this is a new outage, not the same one. A
         // dropped hop (a killed ssh, a restarted proxy) is usually dialable at once, so the
-        // first redial does not wait; a failure right after it backs off as usual.
+        // redial does not wait, unless the last one was moments ago: a hop that answers and
+        // then breaks every time gets the backoff, not a busy loop.
         give_up_at = absl::Now() + options_.reconnect_timeout;
         delay = options_.initial_backoff;
-        continue;
+        if (absl::Now() - last_immediate_redial >= absl::Milliseconds(50)) {
+          last_immediate_redial = absl::Now();
+          continue;
+        }
       }
     }
     if (absl::Now() >= give_up_at) {

@@ -8,14 +8,11 @@
 #include <cstdlib>
 #include <cerrno>
 #include <cstdio>
-#include <mutex>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
-#include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
-#include "absl/synchronization/mutex.h"
 #include "step-runner/base/files.h"
 #include "step-runner/base/status_macros.h"
 #include "step-runner/base/unique_fd.h"

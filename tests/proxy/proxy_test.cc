@@ -259,6 +259,19 @@ TEST_F(ProxyTest, ExecSubsystemAndCommandBackend) {
 
 // One SSH connection (OpenSSH's ControlMaster) carries several step-runner channels at once, up
 // to the per-connection limit; the next one is refused with a message.
+// Connected sockets of the unix socket at `path` (/proc/net/unix lists each accepted connection
+// under the listener's path, with state 03, connected).
+int ConnectionsTo(const std::string& path) {
+  absl::StatusOr<std::string> table = ReadFile("/proc/net/unix");
+  if (!table.ok()) return 0;
+  int count = 0;
+  for (absl::string_view line : absl::StrSplit(*table, '\n', absl::SkipEmpty())) {
+    std::vector<absl::string_view> fields = absl::StrSplit(line, ' ', absl::SkipEmpty());
+    if (fields.size() >= 8 && fields[5] == "03" && fields[7] == path) ++count;
+  }
+  return count;
+}
+
 TEST_F(ProxyTest, SeveralChannelsOverOneConnection) {
   StartProxy();
   const std::string control = dir_.path() + "/ctl";
@@ -272,20 +285,29 @@ TEST_F(ProxyTest, SeveralChannelsOverOneConnection) {
   const std::vector<std::string> mux = {"-S", control, "-o", "ControlMaster=no"};
 
   // Three channels held open (their stdin stays open), the fourth is one too many.
-  std::vector<std::unique_ptr<Process>> held;
-  for (int i = 0; i < 3; ++i) {
+  std::vector<std::unique_ptr<Process>> held(3);
+  auto hold = [&](int i) {
     auto p = Process::Start({"sh", "-c", absl::StrCat("sleep 60 | ", Ssh("ws", alice_, mux))},
                             absl::StrCat(dir_.path(), "/held", i));
-    ASSERT_TRUE(p.ok()) << p.status();
-    held.push_back(*std::move(p));
-  }
+    if (p.ok()) held[i] = *std::move(p);
+    return p.status();
+  };
+  const int before = ConnectionsTo(daemon_->socket_path());
+  for (int i = 0; i < 3; ++i) SR_ASSERT_OK(hold(i));
+  // Each held channel sent nothing; its bridge is a connection to the daemon's socket. Probing
+  // before all three are there would take a holder's slot on a slow machine.
+  ASSERT_TRUE(PollUntil([&] { return ConnectionsTo(daemon_->socket_path()) >= before + 3; }, absl::Seconds(30)))
+      << "the holders': " << held[0]->err() << " | " << held[1]->err() << " | " << held[2]->err();
+  std::string fourth_err;
   ASSERT_TRUE(PollUntil(
       [&] {
-        // Each held channel sent nothing; a bridge exists once the daemon's socket has a peer.
         CommandResult r = Run(SshArgv(proxy_->port(), "ws", alice_.path, mux, {"step-runner", "proxy"}));
+        fourth_err = r.err;
         return absl::StrContains(r.err, "too many channels on this connection (limit 3)");
       },
-      absl::Seconds(30), absl::Milliseconds(100)));
+      absl::Seconds(30), absl::Milliseconds(100)))
+      << "the fourth channel's stderr: " << fourth_err << "\nthe holders': " << held[0]->err() << " | "
+      << held[1]->err() << " | " << held[2]->err() << "\nthe master's: " << (*master)->err();
   held.clear();  // SIGKILLs the holders: their channels close
 
   // Two jobs at once over the one connection, each streaming its own bytes.
