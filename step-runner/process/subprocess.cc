@@ -66,6 +66,9 @@ absl::StatusOr<Subprocess> Subprocess::Spawn(const SpawnOptions& options) {
   absl::Cleanup destroy_attr = [&] { posix_spawnattr_destroy(&attr); };
 
   if (options.fd3 >= 0 && options.fd3 <= 3) return absl::InvalidArgumentError("fd3 must be a descriptor above 3");
+  if (options.fd4 >= 0 && (options.fd4 <= 4 || options.fd3 < 0)) {
+    return absl::InvalidArgumentError("fd4 must be a descriptor above 4, with fd3 given");
+  }
   const int wanted[3] = {options.stdin_fd, options.stdout_fd, options.stderr_fd};
   for (int target = 0; target < 3; ++target) {
     if (wanted[target] >= 0) {
@@ -75,8 +78,9 @@ absl::StatusOr<Subprocess> Subprocess::Spawn(const SpawnOptions& options) {
     }
   }
   if (options.fd3 >= 0) posix_spawn_file_actions_adddup2(&actions, options.fd3, 3);
+  if (options.fd4 >= 0) posix_spawn_file_actions_adddup2(&actions, options.fd4, 4);
   // Nothing of the daemon's (sockets, logs, other jobs' pipes) leaks into a step.
-  posix_spawn_file_actions_addclosefrom_np(&actions, options.fd3 >= 0 ? 4 : 3);
+  posix_spawn_file_actions_addclosefrom_np(&actions, options.fd4 >= 0 ? 5 : options.fd3 >= 0 ? 4 : 3);
   if (!options.work_dir.empty()) {
     posix_spawn_file_actions_addchdir_np(&actions, options.work_dir.c_str());
   }

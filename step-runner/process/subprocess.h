@@ -24,6 +24,8 @@ struct SpawnOptions {
   // dup'ed onto fd 3 in the child (-1: fd 3 stays closed). The sandbox helper's channel back
   // to the daemon; must be above 3 itself.
   int fd3 = -1;
+  // dup'ed onto fd 4 (-1: closed); needs fd3. A warm sandbox's spec channel (sandbox.h).
+  int fd4 = -1;
 };
 
 // A child started with posix_spawn into its own session and process group, with stdin on

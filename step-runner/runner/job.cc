@@ -6,11 +6,13 @@
 #include <algorithm>
 #include <cerrno>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "google/protobuf/util/time_util.h"
 #include "step-runner/base/files.h"
 #include "step-runner/base/logging.h"
+#include "step-runner/base/status_macros.h"
 
 namespace step_runner::runner {
 namespace {
@@ -213,6 +215,32 @@ bool Job::SleepUnlessCancelled(absl::Duration d) {
 
 // ---- processes (the loop thread) ----------------------------------------------------------
 
+namespace {
+
+// Spawns `planned` with fresh pipes for its output (and warnings).
+absl::StatusOr<PreparedProcess> SpawnPlanned(const PlannedStep& planned) {
+  SR_ASSIGN_OR_RETURN(process::OutputPipe out, process::MakeOutputPipe());
+  SR_ASSIGN_OR_RETURN(process::OutputPipe err, process::MakeOutputPipe());
+  process::OutputPipe warnings;
+  if (planned.warnings_channel) {
+    SR_ASSIGN_OR_RETURN(warnings, process::MakeOutputPipe());
+  }
+  SR_ASSIGN_OR_RETURN(process::Subprocess child, process::Subprocess::Spawn({.argv = planned.argv,
+                                                                            .env = planned.env,
+                                                                            .work_dir = planned.work_dir,
+                                                                            .stdout_fd = out.write_end.get(),
+                                                                            .stderr_fd = err.write_end.get(),
+                                                                            .fd3 = warnings.write_end.get()}));
+  // The write ends close here: the child holds the only copies, so EOF means it is done.
+  PreparedProcess prepared{.child = std::move(child),
+                           .stdout_read = std::move(out.read_end),
+                           .stderr_read = std::move(err.read_end)};
+  if (planned.warnings_channel) prepared.warnings_read = std::move(warnings.read_end);
+  return prepared;
+}
+
+}  // namespace
+
 void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessWaiter> waiter) {
   auto complete = [](ProcessWaiter& w, engine::ProcessOutcome outcome) {
     absl::MutexLock lock(&w.mu);
@@ -233,22 +261,10 @@ void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessW
                                 launched)
           : absl::OkStatus();
   explain_exit_ = launched.explain_exit;
-  absl::StatusOr<process::OutputPipe> out =
-      hooked.ok() ? process::MakeOutputPipe() : absl::StatusOr<process::OutputPipe>(hooked);
-  absl::StatusOr<process::OutputPipe> err =
-      out.ok() ? process::MakeOutputPipe() : absl::StatusOr<process::OutputPipe>(out.status());
-  absl::StatusOr<process::OutputPipe> warnings =
-      !err.ok() ? absl::StatusOr<process::OutputPipe>(err.status())
-      : launched.warnings_channel ? process::MakeOutputPipe()
-                                  : absl::StatusOr<process::OutputPipe>(process::OutputPipe{});
-  absl::StatusOr<process::Subprocess> child =
-      warnings.ok() ? process::Subprocess::Spawn({.argv = launched.argv,
-                                                  .env = launched.env,
-                                                  .work_dir = launched.work_dir,
-                                                  .stdout_fd = out->write_end.get(),
-                                                  .stderr_fd = err->write_end.get(),
-                                                  .fd3 = warnings->write_end.get()})
-                    : absl::StatusOr<process::Subprocess>(warnings.status());
+  absl::StatusOr<PreparedProcess> child =
+      !hooked.ok()        ? absl::StatusOr<PreparedProcess>(hooked)
+      : launched.prepared ? absl::StatusOr<PreparedProcess>(*std::move(launched.prepared))
+                          : SpawnPlanned(launched);
   if (!child.ok()) {
     // Shown in the log, where the person following the job looks first.
     std::string message = Mask(child.status().message());
@@ -258,17 +274,12 @@ void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessW
     return;
   }
 
-  live_.emplace(LiveStep{.waiter = std::move(waiter), .child = *std::move(child), .start = absl::Now()});
-  live_->pipes[0].emplace(OutputPipe{std::move(out->read_end), logs::StreamMasker(config_.secrets)});
-  live_->pipes[1].emplace(OutputPipe{std::move(err->read_end), logs::StreamMasker(config_.secrets)});
-  // out/err write ends close here: the child holds the only copies, so EOF means it is done.
-  out->write_end.Close();
-  err->write_end.Close();
+  live_.emplace(LiveStep{.waiter = std::move(waiter), .child = std::move(child->child), .start = absl::Now()});
+  live_->pipes[0].emplace(OutputPipe{std::move(child->stdout_read), logs::StreamMasker(config_.secrets)});
+  live_->pipes[1].emplace(OutputPipe{std::move(child->stderr_read), logs::StreamMasker(config_.secrets)});
   live_->path = spec.name;
-  if (launched.warnings_channel) {
-    warnings->write_end.Close();
-    live_->warnings.emplace(std::move(warnings->read_end));
-  }
+  live_->warnings = std::move(child->warnings_read);
+  live_->exit_report = std::move(child->exit_report);
 
   proto::ProcessGroupRecord group;
   group.set_pgid(live_->child.pid());
@@ -281,7 +292,7 @@ void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessW
   auto self = shared_from_this();
   if (spec.deadline != absl::InfiniteFuture()) {
     live_->deadline_timer = loop_->AddTimer(std::max(spec.deadline - absl::Now(), absl::ZeroDuration()), [this, self] {
-      if (!live_ || live_->reaped) return;
+      if (!live_ || live_->ended) return;
       live_->deadline_timer = 0;
       live_->timed_out = true;
       SignalLive(SIGTERM);
@@ -294,6 +305,10 @@ void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessW
   }
   if (live_->warnings) {
     absl::Status s = loop_->WatchFd(live_->warnings->get(), EPOLLIN, [this, self](uint32_t) { OnWarnings(); });
+    if (!s.ok()) SR_LOG(ERROR) << "job " << id_ << ": " << s;
+  }
+  if (live_->exit_report) {
+    absl::Status s = loop_->WatchFd(live_->exit_report->get(), EPOLLIN, [this, self](uint32_t) { OnExitReport(); });
     if (!s.ok()) SR_LOG(ERROR) << "job " << id_ << ": " << s;
   }
   absl::Status s = loop_->WatchFd(live_->child.pidfd(), EPOLLIN, [this, self](uint32_t) { OnLeaderExit(); });
@@ -323,7 +338,7 @@ void Job::OnEngineDone(engine::JobOutcome outcome) {
 }
 
 void Job::SignalLive(int signo) {
-  if (!live_ || live_->reaped) return;
+  if (!live_ || live_->ended) return;
   (void)live_->child.SignalGroup(signo);
   if (signo != SIGTERM || live_->kill_timer) return;
   if (config_.graceful_exit_timeout <= absl::ZeroDuration()) {
@@ -331,7 +346,7 @@ void Job::SignalLive(int signo) {
     return;
   }
   live_->kill_timer = loop_->AddTimer(config_.graceful_exit_timeout, [this, self = shared_from_this()] {
-    if (!live_ || live_->reaped) return;
+    if (!live_ || live_->ended) return;
     live_->kill_timer = 0;
     SR_LOG(INFO) << "job " << id_ << ": step still running after "
                  << absl::FormatDuration(config_.graceful_exit_timeout) << "; sending SIGKILL";
@@ -416,8 +431,31 @@ void Job::OnLeaderExit() {
   (void)live_->child.SignalGroup(SIGKILL);
   absl::StatusOr<int> code = live_->child.Reap();
   live_->reaped = true;
-  live_->exit_code = code.ok() ? *code : 1;
   if (!code.ok()) SR_LOG(ERROR) << "job " << id_ << ": " << code.status();
+  if (!live_->ended) StepEnded(code.ok() ? *code : 1);
+}
+
+void Job::OnExitReport() {
+  if (!live_ || !live_->exit_report) return;
+  char buffer[32];
+  ssize_t n = ::read(live_->exit_report->get(), buffer, sizeof buffer);
+  if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+  std::string& text = live_->exit_report_text;
+  if (n > 0) text.append(buffer, static_cast<size_t>(n));
+  const size_t newline = text.find('\n');
+  int code = 0;
+  const bool whole = newline != std::string::npos && absl::SimpleAtoi(text.substr(0, newline), &code) && code >= 0 &&
+                     code <= 255;
+  if (!whole && n > 0 && text.size() <= 16) return;  // more to come
+  // Said, or never will be (closed, or garbled): the leader's exit tells then.
+  loop_->UnwatchFd(live_->exit_report->get());
+  live_->exit_report.reset();
+  if (whole && !live_->ended) StepEnded(code);
+}
+
+void Job::StepEnded(int exit_code) {
+  live_->ended = true;
+  live_->exit_code = exit_code;
   if (live_->kill_timer) loop_->CancelTimer(std::exchange(live_->kill_timer, 0));
   if (live_->pipes[0] || live_->pipes[1]) {
     // Whatever escaped the group (setsid) and still holds a pipe gets a short grace to let
@@ -437,8 +475,23 @@ void Job::OnLeaderExit() {
   MaybeStepDone();
 }
 
+void Job::Linger(process::Subprocess child) {
+  auto lingering = std::make_shared<process::Subprocess>(std::move(child));
+  auto reap = [lingering] {
+    (void)lingering->SignalGroup(SIGKILL);  // anything it left in its group; it is unreaped
+    (void)lingering->Reap();
+  };
+  // Not tied to this job, which may be closed and gone before the process exits.
+  EventLoop* loop = loop_;
+  absl::Status s = loop->WatchFd(lingering->pidfd(), EPOLLIN, [loop, reap, lingering](uint32_t) {
+    loop->UnwatchFd(lingering->pidfd());
+    reap();
+  });
+  if (!s.ok()) reap();
+}
+
 void Job::MaybeStepDone() {
-  if (!live_ || !live_->reaped || live_->pipes[0] || live_->pipes[1]) return;
+  if (!live_ || !live_->ended || live_->pipes[0] || live_->pipes[1]) return;
   if (live_->drain_timer) loop_->CancelTimer(live_->drain_timer);
   StepFinished();
 }
@@ -452,6 +505,12 @@ void Job::StepFinished() {
     CloseWarnings();
   }
   if (live_->deadline_timer) loop_->CancelTimer(live_->deadline_timer);
+  if (live_->exit_report) loop_->UnwatchFd(live_->exit_report->get());
+  if (!live_->reaped) {
+    // It reported the step's end and is finishing up (its sandbox's teardown).
+    loop_->UnwatchFd(live_->child.pidfd());
+    Linger(std::move(live_->child));
+  }
   live_.reset();
   last_exit_code_ = exit_code;
   engine::ProcessOutcome outcome{.exit_code = exit_code, .timed_out = timed_out, .cancelled = cancel_.has_value()};
@@ -472,7 +531,7 @@ void Job::RequestCancel(proto::StatusError::Kind kind, std::string message) {
     Finish(proto::StepResult::cancelled, cancel_->first, cancel_->second, 0);
     return;
   }
-  if (!live_ || live_->reaped || live_->kill_timer) return;  // nothing left to signal
+  if (!live_ || live_->ended || live_->kill_timer) return;  // nothing left to signal
   if (config_.graceful_exit_timeout <= absl::ZeroDuration()) {
     (void)live_->child.SignalGroup(SIGKILL);
     return;

@@ -23,6 +23,20 @@
 
 namespace step_runner::runner {
 
+// A process started before its step was known (the sandbox's warm pool), already told what to
+// run: the runner adopts it as the step's process instead of spawning one. Its stdout and
+// stderr (and warnings) come through pipes whose read ends are here.
+struct PreparedProcess {
+  process::Subprocess child;  // a process group leader, like a spawned step
+  UniqueFd stdout_read;       // non-blocking
+  UniqueFd stderr_read;
+  std::optional<UniqueFd> warnings_read;  // as PlannedStep::warnings_channel
+  // Where the process reports its step's exit code ("N\n") once the step is over, before it
+  // exits itself (a sandbox's teardown can take it milliseconds more): the runner takes the step
+  // as ended then, and reaps the process whenever it does exit.
+  std::optional<UniqueFd> exit_report;
+};
+
 // One process to run, fully resolved: argv, env and work dir.
 struct PlannedStep {
   std::string name;
@@ -38,6 +52,9 @@ struct PlannedStep {
   // a WARNING step event (the sandbox helper's budget warnings). The step itself never sees
   // fd 3: the helper closes it before bwrap runs, so a step cannot forge these events.
   bool warnings_channel = false;
+  // Set by a LaunchHook instead of rewriting argv: the process that runs this step, already
+  // started; argv, env and work_dir are then not used.
+  std::optional<PreparedProcess> prepared;
 };
 
 // What a LaunchHook knows of the job a process belongs to.
@@ -123,7 +140,10 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
     std::shared_ptr<ProcessWaiter> waiter;
     process::Subprocess child;
     std::array<std::optional<OutputPipe>, 2> pipes;  // stdout, stderr
+    bool ended = false;   // the step's exit code is known (reaped, or reported)
     bool reaped = false;
+    std::optional<UniqueFd> exit_report;  // PreparedProcess::exit_report
+    std::string exit_report_text;
     int exit_code = -1;
     absl::Time start;
     EventLoop::TimerId kill_timer = 0;
@@ -155,6 +175,10 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
   void AppendOutput(int stream_index, absl::string_view data);
   void ClosePipe(int stream_index);
   void OnLeaderExit();
+  void OnExitReport();
+  void StepEnded(int exit_code);
+  // Reaps a process that reported its step's end and has not exited yet, when it does.
+  void Linger(process::Subprocess child);
   void MaybeStepDone();
   void StepFinished();
   void Finish(proto::StepResult::Status status, proto::StatusError::Kind kind,

@@ -34,7 +34,7 @@ absl::Status Bytes(const FlagReader& flags, const std::string& name, uint64_t* o
 const std::vector<std::string>& ServeFlagNames() {
   static const std::vector<std::string> names = {"sandbox",     "network",     "allow-host",   "limit-memory",
                                                  "limit-cpu",   "limit-procs", "limit-files",  "limit-output",
-                                                 "hide",        "sandbox-helper"};
+                                                 "hide",        "sandbox-helper", "sandbox-warm"};
   return names;
 }
 
@@ -75,6 +75,12 @@ absl::StatusOr<std::optional<SandboxOptions>> OptionsFromFlags(const FlagReader&
   }
   options.hidden = flags.all("hide");
   options.helper = flags.get("sandbox-helper").value_or("");
+  if (std::optional<std::string> warm = flags.get("sandbox-warm")) {
+    if (!absl::SimpleAtoi(*warm, &options.warm) || options.warm < 0 || options.warm > 64) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--sandbox-warm: expected how many sandboxes to keep ready, 0 to 64, got \"", *warm, "\""));
+    }
+  }
   return std::optional<SandboxOptions>(std::move(options));
 }
 

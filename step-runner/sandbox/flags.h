@@ -15,6 +15,7 @@ namespace step_runner::sandbox {
 //   --sandbox=bwrap|none (default bwrap)   --network=none|all|allow (default none)
 //   --allow-host HOST:PORT   --limit-memory BYTES   --limit-cpu SECONDS   --limit-procs N
 //   --limit-files N   --limit-output BYTES   --hide PATH   --sandbox-helper PATH
+//   --sandbox-warm N (default 2: sandboxes kept ready for steps without network)
 const std::vector<std::string>& ServeFlagNames();
 
 struct FlagReader {

@@ -54,11 +54,14 @@
 #include "step-runner/base/unique_fd.h"
 #include "step-runner/sandbox/cgroup_files.h"
 #include "step-runner/sandbox/helper_plan.h"
+#include "step-runner/sandbox/stub.h"
 
 namespace step_runner::sandbox {
 namespace {
 
 constexpr int kExitSetupFailed = 126;
+// A warm helper's fd 4: the stub's spec, which the daemon writes straight to the stub.
+constexpr int kSpecFd = 4;
 constexpr size_t kBuffer = 64 << 10;
 using Clock = std::chrono::steady_clock;
 
@@ -189,7 +192,7 @@ void SetLimit(int err_fd, int resource, uint64_t value, uint64_t hard_extra, con
 }
 
 [[noreturn]] void ChildMain(const HelperPlan& plan, const std::vector<std::string>& bwrap, int out_fd, int err_fd,
-                            int channel) {
+                            int channel, int stub_report) {
   if (plan.new_netns) {
     EnterNetworkNamespace(err_fd);
     SendListeners(err_fd, channel, plan.forwards);
@@ -202,6 +205,14 @@ void SetLimit(int err_fd, int resource, uint64_t value, uint64_t hard_extra, con
   SetLimit(err_fd, RLIMIT_NPROC, plan.rlimits.processes, 0, "RLIMIT_NPROC");
   SetLimit(err_fd, RLIMIT_NOFILE, plan.rlimits.open_files, 0, "RLIMIT_NOFILE");
   if (::dup2(out_fd, STDOUT_FILENO) < 0 || ::dup2(err_fd, STDERR_FILENO) < 0) ChildFail(err_fd, "dup2");
+  if (plan.warm) {
+    // The stub's spec (our fd 4, from the daemon) on its fd 3 and its report channel on fd 4;
+    // bwrap passes both through. The claim on our stdin is not for the sandbox.
+    UniqueFd null(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    if (::dup2(kSpecFd, 3) < 0 || ::dup2(stub_report, 4) < 0 || !null || ::dup2(null.get(), STDIN_FILENO) < 0) {
+      ChildFail(err_fd, "dup2");
+    }
+  }
   std::vector<char*> argv;
   for (const std::string& a : bwrap) argv.push_back(const_cast<char*>(a.c_str()));
   argv.push_back(nullptr);
@@ -265,9 +276,9 @@ struct Relay {
 class Helper {
  public:
   Helper(HelperPlan plan, pid_t child, UniqueFd pidfd, UniqueFd signals, UniqueFd out, UniqueFd err,
-         std::vector<UniqueFd> listeners)
+         std::vector<UniqueFd> listeners, UniqueFd stub_status)
       : plan_(std::move(plan)), child_(child), pidfd_(std::move(pidfd)), signals_(std::move(signals)),
-        listeners_(std::move(listeners)) {
+        listeners_(std::move(listeners)), stub_status_(std::move(stub_status)) {
     streams_[0] = std::move(out);
     streams_[1] = std::move(err);
     cgroup_ = {plan_.cgroup_v2, plan_.cgroup_v1_memory, plan_.cgroup_v1_pids};
@@ -277,12 +288,14 @@ class Helper {
   int Run() {
     int status = 0;
     bool exited = false;
+    bool reported_by_stub = false;
     Clock::time_point drain_until = Clock::time_point::max();
     while (streams_[0] || streams_[1] || !exited) {
       std::vector<pollfd> fds;
       for (const UniqueFd& s : streams_) fds.push_back({.fd = s ? s.get() : -1, .events = POLLIN});
       fds.push_back({.fd = exited ? -1 : pidfd_.get(), .events = POLLIN});
       fds.push_back({.fd = signals_.get(), .events = POLLIN});
+      fds.push_back({.fd = stub_status_ ? stub_status_.get() : -1, .events = POLLIN});
       for (const UniqueFd& l : listeners_) fds.push_back({.fd = l.get(), .events = POLLIN});
       for (const Relay& r : relays_) {
         fds.push_back({.fd = r.inside_open ? r.inside.get() : -1, .events = POLLIN});
@@ -311,7 +324,21 @@ class Helper {
         }
       }
       if (fds[3].revents) ForwardSignals();
-      size_t at = 4;
+      if (fds[4].revents && !exited) {
+        if (std::optional<int> code = ReadStubStatus()) {
+          // The step is over and everything it wrote is in the pipes: take it and report now.
+          // The sandbox's teardown (its namespaces and mounts, a few milliseconds in the
+          // kernel) then happens after the step's result is out, not before.
+          status = *code;
+          reported_by_stub = true;
+          for (int i = 0; i < 2; ++i) {
+            while (streams_[i] && Pump(i)) {
+            }
+          }
+          break;
+        }
+      }
+      size_t at = 5;
       for (size_t i = 0; i < listeners_.size(); ++i, ++at) {
         if (fds[at].revents) Accept(i);
       }
@@ -324,7 +351,10 @@ class Helper {
         it = (!it->inside_open && !it->outside_open) ? relays_.erase(it) : std::next(it);
       }
     }
-    KillCgroup(cgroup_);  // the namespace is gone; this is for anything that escaped it
+    // The namespace is gone (or going: after the stub's report, the kernel is tearing it down,
+    // and nothing in it can leave its PID namespace); this is for anything that escaped it,
+    // and waits for none of it when the stub reported (the job's end removes the cgroup).
+    KillCgroup(cgroup_, /*until_empty=*/!reported_by_stub);
     const CgroupCounters end = ReadCounters(cgroup_);
     if (!verdict_ && status != 0 && end.oom_kills > baseline_.oom_kills) {
       verdict_ = Cat("the memory limit of ", plan_.memory_limit, " bytes was reached (a process was killed by the OOM killer)");
@@ -337,6 +367,15 @@ class Helper {
       if (status == 0) status = 128 + SIGKILL;
       Say(Cat("resource limit: ", *verdict_));
       if (!plan_.verdict_path.empty()) WriteFileAtomically(plan_.verdict_path, *verdict_);
+    }
+    if (reported_by_stub && plan_.warm) {
+      // Everything is said: the step's output is relayed and the verdict written. The daemon
+      // learns the step's end on our stdin (its claim channel) and does not wait for our exit,
+      // which waits on the kernel's teardown of the sandbox.
+      ::close(STDOUT_FILENO);
+      ::close(STDERR_FILENO);
+      const std::string report = Cat(status, "\n");
+      (void)WriteAll(STDIN_FILENO, report.data(), report.size());
     }
     return status;
   }
@@ -392,13 +431,15 @@ class Helper {
     }
   }
 
-  void Pump(int i) {
+  // Relays what one read of stream `i` gives; false when there was nothing (yet).
+  bool Pump(int i) {
     char buffer[kBuffer];
     ssize_t n = ::read(streams_[i].get(), buffer, sizeof buffer);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+    if (n < 0 && errno == EINTR) return true;
+    if (n < 0 && errno == EAGAIN) return false;
     if (n <= 0) {
       streams_[i].Reset();
-      return;
+      return false;
     }
     size_t keep = static_cast<size_t>(n);
     if (plan_.output_limit > 0 && relayed_ + keep > plan_.output_limit) keep = plan_.output_limit - relayed_;
@@ -416,6 +457,32 @@ class Helper {
     if (keep < static_cast<size_t>(n) && !verdict_) {
       Kill(Cat("the output limit of ", plan_.output_budget, " bytes was reached"));
     }
+    return true;
+  }
+
+  // The stub's "<exit code>\n" once the step has ended (a warm sandbox); nullopt until then,
+  // and for good when the stub is gone without saying (bwrap's own exit then tells).
+  std::optional<int> ReadStubStatus() {
+    char buffer[32];
+    ssize_t n = ::read(stub_status_.get(), buffer, sizeof buffer);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return std::nullopt;
+    if (n <= 0) {
+      stub_status_.Reset();
+      return std::nullopt;
+    }
+    stub_said_.append(buffer, static_cast<size_t>(n));
+    size_t newline = stub_said_.find('\n');
+    if (newline == std::string::npos) {
+      if (stub_said_.size() > 16) stub_status_.Reset();
+      return std::nullopt;
+    }
+    char* end = nullptr;
+    long code = std::strtol(stub_said_.c_str(), &end, 10);
+    if (end != stub_said_.c_str() + newline || code < 0 || code > 255) {
+      stub_status_.Reset();
+      return std::nullopt;
+    }
+    return static_cast<int>(code);
   }
 
   void CheckCgroup() {
@@ -457,6 +524,8 @@ class Helper {
   UniqueFd signals_;
   UniqueFd streams_[2];
   std::vector<UniqueFd> listeners_;
+  UniqueFd stub_status_;  // a warm sandbox's stub reports the step's exit here
+  std::string stub_said_;
   std::list<Relay> relays_;
   JobCgroup cgroup_;
   CgroupCounters baseline_;
@@ -466,8 +535,42 @@ class Helper {
   std::optional<std::string> verdict_;
 };
 
+// A warm helper's wait for its step: the claim arrives on stdin, whole, then EOF. nullopt when
+// the sandbox died meanwhile or the daemon let it go (EOF with nothing).
+std::optional<WarmClaim> AwaitClaim(int pidfd) {
+  std::string text;
+  for (;;) {
+    pollfd fds[2] = {{.fd = STDIN_FILENO, .events = POLLIN}, {.fd = pidfd, .events = POLLIN}};
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      return std::nullopt;
+    }
+    if (fds[0].revents) {
+      char buffer[kBuffer];
+      ssize_t n = ::read(STDIN_FILENO, buffer, sizeof buffer);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return std::nullopt;
+      if (n > 0) {
+        text.append(buffer, static_cast<size_t>(n));
+        continue;
+      }
+      if (text.empty()) return std::nullopt;
+      WarmClaim claim;
+      if (!DecodeClaim(text, &claim)) {
+        Say("sandbox setup failed: the daemon's claim is malformed");
+        return std::nullopt;
+      }
+      return claim;
+    }
+    // bwrap ended before a step came: it could not make the sandbox (what it said went to the
+    // daemon's pipe, unread), or it was killed.
+    if (fds[1].revents) return std::nullopt;
+  }
+}
+
 int Main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
+  if (!args.empty() && args[0] == "--stub") return StubMain(args);
   std::vector<std::string> bwrap;
   std::optional<HelperPlan> plan(std::in_place);
   if (std::string error; !ParseHelperArgv(args, &*plan, &bwrap, &error)) {
@@ -475,13 +578,20 @@ int Main(int argc, char** argv) {
     return 2;
   }
   if (plan->warnings_fd3 && ::fcntl(3, F_SETFD, FD_CLOEXEC) == 0) g_warnings_fd = 3;
-  int out[2], err[2], channel[2] = {-1, -1};
+  // Ours to pass on, not to keep (see ChildMain).
+  if (plan->warm && ::fcntl(kSpecFd, F_SETFD, FD_CLOEXEC) != 0) {
+    Say("step-runner-sandbox: --warm needs the stub's spec on fd 4");
+    return 2;
+  }
+  int out[2], err[2], channel[2] = {-1, -1}, report[2] = {-1, -1};
   if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0 ||
-      (plan->new_netns && ::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, channel) != 0)) {
+      (plan->new_netns && ::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, channel) != 0) ||
+      (plan->warm && ::pipe2(report, O_CLOEXEC | O_NONBLOCK) != 0)) {
     Say(Cat("sandbox setup failed: ", std::strerror(errno)));
     return kExitSetupFailed;
   }
   UniqueFd out_r(out[0]), out_w(out[1]), err_r(err[0]), err_w(err[1]), chan_parent(channel[0]), chan_child(channel[1]);
+  UniqueFd report_r(report[0]), report_w(report[1]);
   // Cancelling a job signals its process group, which is ours alone: we pass SIGTERM (or INT,
   // HUP) on to every process of the sandbox and keep relaying what the step prints until it is
   // gone. SIGKILL still ends us, and --die-with-parent then ends the sandbox. Blocked before the
@@ -496,10 +606,12 @@ int Main(int argc, char** argv) {
     Say(Cat("sandbox setup failed: fork: ", std::strerror(errno)));
     return kExitSetupFailed;
   }
-  if (child == 0) ChildMain(*plan, bwrap, out_w.get(), err_w.get(), chan_child.get());
+  if (child == 0) ChildMain(*plan, bwrap, out_w.get(), err_w.get(), chan_child.get(), report_w.get());
   out_w.Close();
   err_w.Close();
   chan_child.Close();
+  report_w.Close();
+  if (plan->warm) ::close(kSpecFd);
   ::signal(SIGPIPE, SIG_IGN);
   UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, child, 0)));
   if (!pidfd) {
@@ -507,11 +619,26 @@ int Main(int argc, char** argv) {
     Say(Cat("sandbox setup failed: pidfd_open: ", std::strerror(errno)));
     return kExitSetupFailed;
   }
+  if (plan->warm) {
+    // bwrap builds the sandbox meanwhile. The step's spec goes to the stub at the same time as
+    // this claim to us, and waits in its pipe if the sandbox is not done yet.
+    std::optional<WarmClaim> claim = AwaitClaim(pidfd.get());
+    if (!claim) {
+      ::kill(child, SIGKILL);
+      siginfo_t info{};
+      (void)::waitid(static_cast<idtype_t>(P_PIDFD), pidfd.get(), &info, WEXITED);
+      return kExitSetupFailed;
+    }
+    plan->verdict_path = claim->verdict_path;
+    plan->output_limit = claim->output_limit;
+    plan->output_budget = claim->output_budget;
+    plan->output_used = claim->output_used;
+  }
   std::vector<UniqueFd> listeners;
   if (plan->new_netns) listeners = ReceiveListeners(chan_parent.get(), plan->forwards.size());
   for (int fd : {out_r.get(), err_r.get()}) ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
   Helper helper(*std::move(plan), child, std::move(pidfd), std::move(signals), std::move(out_r), std::move(err_r),
-                std::move(listeners));
+                std::move(listeners), std::move(report_r));
   return helper.Run();
 }
 

@@ -17,7 +17,96 @@ bool ParseNumber(const std::string& text, uint64_t* out) {
   return true;
 }
 
+void PutField(std::string* out, const std::string& field) {
+  out->append(std::to_string(field.size()));
+  out->push_back(':');
+  out->append(field);
+}
+
+// Reads the fields of `text` in order; false at the first malformed one.
+class FieldReader {
+ public:
+  explicit FieldReader(const std::string& text) : text_(text) {}
+  bool Next(std::string* field) {
+    size_t colon = text_.find(':', at_);
+    uint64_t size = 0;
+    if (colon == std::string::npos || !ParseNumber(text_.substr(at_, colon - at_), &size) ||
+        size > text_.size() - colon - 1) {
+      return false;
+    }
+    *field = text_.substr(colon + 1, size);
+    at_ = colon + 1 + size;
+    return true;
+  }
+  bool Number(uint64_t* n) {
+    std::string field;
+    return Next(&field) && ParseNumber(field, n);
+  }
+  bool List(std::vector<std::string>* out) {
+    uint64_t count = 0;
+    if (!Number(&count) || count > text_.size()) return false;
+    out->resize(count);
+    for (std::string& item : *out) {
+      if (!Next(&item)) return false;
+    }
+    return true;
+  }
+  bool AtEnd() const { return at_ == text_.size(); }
+
+ private:
+  const std::string& text_;
+  size_t at_ = 0;
+};
+
+void PutList(std::string* out, const std::vector<std::string>& items) {
+  PutField(out, std::to_string(items.size()));
+  for (const std::string& item : items) PutField(out, item);
+}
+
 }  // namespace
+
+std::string EncodeStubSpec(const StubSpec& spec) {
+  std::string out;
+  PutField(&out, std::to_string(spec.mounts.size()));
+  for (const MountOp& op : spec.mounts) {
+    PutField(&out, std::string(1, static_cast<char>(op.kind)));
+    PutField(&out, op.source);
+    PutField(&out, op.target);
+  }
+  PutField(&out, spec.cwd);
+  PutList(&out, spec.argv);
+  PutList(&out, spec.env);
+  return out;
+}
+
+bool DecodeStubSpec(const std::string& text, StubSpec* spec) {
+  *spec = StubSpec();
+  FieldReader in(text);
+  uint64_t count = 0;
+  if (!in.Number(&count) || count > text.size()) return false;
+  spec->mounts.resize(count);
+  for (MountOp& op : spec->mounts) {
+    std::string kind;
+    if (!in.Next(&kind) || kind.size() != 1 || std::string("rbtn").find(kind[0]) == std::string::npos) return false;
+    op.kind = static_cast<MountOp::Kind>(kind[0]);
+    if (!in.Next(&op.source) || !in.Next(&op.target) || op.target.empty() || op.target[0] != '/') return false;
+  }
+  return in.Next(&spec->cwd) && in.List(&spec->argv) && !spec->argv.empty() && in.List(&spec->env) && in.AtEnd();
+}
+
+std::string EncodeClaim(const WarmClaim& claim) {
+  std::string out;
+  PutField(&out, claim.verdict_path);
+  for (uint64_t n : {claim.output_limit, claim.output_budget, claim.output_used}) PutField(&out, std::to_string(n));
+  return out;
+}
+
+bool DecodeClaim(const std::string& text, WarmClaim* claim) {
+  *claim = WarmClaim();
+  FieldReader in(text);
+  return in.Next(&claim->verdict_path) && in.Number(&claim->output_limit) && in.Number(&claim->output_budget) &&
+         in.Number(&claim->output_used) && in.AtEnd();
+}
 
 std::vector<std::string> HelperArgv(const std::string& helper, const HelperPlan& plan,
                                     const std::vector<std::string>& bwrap_argv) {
@@ -38,6 +127,7 @@ std::vector<std::string> HelperArgv(const std::string& helper, const HelperPlan&
   if (!plan.cgroup_v1_pids.empty()) a.insert(a.end(), {"--cgroup-v1-pids", plan.cgroup_v1_pids});
   if (plan.new_netns) a.push_back("--netns");
   if (plan.warnings_fd3) a.push_back("--warnings-fd3");
+  if (plan.warm) a.push_back("--warm");
   for (const Forward& f : plan.forwards) a.insert(a.end(), {"--forward", f.listen_ip + "=" + f.target.ToString()});
   a.push_back("--");
   a.insert(a.end(), bwrap_argv.begin(), bwrap_argv.end());
@@ -69,6 +159,10 @@ bool ParseHelperArgv(const std::vector<std::string>& args, HelperPlan* plan, std
     }
     if (flag == "--warnings-fd3") {
       plan->warnings_fd3 = true;
+      continue;
+    }
+    if (flag == "--warm") {
+      plan->warm = true;
       continue;
     }
     if (i + 1 >= args.size()) {

@@ -49,7 +49,53 @@ struct HelperPlan {
   // line goes there too, and becomes a step event. Never inherited by bwrap or the step.
   bool warnings_fd3 = false;
   std::vector<Forward> forwards;
+  // A warm sandbox: start bwrap now, and wait on stdin for the WarmClaim of the step it runs.
+  bool warm = false;
 };
+
+// One mount of a step's view, applied in order after the fixed part of every sandbox (the
+// read-only root, /dev, /proc, the private /tmp). bwrap applies them for a cold sandbox; the
+// stub applies them itself in a warm one (see helper_main.cc).
+struct MountOp {
+  enum Kind : char {
+    kReadOnlyBind = 'r',  // source (a host path) at target, read-only
+    kBind = 'b',          // source at target, writable
+    kTmpfs = 't',         // an empty tmpfs at target (hides a folder)
+    kHideFile = 'n',      // /dev/null at target (hides a file)
+  };
+  Kind kind = kTmpfs;
+  std::string source;  // empty for kTmpfs and kHideFile
+  std::string target;
+  bool operator==(const MountOp&) const = default;
+};
+
+// Where a warm sandbox sees the host's root until its stub detaches it (under the private /tmp).
+inline constexpr char kWarmHostRoot[] = "/tmp/.step-runner-host";
+
+// What the stub inside a warm sandbox does for its one step: the mounts, then the step.
+struct StubSpec {
+  std::vector<MountOp> mounts;
+  std::string cwd;
+  std::vector<std::string> argv;  // argv[0] an absolute path
+  std::vector<std::string> env;   // "KEY=VALUE"; the step gets exactly this
+  bool operator==(const StubSpec&) const = default;
+};
+
+// What the daemon sends a warm helper on its stdin when a step takes its sandbox: the per-step
+// part of the HelperPlan (the rest was on its command line). The stub's spec goes straight to
+// the stub, on the helper's fd 4, which the helper passes on to it as fd 3.
+struct WarmClaim {
+  std::string verdict_path;
+  uint64_t output_limit = 0;
+  uint64_t output_budget = 0;
+  uint64_t output_used = 0;
+};
+
+// Length-prefixed ("<size>:<bytes>") so that any byte, newlines included, passes through.
+std::string EncodeStubSpec(const StubSpec& spec);
+bool DecodeStubSpec(const std::string& text, StubSpec* spec);
+std::string EncodeClaim(const WarmClaim& claim);
+bool DecodeClaim(const std::string& text, WarmClaim* claim);
 
 std::vector<std::string> HelperArgv(const std::string& helper, const HelperPlan& plan,
                                     const std::vector<std::string>& bwrap_argv);

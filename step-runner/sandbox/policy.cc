@@ -144,25 +144,25 @@ absl::Status CheckWorkTree(const std::string& path) {
   return absl::OkStatus();
 }
 
-std::vector<std::string> BwrapArgv(const std::string& bwrap, const StepView& view) {
-  std::vector<std::string> a = {bwrap,
-                                // The system read-only, then fresh kernel views and a private /tmp.
-                                "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-                                "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-                                // Every process of the step dies with it: if the helper goes, so
-                                // does the namespace's init and with it every process inside.
-                                "--die-with-parent",
-                                // No terminal to push input into (TIOCSTI) even if one leaks in.
-                                // Signals still reach the step: the helper forwards them by pid.
-                                "--new-session"};
-  // A step that is root outside would keep every capability (bwrap drops them only for
-  // unprivileged callers), and with CAP_SYS_ADMIN could simply remount / read-write.
-  if (view.drop_capabilities) {
-    a.insert(a.end(), {"--cap-drop", "ALL"});
-  }
-  if (view.network == NetworkMode::kNone) a.push_back("--unshare-net");
-  // kAllow: the helper already put this process in a namespace with only loopback and the
-  // forwards; bwrap stays in it. kAll: the host's network.
+namespace {
+
+// Every sandbox starts like this: the system read-only, fresh kernel views, a private /tmp,
+// its own PID, IPC and UTS namespaces.
+std::vector<std::string> FixedPart(const std::string& bwrap) {
+  return {bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+          "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+          // Every process of the step dies with it: if the helper goes, so does the
+          // namespace's init and with it every process inside.
+          "--die-with-parent",
+          // No terminal to push input into (TIOCSTI) even if one leaks in. Signals still reach
+          // the step: the helper forwards them by pid.
+          "--new-session"};
+}
+
+}  // namespace
+
+std::vector<MountOp> ViewMounts(const StepView& view) {
+  std::vector<MountOp> ops;
   // A hidden path inside the work tree must be hidden after the tree is bound (else the bind
   // brings it back); one that holds the tree (the state dir holds the default work trees) must
   // be hidden before.
@@ -184,23 +184,70 @@ std::vector<std::string> BwrapArgv(const std::string& bwrap, const StepView& vie
         fresh = fresh && !(h.path == tools || h.path.rfind(tools + "/", 0) == 0);
       }
       if (!after_tree && fresh) continue;
-      if (h.is_dir) {
-        a.insert(a.end(), {"--tmpfs", h.path});
-      } else {
-        a.insert(a.end(), {"--ro-bind", "/dev/null", h.path});
-      }
+      ops.push_back({h.is_dir ? MountOp::kTmpfs : MountOp::kHideFile, "", h.path});
     }
   };
-  for (const std::string& path : view.tool_binds) a.insert(a.end(), {"--ro-bind", path, path});
+  for (const std::string& path : view.tool_binds) ops.push_back({MountOp::kReadOnlyBind, path, path});
   hide(false);
-  if (!view.hosts_file.empty()) a.insert(a.end(), {"--ro-bind", view.hosts_file, "/etc/hosts"});
-  if (!view.work_tree.empty()) a.insert(a.end(), {"--bind", view.work_tree, view.work_tree});
+  if (!view.hosts_file.empty()) ops.push_back({MountOp::kReadOnlyBind, view.hosts_file, "/etc/hosts"});
+  if (!view.work_tree.empty()) ops.push_back({MountOp::kBind, view.work_tree, view.work_tree});
   hide(true);
-  for (const std::string& path : view.readonly_binds) a.insert(a.end(), {"--ro-bind", path, path});
-  for (const std::string& path : view.writable_binds) a.insert(a.end(), {"--bind", path, path});
+  for (const std::string& path : view.readonly_binds) ops.push_back({MountOp::kReadOnlyBind, path, path});
+  for (const std::string& path : view.writable_binds) ops.push_back({MountOp::kBind, path, path});
+  return ops;
+}
+
+std::vector<std::string> BwrapArgv(const std::string& bwrap, const StepView& view) {
+  std::vector<std::string> a = FixedPart(bwrap);
+  // A step that is root outside would keep every capability (bwrap drops them only for
+  // unprivileged callers), and with CAP_SYS_ADMIN could simply remount / read-write.
+  if (view.drop_capabilities) {
+    a.insert(a.end(), {"--cap-drop", "ALL"});
+  }
+  if (view.network == NetworkMode::kNone) a.push_back("--unshare-net");
+  // kAllow: the helper already put this process in a namespace with only loopback and the
+  // forwards; bwrap stays in it. kAll: the host's network.
+  for (const MountOp& op : ViewMounts(view)) {
+    switch (op.kind) {
+      case MountOp::kReadOnlyBind:
+        a.insert(a.end(), {"--ro-bind", op.source, op.target});
+        break;
+      case MountOp::kBind:
+        a.insert(a.end(), {"--bind", op.source, op.target});
+        break;
+      case MountOp::kTmpfs:
+        a.insert(a.end(), {"--tmpfs", op.target});
+        break;
+      case MountOp::kHideFile:
+        a.insert(a.end(), {"--ro-bind", "/dev/null", op.target});
+        break;
+    }
+  }
   if (!view.cwd.empty()) a.insert(a.end(), {"--chdir", view.cwd});
   a.push_back("--");
   a.insert(a.end(), view.argv.begin(), view.argv.end());
+  return a;
+}
+
+std::vector<std::string> WarmBwrapArgv(const std::string& bwrap, const std::string& helper, uid_t uid, gid_t gid) {
+  std::vector<std::string> a = FixedPart(bwrap);
+  a.insert(a.end(), {"--unshare-net",
+                     // The host's root, writable, for the stub to bind the step's tree from; the
+                     // stub detaches it before the step runs.
+                     "--bind", "/", kWarmHostRoot});
+  std::vector<std::string> stub = {absl::StrCat(kWarmHostRoot, helper), "--stub", "3", "--report", "4"};
+  if (uid != 0) {
+    // The stub mounts, so it needs CAP_SYS_ADMIN in the user namespace that owns the mount
+    // namespace: uid 0 in it (bwrap's usual second namespace for the caller's uid would own
+    // nothing). The stub then makes that second namespace itself, mapping the caller's uid
+    // back, and drops every capability before the step runs.
+    a.insert(a.end(), {"--unshare-user", "--uid", "0", "--gid", "0", "--cap-add", "CAP_SYS_ADMIN", "--cap-add",
+                       "CAP_SETPCAP"});
+    stub.insert(stub.end(), {"--as-uid", absl::StrCat(uid), "--as-gid", absl::StrCat(gid)});
+  }
+  // As root, bwrap keeps every capability; the stub drops them all before the step runs.
+  a.push_back("--");
+  a.insert(a.end(), stub.begin(), stub.end());
   return a;
 }
 

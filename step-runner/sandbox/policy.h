@@ -1,6 +1,8 @@
 #ifndef STEP_RUNNER_SANDBOX_POLICY_H_
 #define STEP_RUNNER_SANDBOX_POLICY_H_
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -63,6 +65,15 @@ absl::Status CheckWorkTree(const std::string& path);
 // applies mounts in order, so hiding comes after the read-only root and before the work tree and
 // secrets are bound back in.
 std::vector<std::string> BwrapArgv(const std::string& bwrap, const StepView& view);
+// The mounts of `view` after the fixed part, in the order BwrapArgv gives them to bwrap.
+std::vector<MountOp> ViewMounts(const StepView& view);
+
+// A warm sandbox: made before its step is known, so only the part that every step without
+// network shares (BwrapArgv's fixed part, --unshare-net), plus the host's root at
+// kWarmHostRoot, and the helper's stub (`helper --stub 3 --report 4`) as the command. The
+// stub's step process reads a StubSpec on fd 3, makes the step's mounts, detaches the host
+// root, drops its capabilities and becomes the step; the stub reports its exit on fd 4. `uid`/`gid`: the daemon's (not 0: the stub maps them back for the step).
+std::vector<std::string> WarmBwrapArgv(const std::string& bwrap, const std::string& helper, uid_t uid, gid_t gid);
 
 }  // namespace step_runner::sandbox
 

@@ -1,11 +1,14 @@
 #include "step-runner/sandbox/sandbox.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cerrno>
 
 #include "absl/strings/match.h"
@@ -23,6 +26,8 @@ namespace step_runner::sandbox {
 namespace {
 
 constexpr char kVerdictFile[] = "/sandbox.verdict";
+// How long after a step the pool is topped up (see OnStepEvent).
+constexpr absl::Duration kRefillDelay = absl::Milliseconds(20);
 
 // nullopt when `path` does not exist.
 std::optional<HiddenPath> Existing(const std::string& path) {
@@ -81,6 +86,17 @@ absl::StatusOr<std::unique_ptr<Sandbox>> Sandbox::Create(SandboxOptions options)
 }
 
 Sandbox::~Sandbox() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  refill_.reset();  // finishes the sandbox it is making, makes no more
+  std::deque<WarmSandbox> unused;
+  {
+    absl::MutexLock lock(&mu_);
+    unused.swap(warm_);
+  }
+  for (WarmSandbox& warm : unused) Discard(std::move(warm));
   cleanup_.reset();  // runs what is queued
   cgroups_.RemoveAll();
 }
@@ -97,6 +113,11 @@ absl::Status Sandbox::Init() {
     options_.bwrap = *found;
   }
   if (options_.helper.empty()) options_.helper = OwnBinaryDir() + "/step-runner-sandbox";
+  // Absolute and without links: a warm sandbox runs it as kWarmHostRoot + this path.
+  if (char* real = ::realpath(options_.helper.c_str(), nullptr)) {
+    options_.helper = real;
+    ::free(real);
+  }
   if (::access(options_.helper.c_str(), X_OK) != 0) {
     return absl::FailedPreconditionError(absl::StrCat("the sandbox helper ", options_.helper,
                                                       " is missing; it is installed beside step-runner"));
@@ -133,6 +154,181 @@ absl::Status Sandbox::Init() {
   }
   if (!cgroups_.has_memory()) {
     SR_LOG(WARNING) << "no writable memory cgroup: the memory limit falls back to RLIMIT_AS per process";
+  }
+  if (options_.warm > 0) {
+    // Warm sandboxes mount from inside their user namespace, which some kernels and security
+    // profiles refuse where bwrap itself works: then every sandbox is made cold, as safe and
+    // only slower.
+    if (absl::Status warm = ProbeWarm(); !warm.ok()) {
+      SR_LOG(WARNING) << "warm sandboxes do not work here (" << warm.message()
+                      << "); every step's sandbox is made when the step starts";
+      options_.warm = 0;
+    } else {
+      refill_ = std::make_unique<SerialExecutor>();
+      ScheduleRefill(absl::ZeroDuration());
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Sandbox::WarmSandbox> Sandbox::MakeWarm() {
+  int number;
+  {
+    absl::MutexLock lock(&mu_);
+    number = ++next_warm_;
+  }
+  JobCgroup cgroup;
+  if (cgroups_.has_memory() || cgroups_.has_pids()) {
+    absl::StatusOr<JobCgroup> made = cgroups_.CreateJob(absl::StrCat("warm-", number), options_.limits);
+    if (!made.ok()) return absl::InternalError(absl::StrCat("cannot make a cgroup: ", made.status().message()));
+    cgroup = *made;
+  }
+  HelperPlan plan;
+  plan.warm = true;
+  plan.memory_limit = options_.limits.memory_bytes;
+  plan.process_limit = options_.limits.processes;
+  plan.rlimits = options_.limits;
+  if (!cgroup.memory_dir().empty()) plan.rlimits.memory_bytes = 0;
+  if (!cgroup.pids_dir().empty()) plan.rlimits.processes = 0;
+  plan.cgroup_v2 = cgroup.v2;
+  plan.cgroup_v1_memory = cgroup.v1_memory;
+  plan.cgroup_v1_pids = cgroup.v1_pids;
+  plan.warnings_fd3 = true;
+  auto fail = [&](absl::Status status) {
+    if (!cgroup.empty()) RemoveCgroup(cgroup);
+    return status;
+  };
+  absl::StatusOr<process::OutputPipe> out = process::MakeOutputPipe();
+  absl::StatusOr<process::OutputPipe> err = process::MakeOutputPipe();
+  absl::StatusOr<process::OutputPipe> warnings = process::MakeOutputPipe();
+  // The claim channel is a socket: the helper reports the step's exit code back on it.
+  int claim[2], spec[2];
+  if (!out.ok() || !err.ok() || !warnings.ok() || ::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, claim) != 0) {
+    return fail(absl::InternalError("cannot make a warm sandbox's pipes"));
+  }
+  UniqueFd claim_read(claim[0]), claim_write(claim[1]);
+  if (::pipe2(spec, O_CLOEXEC) != 0) return fail(absl::InternalError("cannot make a warm sandbox's pipes"));
+  UniqueFd spec_read(spec[0]), spec_write(spec[1]);
+  absl::StatusOr<process::Subprocess> helper = process::Subprocess::Spawn(
+      {.argv = HelperArgv(options_.helper, plan, WarmBwrapArgv(options_.bwrap, options_.helper, ::getuid(), ::getgid())),
+       .env = {},
+       .work_dir = "/",
+       .stdout_fd = out->write_end.get(),
+       .stderr_fd = err->write_end.get(),
+       .stdin_fd = claim_read.get(),
+       .fd3 = warnings->write_end.get(),
+       .fd4 = spec_read.get()});
+  if (!helper.ok()) return fail(helper.status());
+  return WarmSandbox{.helper = *std::move(helper),
+                     .claim = std::move(claim_write),
+                     .spec = std::move(spec_write),
+                     .stdout_read = std::move(out->read_end),
+                     .stderr_read = std::move(err->read_end),
+                     .warnings_read = std::move(warnings->read_end),
+                     .cgroup = cgroup};
+}
+
+void Sandbox::ScheduleRefill(absl::Duration delay) {
+  if (!refill_) return;
+  {
+    absl::MutexLock lock(&mu_);
+    if (refill_pending_) return;
+    refill_pending_ = true;
+  }
+  refill_->Post([this, delay] {
+    absl::SleepFor(delay);
+    {
+      absl::MutexLock lock(&mu_);
+      refill_pending_ = false;
+    }
+    Refill();
+  });
+}
+
+void Sandbox::Refill() {
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_ || static_cast<int>(warm_.size()) >= options_.warm) return;
+    }
+    absl::StatusOr<WarmSandbox> warm = MakeWarm();
+    if (!warm.ok()) {
+      // Steps still run, in cold sandboxes; the next claim tries again.
+      SR_LOG(WARNING) << "cannot make a warm sandbox: " << warm.status();
+      return;
+    }
+    absl::MutexLock lock(&mu_);
+    warm_.push_back(*std::move(warm));
+  }
+}
+
+std::optional<Sandbox::WarmSandbox> Sandbox::TakeWarm() {
+  for (;;) {
+    std::optional<WarmSandbox> warm;
+    {
+      absl::MutexLock lock(&mu_);
+      if (warm_.empty()) break;
+      warm.emplace(std::move(warm_.front()));
+      warm_.pop_front();
+    }
+    pollfd pfd{.fd = warm->helper.pidfd(), .events = POLLIN};
+    if (::poll(&pfd, 1, 0) == 0) return warm;
+    // Its helper is gone (killed, or bwrap failed): of no use to a step.
+    SR_LOG(WARNING) << "a warm sandbox ended before a step took it";
+    Discard(*std::move(warm));
+  }
+  // Steps come faster than the pool is refilled between them: make more now.
+  ScheduleRefill(absl::ZeroDuration());
+  return std::nullopt;
+}
+
+absl::Status Sandbox::SendClaim(WarmSandbox& warm, const WarmClaim& claim, const StubSpec& spec) {
+  // The spec first: the stub starts on the mounts while the helper reads its part.
+  const std::string text = EncodeStubSpec(spec);
+  // The whole spec fits in the pipe (a big environment may need a bigger one), so this write
+  // does not wait for a sandbox that is still being made.
+  if (text.size() > (60 << 10)) ::fcntl(warm.spec.get(), F_SETPIPE_SZ, static_cast<int>(text.size()) + 4096);
+  SR_RETURN_IF_ERROR(WriteAll(warm.spec.get(), text));
+  warm.spec.Close();
+  SR_RETURN_IF_ERROR(WriteAll(warm.claim.get(), EncodeClaim(claim)));
+  if (::shutdown(warm.claim.get(), SHUT_WR) != 0) return ErrnoStatus(errno, "shutdown(claim)");
+  if (::fcntl(warm.claim.get(), F_SETFL, O_NONBLOCK) != 0) return ErrnoStatus(errno, "fcntl(claim)");
+  return absl::OkStatus();
+}
+
+void Sandbox::Discard(WarmSandbox warm) {
+  auto doomed = std::make_shared<WarmSandbox>(std::move(warm));
+  cleanup_->Post([doomed] {
+    (void)doomed->helper.SignalGroup(SIGKILL);
+    (void)doomed->helper.Reap();
+    if (!doomed->cgroup.empty()) RemoveCgroup(doomed->cgroup);
+  });
+}
+
+absl::Status Sandbox::ProbeWarm() {
+  SR_ASSIGN_OR_RETURN(WarmSandbox warm, MakeWarm());
+  absl::Status sent = SendClaim(warm, WarmClaim{}, {.mounts = {}, .cwd = "/", .argv = {"/bin/true"}, .env = {}});
+  std::string said;
+  const absl::Time until = absl::Now() + absl::Seconds(20);
+  bool exited = false;
+  while (sent.ok() && !exited && absl::Now() < until) {
+    pollfd fds[2] = {{.fd = warm.helper.pidfd(), .events = POLLIN}, {.fd = warm.stderr_read.get(), .events = POLLIN}};
+    ::poll(fds, 2, 100);
+    exited = fds[0].revents != 0;
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(warm.stderr_read.get(), buf, sizeof buf)) > 0) said.append(buf, static_cast<size_t>(n));
+  }
+  if (!exited) {
+    Discard(std::move(warm));
+    return sent.ok() ? absl::DeadlineExceededError("its probe did not finish in 20 s") : sent;
+  }
+  absl::StatusOr<int> code = warm.helper.Reap();
+  if (!warm.cgroup.empty()) RemoveCgroup(warm.cgroup);
+  if (!code.ok()) return code.status();
+  if (*code != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("exit code ", *code, ": ", absl::StripTrailingAsciiWhitespace(said)));
   }
   return absl::OkStatus();
 }
@@ -200,15 +396,6 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
     if (inserted) {
       it->second.number = ++next_slot_;
       it->second.work_tree = context.job_work_dir;
-      if (cgroups_.has_memory() || cgroups_.has_pids()) {
-        absl::StatusOr<JobCgroup> cgroup =
-            cgroups_.CreateJob(absl::StrCat("job-", it->second.number), options_.limits);
-        if (!cgroup.ok()) {
-          jobs_.erase(it);
-          return absl::InternalError(absl::StrCat("cannot make the job's cgroup: ", cgroup.status().message()));
-        }
-        it->second.cgroup = *cgroup;
-      }
     }
     std::string net(NetworkModeName(network));
     if (network == NetworkMode::kAllow) {
@@ -275,6 +462,47 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
     }
     plan.output_limit = plan.output_budget - plan.output_used;
   }
+  step.explain_exit = [verdict](int) -> std::optional<std::string> {
+    absl::StatusOr<std::string> why = ReadFile(verdict);
+    if (!why.ok()) return std::nullopt;
+    ::unlink(verdict.c_str());
+    return *why;
+  };
+
+  // A step without network takes a warm sandbox when there is one: the same view, mounted by
+  // the stub instead of bwrap.
+  if (network == NetworkMode::kNone) {
+    if (std::optional<WarmSandbox> warm = TakeWarm()) {
+      WarmClaim claim{.verdict_path = plan.verdict_path,
+                      .output_limit = plan.output_limit,
+                      .output_budget = plan.output_budget,
+                      .output_used = plan.output_used};
+      StubSpec spec{.mounts = ViewMounts(view), .cwd = view.cwd, .argv = view.argv, .env = step.env};
+      if (absl::Status sent = SendClaim(*warm, claim, spec); sent.ok()) {
+        {
+          absl::MutexLock lock(&mu_);
+          if (auto it = jobs_.find(context.job_id); it != jobs_.end()) it->second.warm_cgroups.push_back(warm->cgroup);
+        }
+        step.prepared.emplace(runner::PreparedProcess{.child = std::move(warm->helper),
+                                                      .stdout_read = std::move(warm->stdout_read),
+                                                      .stderr_read = std::move(warm->stderr_read),
+                                                      .warnings_read = std::move(warm->warnings_read),
+                                                      .exit_report = std::move(warm->claim)});
+        return absl::OkStatus();
+      } else {
+        SR_LOG(WARNING) << "a warm sandbox did not take its step (" << sent << "); making one for it";
+        Discard(*std::move(warm));
+      }
+    }
+  }
+
+  if (slot.cgroup.empty() && (cgroups_.has_memory() || cgroups_.has_pids())) {
+    absl::StatusOr<JobCgroup> cgroup = cgroups_.CreateJob(absl::StrCat("job-", slot.number), options_.limits);
+    if (!cgroup.ok()) return absl::InternalError(absl::StrCat("cannot make the job's cgroup: ", cgroup.status().message()));
+    slot.cgroup = *cgroup;
+    absl::MutexLock lock(&mu_);
+    if (auto it = jobs_.find(context.job_id); it != jobs_.end()) it->second.cgroup = slot.cgroup;
+  }
   plan.memory_limit = options_.limits.memory_bytes;
   plan.process_limit = options_.limits.processes;
   plan.rlimits = options_.limits;
@@ -293,26 +521,33 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
   plan.warnings_fd3 = true;
   step.warnings_channel = true;
   step.argv = HelperArgv(options_.helper, plan, BwrapArgv(options_.bwrap, view));
-  step.explain_exit = [verdict](int) -> std::optional<std::string> {
-    absl::StatusOr<std::string> why = ReadFile(verdict);
-    if (!why.ok()) return std::nullopt;
-    ::unlink(verdict.c_str());
-    return *why;
-  };
   return absl::OkStatus();
 }
 
 void Sandbox::OnStepEvent(const std::string& job_id, const proto::FollowStepsResponse& event) {
+  // The pool is topped up a little after a step is over, not when one takes a sandbox: making
+  // a sandbox is mount and namespace work in the kernel that would slow the step that just
+  // started, and then the end of its job (on 2 cores, by more than the warm sandbox saved).
+  // Between steps the machine is idle while the client reads the result.
+  if (event.kind() == proto::FollowStepsResponse::STEP_FINISHED ||
+      event.kind() == proto::FollowStepsResponse::JOB_FINISHED) {
+    ScheduleRefill(kRefillDelay);
+  }
   if (event.kind() != proto::FollowStepsResponse::JOB_FINISHED) return;
-  JobCgroup cgroup;
+  std::vector<JobCgroup> cgroups;
   {
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(job_id);
     if (it == jobs_.end()) return;
-    cgroup = it->second.cgroup;
+    cgroups = std::move(it->second.warm_cgroups);
+    cgroups.push_back(it->second.cgroup);
     jobs_.erase(it);
   }
-  if (!cgroup.empty()) cleanup_->Post([cgroup] { RemoveCgroup(cgroup); });
+  cleanup_->Post([cgroups] {
+    for (const JobCgroup& cgroup : cgroups) {
+      if (!cgroup.empty()) RemoveCgroup(cgroup);
+    }
+  });
 }
 
 Sandbox::Grant Sandbox::LastGrant(const std::string& job_id) const {

@@ -1,6 +1,7 @@
 #ifndef STEP_RUNNER_SANDBOX_SANDBOX_H_
 #define STEP_RUNNER_SANDBOX_SANDBOX_H_
 
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
@@ -9,8 +10,11 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "proto/step_runner.pb.h"
 #include "step-runner/base/event_loop.h"
+#include "step-runner/base/unique_fd.h"
+#include "step-runner/process/subprocess.h"
 #include "step-runner/runner/job.h"
 #include "step-runner/sandbox/cgroup.h"
 #include "step-runner/sandbox/policy.h"
@@ -30,6 +34,9 @@ struct SandboxOptions {
   std::vector<std::string> hidden;  // always hidden
   std::string bwrap;   // empty: "bwrap" in PATH
   std::string helper;  // empty: step-runner-sandbox beside the running binary
+  // Sandboxes made ahead of their steps (see README.md, "Warm sandboxes"); 0: every sandbox is
+  // made when its step starts.
+  int warm = 2;
 };
 
 // The daemon's side of the step sandbox: wraps every step process in the helper and bwrap (the
@@ -63,9 +70,33 @@ class Sandbox {
   struct JobSlot {
     int number = 0;
     std::string work_tree;
-    JobCgroup cgroup;
+    JobCgroup cgroup;  // made at the job's first cold step
+    std::vector<JobCgroup> warm_cgroups;  // of the warm sandboxes its steps took
     Grant grant;
   };
+
+  // A sandbox made ahead of its step: the helper waits for the claim on its stdin, bwrap has
+  // made (or is making) the namespaces and mounts, and the stub inside waits for its spec.
+  struct WarmSandbox {
+    process::Subprocess helper;
+    UniqueFd claim;  // the helper's stdin, a socket: the claim goes in, the exit code comes back
+    UniqueFd spec;   // the stub's fd 3
+    UniqueFd stdout_read, stderr_read, warnings_read;
+    JobCgroup cgroup;
+  };
+
+  absl::StatusOr<WarmSandbox> MakeWarm();
+  // Tops the pool up to options_.warm (on refill_), after `delay`; at most one waits at a time.
+  void ScheduleRefill(absl::Duration delay);
+  void Refill();
+  // The oldest live warm sandbox, if any; dead ones are thrown away.
+  std::optional<WarmSandbox> TakeWarm();
+  // Sends `spec` to the stub and `claim` to the helper; the step then runs.
+  static absl::Status SendClaim(WarmSandbox& warm, const WarmClaim& claim, const StubSpec& spec);
+  // Kills and reaps it off the caller's thread, and removes its cgroup.
+  void Discard(WarmSandbox warm);
+  // Runs /bin/true in a warm sandbox; its error says what went wrong.
+  absl::Status ProbeWarm();
 
   SandboxOptions options_;
   CgroupRoot cgroups_;
@@ -75,10 +106,16 @@ class Sandbox {
   // Removing a cgroup waits for its killed processes to be reaped; that happens here, off the
   // runner's event loop (which calls OnStepEvent before it ends the job's streams).
   std::unique_ptr<SerialExecutor> cleanup_ = std::make_unique<SerialExecutor>();
+  // Makes warm sandboxes, off the runner's event loop (a spawn takes a millisecond or so).
+  std::unique_ptr<SerialExecutor> refill_;
 
   mutable absl::Mutex mu_;
   std::map<std::string, JobSlot> jobs_ ABSL_GUARDED_BY(mu_);
   int next_slot_ ABSL_GUARDED_BY(mu_) = 0;
+  std::deque<WarmSandbox> warm_ ABSL_GUARDED_BY(mu_);
+  int next_warm_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool refill_pending_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace step_runner::sandbox
