@@ -241,8 +241,10 @@ std::vector<std::string> WarmBwrapArgv(const std::string& bwrap, const std::stri
     // namespace: uid 0 in it (bwrap's usual second namespace for the caller's uid would own
     // nothing). The stub then makes that second namespace itself, mapping the caller's uid
     // back, and drops every capability before the step runs.
+    // CAP_SETFCAP: the kernel lets a namespace map its parent's uid 0 (the stub's, here) only
+    // for a creator that holds it (bwrap holds every capability when it does the same).
     a.insert(a.end(), {"--unshare-user", "--uid", "0", "--gid", "0", "--cap-add", "CAP_SYS_ADMIN", "--cap-add",
-                       "CAP_SETPCAP"});
+                       "CAP_SETPCAP", "--cap-add", "CAP_SETFCAP"});
     stub.insert(stub.end(), {"--as-uid", absl::StrCat(uid), "--as-gid", absl::StrCat(gid)});
   }
   // As root, bwrap keeps every capability; the stub drops them all before the step runs.

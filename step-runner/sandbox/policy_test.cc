@@ -167,5 +167,83 @@ TEST(HelperArgvTest, RoundTrips) {
   EXPECT_FALSE(ParseHelperArgv({"--output-limit", "-1", "--", "x"}, &back, &rest, &error));
 }
 
+// A warm sandbox gets, from its stub, exactly the mounts bwrap gets for a cold one, in the same
+// order: the two paths cannot drift apart.
+TEST(WarmSandboxTest, TheStubMakesTheMountsBwrapWouldInTheSameOrder) {
+  StepView view = BaseView();
+  view.tool_binds = {"/tmp/checkout/bin"};
+  view.hidden = {{"/state", true}, {"/state/jobs/j1/work/.secret", false}, {"/home/u/.git-credentials", false}};
+  view.readonly_binds = {"/dev/shm/step-runner-0/j1/var"};
+  view.writable_binds = {"/state/jobs/j1/io/1"};
+  std::vector<std::string> rendered;
+  for (const MountOp& op : ViewMounts(view)) {
+    switch (op.kind) {
+      case MountOp::kReadOnlyBind:
+        rendered.insert(rendered.end(), {"--ro-bind", op.source, op.target});
+        break;
+      case MountOp::kBind:
+        rendered.insert(rendered.end(), {"--bind", op.source, op.target});
+        break;
+      case MountOp::kTmpfs:
+        rendered.insert(rendered.end(), {"--tmpfs", op.target});
+        break;
+      case MountOp::kHideFile:
+        rendered.insert(rendered.end(), {"--ro-bind", "/dev/null", op.target});
+        break;
+    }
+  }
+  std::string cold = absl::StrJoin(BwrapArgv("bwrap", view), " ");
+  EXPECT_THAT(cold, HasSubstr(absl::StrJoin(rendered, " ") + " --chdir"));
+  // The state dir (holding the tree) before the tree, the secret inside the tree after it.
+  EXPECT_THAT(absl::StrJoin(rendered, " "),
+              HasSubstr("--tmpfs /state --ro-bind /dev/null /home/u/.git-credentials --bind /state/jobs/j1/work "
+                        "/state/jobs/j1/work --ro-bind /dev/null /state/jobs/j1/work/.secret"));
+}
+
+TEST(WarmSandboxTest, AnUnprivilegedDaemonsStubMountsAsRootOfItsNamespaceThenMapsTheUidBack) {
+  std::string root = absl::StrJoin(WarmBwrapArgv("/usr/bin/bwrap", "/opt/sr/step-runner-sandbox", 0, 0), " ");
+  EXPECT_THAT(root, HasSubstr("--unshare-net --bind / /tmp/.step-runner-host"));
+  EXPECT_THAT(root, HasSubstr("-- /tmp/.step-runner-host/opt/sr/step-runner-sandbox --stub 3 --report 4"));
+  EXPECT_THAT(root, Not(HasSubstr("--unshare-user")));
+  EXPECT_THAT(root, Not(HasSubstr("--as-uid")));
+  std::string user = absl::StrJoin(WarmBwrapArgv("/usr/bin/bwrap", "/opt/sr/step-runner-sandbox", 1001, 1002), " ");
+  EXPECT_THAT(user, HasSubstr("--unshare-user --uid 0 --gid 0 --cap-add CAP_SYS_ADMIN"));
+  EXPECT_THAT(user, HasSubstr("--stub 3 --report 4 --as-uid 1001 --as-gid 1002"));
+  // Never --cap-drop: the stub needs CAP_SYS_ADMIN to mount, and drops everything itself.
+  EXPECT_THAT(user, Not(HasSubstr("--cap-drop")));
+}
+
+TEST(WarmSandboxTest, SpecsAndClaimsRoundTripAnyBytesAndRefuseGarbage) {
+  StubSpec spec{.mounts = {{MountOp::kTmpfs, "", "/state"}, {MountOp::kBind, "/w", "/w"}},
+                .cwd = "/w/sub dir",
+                .argv = {"/bin/sh", "-c", "echo 'a:b'\n\0x"},
+                .env = {"A=1", "MULTI=line one\nline: two", std::string("NUL=a\0b", 7)}};
+  StubSpec back;
+  ASSERT_TRUE(DecodeStubSpec(EncodeStubSpec(spec), &back));
+  EXPECT_EQ(back, spec);
+  const std::string text = EncodeStubSpec(spec);
+  EXPECT_FALSE(DecodeStubSpec(text.substr(0, text.size() - 1), &back));  // cut short
+  EXPECT_FALSE(DecodeStubSpec(text + "1:x", &back));                    // trailing bytes
+  EXPECT_FALSE(DecodeStubSpec("", &back));
+  EXPECT_FALSE(DecodeStubSpec("99999999999999999999:", &back));
+  // A mount target that is not absolute, an unknown kind, a step without argv.
+  EXPECT_FALSE(DecodeStubSpec(EncodeStubSpec({.mounts = {{MountOp::kTmpfs, "", "relative"}}, .argv = {"/bin/true"}}),
+                              &back));
+  std::string bad_kind = EncodeStubSpec({.mounts = {{MountOp::kTmpfs, "", "/x"}}, .argv = {"/bin/true"}});
+  bad_kind.replace(bad_kind.find("1:t"), 3, "1:z");
+  EXPECT_FALSE(DecodeStubSpec(bad_kind, &back));
+  EXPECT_FALSE(DecodeStubSpec(EncodeStubSpec({.cwd = "/"}), &back));
+
+  WarmClaim claim{.verdict_path = "/state/jobs/j1/sandbox.verdict", .output_limit = 5, .output_budget = 10,
+                  .output_used = 5};
+  WarmClaim claim_back;
+  ASSERT_TRUE(DecodeClaim(EncodeClaim(claim), &claim_back));
+  EXPECT_EQ(claim_back.verdict_path, claim.verdict_path);
+  EXPECT_EQ(claim_back.output_limit, 5u);
+  EXPECT_EQ(claim_back.output_budget, 10u);
+  EXPECT_EQ(claim_back.output_used, 5u);
+  EXPECT_FALSE(DecodeClaim("3:abc", &claim_back));
+}
+
 }  // namespace
 }  // namespace step_runner::sandbox

@@ -46,7 +46,8 @@ TempDir::~TempDir() { (void)RemoveTree(path_); }
 
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const std::string& dir,
                                                       std::vector<std::string> extra_args,
-                                                      absl::Duration deadline) {
+                                                      absl::Duration deadline,
+                                                      const std::vector<std::string>& run_as) {
   std::unique_ptr<Daemon> daemon(new Daemon());
   daemon->socket_ = dir + "/sr.sock";
   daemon->state_ = dir + "/state";
@@ -64,6 +65,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const std::string& dir,
                    [](const std::string& a) { return a == "--sandbox" || a.rfind("--sandbox=", 0) == 0; })) {
     argv.push_back("--sandbox=none");
   }
+  argv.insert(argv.begin(), run_as.begin(), run_as.end());
   auto child = process::Subprocess::Spawn(
       {.argv = argv, .env = TestEnvironment({}), .stdout_fd = err.get(), .stderr_fd = err.get()});
   if (!child.ok()) return child.status();

@@ -67,12 +67,14 @@ class TempDir {
 // The real `step-runner serve` as a child process on `<dir>/sr.sock` with state in
 // `<dir>/state`. Start() returns once the daemon printed its ready marker. `extra_args` are
 // more serve flags; without a --sandbox flag among them it runs with --sandbox=none, since most
-// tests are about other things and their steps write outside their trees.
+// tests are about other things and their steps write outside their trees. `run_as`, when
+// given, goes before the command (e.g. setpriv to run the daemon as another user).
 class Daemon {
  public:
   static absl::StatusOr<std::unique_ptr<Daemon>> Start(const std::string& dir,
                                                        std::vector<std::string> extra_args = {},
-                                                       absl::Duration deadline = absl::Seconds(20));
+                                                       absl::Duration deadline = absl::Seconds(20),
+                                                       const std::vector<std::string>& run_as = {});
   ~Daemon();  // SIGKILLs the daemon if it still runs
 
   pid_t pid() const { return child_->pid(); }

@@ -105,17 +105,35 @@ std::string Connect(const std::string& host, int port) {
   return absl::StrCat("(exec 3<>/dev/tcp/", host, "/", port, " && head -n1 <&3 | grep -q .)");
 }
 
-class SandboxTest : public ::testing::Test {
+// A script indented for a `script: |` block of a run sequence.
+std::string Indent(const std::string& script) {
+  std::string out;
+  for (absl::string_view line : absl::StrSplit(script, '\n')) absl::StrAppend(&out, "      ", line, "\n");
+  return out;
+}
+
+// Every test runs twice: with the daemon's default warm sandboxes (made ahead, mounted by the
+// stub), and with --sandbox-warm=0 (each made by bwrap when its step starts). The walls must be
+// the same either way.
+class SandboxTest : public ::testing::TestWithParam<bool> {
  protected:
+  bool warm() const { return GetParam(); }
+
   // Starts the daemon with the sandbox on; false (and the test skipped) where bwrap cannot work.
   bool Start(std::vector<std::string> flags = {}, const std::string& dir = "") {
     flags.insert(flags.begin(), "--sandbox=bwrap");
+    if (!warm()) flags.push_back("--sandbox-warm=0");
     auto daemon = Daemon::Start(dir.empty() ? dir_.path() : dir, flags);
     if (!daemon.ok()) {
       // Only an honest refusal may skip: it must name the fix.
       EXPECT_THAT(std::string(daemon.status().message()), HasSubstr("--sandbox=none"));
       skip_reason_ = std::string(daemon.status().message());
       return false;
+    }
+    // The stub uses nothing bwrap does not (mounts in a user namespace, a nested one to map
+    // the uid back): where bwrap works, a daemon that fell back to cold sandboxes is a bug.
+    if (warm()) {
+      EXPECT_THAT((*daemon)->stderr_output(), Not(HasSubstr("warm sandboxes do not work here")));
     }
     daemon_ = *std::move(daemon);
     client_ = std::make_unique<client::Client>(daemon_->ClientOptions());
@@ -152,11 +170,6 @@ class SandboxTest : public ::testing::Test {
                           status->log_size());
     return log;
   }
-  static std::string Indent(const std::string& script) {
-    std::string out;
-    for (absl::string_view line : absl::StrSplit(script, '\n')) absl::StrAppend(&out, "      ", line, "\n");
-    return out;
-  }
 
   TempDir dir_;
   std::unique_ptr<Daemon> daemon_;
@@ -169,7 +182,7 @@ class SandboxTest : public ::testing::Test {
     if (!Start(__VA_ARGS__)) GTEST_SKIP() << skip_reason_;   \
   } while (0)
 
-TEST_F(SandboxTest, NoTcpConnectionWhenTheNetworkIsOff) {
+TEST_P(SandboxTest, NoTcpConnectionWhenTheNetworkIsOff) {
   GreetingServer server("hello");
   START_OR_SKIP();
   const std::string script = Probe("reached", Connect("127.0.0.1", server.port())) + "\nip -o link | wc -l";
@@ -181,7 +194,7 @@ TEST_F(SandboxTest, NoTcpConnectionWhenTheNetworkIsOff) {
   EXPECT_THAT(asked.log, HasSubstr("reached=no"));
 }
 
-TEST_F(SandboxTest, AllowListReachesExactlyTheAllowedHostAndPort) {
+TEST_P(SandboxTest, AllowListReachesExactlyTheAllowedHostAndPort) {
   GreetingServer allowed("allowed"), other("other");
   START_OR_SKIP({"--network=allow", "--allow-host", absl::StrCat("localhost:", allowed.port())});
   const std::string script = absl::StrCat(
@@ -201,7 +214,7 @@ TEST_F(SandboxTest, AllowListReachesExactlyTheAllowedHostAndPort) {
   EXPECT_THAT(not_asked.log, HasSubstr("allowed_by_name=no"));
 }
 
-TEST_F(SandboxTest, CannotWriteOutsideItsTreeNorReadTheStateDirOrTokenStore) {
+TEST_P(SandboxTest, CannotWriteOutsideItsTreeNorReadTheStateDirOrTokenStore) {
   VarTmpDir outside;
   const std::string tokens = outside.path() + "/git-credentials";
   SR_ASSERT_OK(WriteFileAtomically(tokens, "https://oauth2:SECRET-TOKEN@gitlab.example\n", 0600));
@@ -239,7 +252,7 @@ TEST_F(SandboxTest, CannotWriteOutsideItsTreeNorReadTheStateDirOrTokenStore) {
   EXPECT_NE(::access("/etc/sr-sandbox-test", F_OK), 0);
 }
 
-TEST_F(SandboxTest, ItsOwnFileVariablesAreReadableAndNothingElseOfTheSecretStore) {
+TEST_P(SandboxTest, ItsOwnFileVariablesAreReadableAndNothingElseOfTheSecretStore) {
   START_OR_SKIP();
   // Another job's file variable, alive while ours runs.
   proto::RunRequest other = Request("other", "exec:\n  command: [sleep, \"3002\"]\n");
@@ -273,7 +286,7 @@ std::vector<pid_t> FindProcesses(const std::vector<std::string>& argv) {
   return out;
 }
 
-TEST_F(SandboxTest, CannotSeeOrSignalTheDaemonOrAnotherJob) {
+TEST_P(SandboxTest, CannotSeeOrSignalTheDaemonOrAnotherJob) {
   START_OR_SKIP();
   SR_ASSERT_OK(client_->Run(Request("victim", "exec:\n  command: [sleep, \"3001\"]\n")));
   std::vector<pid_t> victim;
@@ -320,7 +333,7 @@ void ExpectResourceExhausted(const proto::Status& status, const std::string& wha
     }                                                                                             \
   } while (0)
 
-TEST_F(SandboxTest, ForkBombEndsAsResourceExhaustedAndTheDaemonAnswers) {
+TEST_P(SandboxTest, ForkBombEndsAsResourceExhaustedAndTheDaemonAnswers) {
   START_OR_SKIP({"--limit-procs", "64"});
   SKIP_WITHOUT_CGROUP("pids");
   // The shell stays: `wait` would return as soon as its own child pipeline did, and the step
@@ -333,7 +346,7 @@ TEST_F(SandboxTest, ForkBombEndsAsResourceExhaustedAndTheDaemonAnswers) {
   EXPECT_THAT(after.log, HasSubstr("still-here"));
 }
 
-TEST_F(SandboxTest, MemoryWarnsAt80PercentAndAHogEndsAsResourceExhausted) {
+TEST_P(SandboxTest, MemoryWarnsAt80PercentAndAHogEndsAsResourceExhausted) {
   START_OR_SKIP({"--limit-memory", "128M"});
   SKIP_WITHOUT_CGROUP("memory");
   // Near the limit: a warning in the log, and the job still succeeds.
@@ -345,7 +358,7 @@ TEST_F(SandboxTest, MemoryWarnsAt80PercentAndAHogEndsAsResourceExhausted) {
   SR_EXPECT_OK(client_->GetStatus("hog").status());
 }
 
-TEST_F(SandboxTest, TenGigabyteLogWriterEndsAsResourceExhausted) {
+TEST_P(SandboxTest, TenGigabyteLogWriterEndsAsResourceExhausted) {
   START_OR_SKIP({"--limit-output", "8M"});
   Outcome writer = RunScript("writer", "head -c 10G /dev/zero | tr '\\0' x");
   ExpectResourceExhausted(writer.status, "output limit", writer.log);
@@ -357,7 +370,7 @@ TEST_F(SandboxTest, TenGigabyteLogWriterEndsAsResourceExhausted) {
 
 // The 80% warning is a step event too, so a gateway following the steps sees it coming; and
 // only the sandbox helper can raise one: the step's own fd 3 is closed.
-TEST_F(SandboxTest, OutputBudgetWarningIsAStepEventThatAStepCannotForge) {
+TEST_P(SandboxTest, OutputBudgetWarningIsAStepEventThatAStepCannotForge) {
   START_OR_SKIP({"--limit-output", "1M"});
   Outcome near = RunScript("near", "echo fake >&3 || echo no-fd3\nhead -c 900000 /dev/zero | tr '\\0' x");
   EXPECT_EQ(near.status.status(), proto::StepResult::success) << near.log.substr(0, 500);
@@ -381,7 +394,7 @@ TEST_F(SandboxTest, OutputBudgetWarningIsAStepEventThatAStepCannotForge) {
 
 // `network: true` is how a step file asks; catalog steps declare it on their exec. Without it,
 // even under an allow-list, a step has no network.
-TEST_F(SandboxTest, StepFileAsksForNetworkWithTheNetworkKey) {
+TEST_P(SandboxTest, StepFileAsksForNetworkWithTheNetworkKey) {
   GreetingServer allowed("allowed");
   START_OR_SKIP({"--network=allow", "--allow-host", absl::StrCat("localhost:", allowed.port())});
   const std::string probe = Probe("reached", Connect("localhost", allowed.port()));
@@ -396,7 +409,7 @@ TEST_F(SandboxTest, StepFileAsksForNetworkWithTheNetworkKey) {
 
 // A step's ${{ output_file }} and ${{ export_file }} live in the job's state, which is hidden
 // from it: only its own io folder is bound back, writable.
-TEST_F(SandboxTest, OutputsAndExportsWorkInsideTheSandbox) {
+TEST_P(SandboxTest, OutputsAndExportsWorkInsideTheSandbox) {
   START_OR_SKIP();
   proto::RunRequest request = Request("io",
                                       "run:\n"
@@ -415,7 +428,7 @@ TEST_F(SandboxTest, OutputsAndExportsWorkInsideTheSandbox) {
 
 // A checkout built under /tmp (as CI clones often are): the step's tools on PATH are found,
 // read-only, although the sandbox's /tmp is private.
-TEST_F(SandboxTest, ToolsOnAPathUnderTmpStayReachable) {
+TEST_P(SandboxTest, ToolsOnAPathUnderTmpStayReachable) {
   TempDir tools;  // under /tmp
   ASSERT_TRUE(MakeDirs(tools.path() + "/bin", 0755).ok());
   ASSERT_TRUE(WriteFileAtomically(tools.path() + "/bin/sr-hello", "#!/bin/sh\necho hello from $0\n", 0755).ok());
@@ -427,13 +440,13 @@ TEST_F(SandboxTest, ToolsOnAPathUnderTmpStayReachable) {
   EXPECT_THAT(out.log, HasSubstr("writable=no"));
 }
 
-TEST_F(SandboxTest, CpuTimeLimitEndsAsResourceExhausted) {
+TEST_P(SandboxTest, CpuTimeLimitEndsAsResourceExhausted) {
   START_OR_SKIP({"--limit-cpu", "1"});
   Outcome spin = RunScript("spin", "while :; do :; done");
   ExpectResourceExhausted(spin.status, "CPU time limit", spin.log);
 }
 
-TEST_F(SandboxTest, AuditChainRecordsCallersAndStepsVerifiesAndCatchesTampering) {
+TEST_P(SandboxTest, AuditChainRecordsCallersAndStepsVerifiesAndCatchesTampering) {
   START_OR_SKIP();
   proto::RunRequest request = Request("audited", "run:\n  - name: greet\n    script: echo $TOKEN\n");
   AddVariable(request, "TOKEN", "MASKED-SECRET-VALUE", true, false);
@@ -491,7 +504,7 @@ TEST_F(SandboxTest, AuditChainRecordsCallersAndStepsVerifiesAndCatchesTampering)
   EXPECT_EQ(verify().exit_code, 0);
 }
 
-TEST_F(SandboxTest, GracefulCancelReachesTheStepInsideTheSandbox) {
+TEST_P(SandboxTest, GracefulCancelReachesTheStepInsideTheSandbox) {
   START_OR_SKIP();
   SR_ASSERT_OK(client_->Run(Request(
       "graceful", "run:\n  - name: trap\n    script: |\n" +
@@ -509,7 +522,7 @@ TEST_F(SandboxTest, GracefulCancelReachesTheStepInsideTheSandbox) {
   EXPECT_THAT(ReadLog(*client_, "graceful").value_or(""), HasSubstr("got-term"));
 }
 
-TEST_F(SandboxTest, AuditTailFollowPrintsNewLinesAsTheyCome) {
+TEST_P(SandboxTest, AuditTailFollowPrintsNewLinesAsTheyCome) {
   START_OR_SKIP();
   SR_ASSERT_OK_AND_ASSIGN(process::OutputPipe out, process::MakeOutputPipe());
   SR_ASSERT_OK_AND_ASSIGN(
@@ -537,7 +550,7 @@ TEST_F(SandboxTest, AuditTailFollowPrintsNewLinesAsTheyCome) {
   EXPECT_THAT(printed, HasSubstr("job_finished"));
 }
 
-TEST_F(SandboxTest, SandboxNoneRunsUnconfinedAndSaysSoLoudly) {
+TEST_P(SandboxTest, SandboxNoneRunsUnconfinedAndSaysSoLoudly) {
   GreetingServer server("hello");
   auto daemon = Daemon::Start(dir_.path(), {"--sandbox=none"});
   ASSERT_TRUE(daemon.ok()) << daemon.status();
@@ -549,6 +562,111 @@ TEST_F(SandboxTest, SandboxNoneRunsUnconfinedAndSaysSoLoudly) {
                                                 Probe("wrote_outside", absl::StrCat("touch ", dir_.path(), "/escaped"))));
   EXPECT_THAT(free.log, HasSubstr("reached=yes"));
   EXPECT_THAT(free.log, HasSubstr("wrote_outside=yes"));
+}
+
+// The daemon's children: the pool's helpers, and whatever a step left that is not reaped yet.
+std::vector<pid_t> ChildrenOf(pid_t parent) {
+  std::vector<pid_t> children;
+  DIR* proc = ::opendir("/proc");
+  if (proc == nullptr) return children;
+  while (struct dirent* e = ::readdir(proc)) {
+    pid_t pid;
+    if (!absl::SimpleAtoi(e->d_name, &pid)) continue;
+    std::string stat = ReadFile(absl::StrCat("/proc/", pid, "/stat")).value_or("");
+    // "pid (comm) state ppid ...": the comm may hold spaces, so read after its ')'.
+    size_t close = stat.rfind(')');
+    if (close == std::string::npos) continue;
+    std::vector<std::string> fields = absl::StrSplit(stat.substr(close + 2), ' ');
+    pid_t ppid;
+    if (fields.size() > 1 && absl::SimpleAtoi(fields[1], &ppid) && ppid == parent) children.push_back(pid);
+  }
+  ::closedir(proc);
+  return children;
+}
+
+// Steps back to back, each job closed the moment it ends: the sandbox a step used (whose
+// teardown can outlast the job) is reaped, nothing piles up, and the daemon keeps answering.
+TEST_P(SandboxTest, JobsClosedTheMomentTheyEndLeaveNothingBehind) {
+  START_OR_SKIP();
+  for (int i = 0; i < 40; ++i) {
+    const std::string id = absl::StrCat("quick-", i);
+    SR_ASSERT_OK(client_->Run(Request(id, i % 2 ? "exec:\n  command: [/bin/true]\n" : "run:\n  - name: s\n    script: echo step\n")));
+    absl::StatusOr<proto::Status> status = WaitForJob(*client_, id);
+    ASSERT_TRUE(status.ok()) << status.status();
+    EXPECT_EQ(status->status(), proto::StepResult::success) << status->message();
+    SR_ASSERT_OK(client_->Close(id));
+  }
+  Outcome after = RunScript("after", "echo still-serving");
+  EXPECT_THAT(after.log, HasSubstr("still-serving"));
+  SR_ASSERT_OK(client_->Close("after"));
+  // What is left: at most the pool's ready sandboxes (2 by default), no zombie, no lingerer.
+  const size_t allowed = warm() ? 2 : 0;
+  std::vector<pid_t> children;
+  for (int i = 0; i < 100; ++i) {
+    children = ChildrenOf(daemon_->pid());
+    if (children.size() <= allowed) break;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_LE(children.size(), allowed) << absl::StrJoin(children, " ");
+}
+
+// The stub hands the step its argv, environment and folder byte for byte, as bwrap does.
+TEST_P(SandboxTest, TheStepGetsExactlyItsArgvEnvironmentAndFolder) {
+  START_OR_SKIP();
+  VarTmpDir tree;
+  SR_ASSERT_OK(MakeDirs(tree.path() + "/sub dir", 0755));
+  proto::RunRequest request = Request(
+      "exact", "exec:\n  command: [/bin/sh, -c, 'printf \"<%s>\" \"$0\" \"$ODD\" \"$PWD\"', \"two  spaces\"]\n"
+               "  work_dir: \"sub dir\"\n");
+  (*request.mutable_env())["ODD"] = "a=b\nline two\t'quoted'";
+  request.set_work_dir(tree.path());
+  Outcome out = Run(request);
+  EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
+  EXPECT_THAT(out.log, HasSubstr(absl::StrCat("<two  spaces><a=b\nline two\t'quoted'><", tree.path(), "/sub dir>")));
+}
+
+INSTANTIATE_TEST_SUITE_P(WarmAndCold, SandboxTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& info) { return info.param ? "Warm" : "Cold"; });
+
+// A daemon that is not root (as in the workspace image): its warm sandboxes' stub mounts as
+// root of bwrap's user namespace, then maps the daemon's uid back for the step. The step must
+// run as that uid, with no capability, behind the same walls as a cold sandbox's.
+TEST(SandboxUnprivilegedTest, AWarmSandboxOfANonRootDaemonKeepsItsWalls) {
+  if (::getuid() != 0) GTEST_SKIP() << "this whole suite runs unprivileged already";
+  constexpr uid_t kNobody = 65534;
+  TempDir dir;
+  ASSERT_EQ(::chown(dir.path().c_str(), kNobody, kNobody), 0);
+  const std::vector<std::string> as_nobody = {"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"};
+  std::vector<std::string> probe = as_nobody;
+  probe.insert(probe.end(), {"test", "-x", StepRunnerBinary()});
+  absl::StatusOr<CommandResult> reachable = RunCommand(probe);
+  if (!reachable.ok() || reachable->exit_code != 0) GTEST_SKIP() << "nobody cannot run " << StepRunnerBinary();
+  auto daemon = Daemon::Start(dir.path(), {"--sandbox=bwrap"}, absl::Seconds(20), as_nobody);
+  if (!daemon.ok()) {
+    EXPECT_THAT(std::string(daemon.status().message()), HasSubstr("--sandbox=none"));
+    GTEST_SKIP() << daemon.status();
+  }
+  EXPECT_THAT((*daemon)->stderr_output(), Not(HasSubstr("warm sandboxes do not work here")));
+  client::Client client((*daemon)->ClientOptions());
+  const std::string state = (*daemon)->state_dir();
+  const std::string script = absl::StrCat(
+      "echo uid=$(id -u) gid=$(id -g)\n", "grep CapEff /proc/self/status\n",
+      // The warm path: the sandbox's first process is the stub, not the step's own bwrap.
+      Probe("warm", "grep -q -- --stub /proc/1/cmdline"), "\n", Probe("wrote_tree", "touch ./in-tree"), "\n",
+      Probe("wrote_etc", "touch /etc/sr-sandbox-test"), "\n",
+      Probe("read_audit", absl::StrCat("test -s ", state, "/audit.log")), "\n",
+      Probe("saw_host_root", "test -e /tmp/.step-runner-host"));
+  proto::RunRequest request =
+      Request("unprivileged", "run:\n  - name: probe\n    script: |\n" + Indent(script));
+  SR_ASSERT_OK(client.Run(request));
+  absl::StatusOr<proto::Status> status = WaitForJob(client, "unprivileged", absl::Seconds(60));
+  ASSERT_TRUE(status.ok()) << status.status();
+  std::string log = ReadLog(client, "unprivileged").value_or("");
+  EXPECT_EQ(status->status(), proto::StepResult::success) << log;
+  for (const char* line : {"uid=65534 gid=65534", "CapEff:\t0000000000000000", "warm=yes", "wrote_tree=yes",
+                           "wrote_etc=no", "read_audit=no", "saw_host_root=no"}) {
+    EXPECT_THAT(log, HasSubstr(line));
+  }
 }
 
 TEST(SandboxStartTest, UnknownSandboxOrBadLimitsAreRefusedAtStart) {
