@@ -2,6 +2,14 @@
 //
 //   step-runner-sandbox [--verdict FILE] [--output-limit N] ... [--netns] [--forward IP=HOST:PORT]...
 //                       -- bwrap ARGS...
+//   step-runner-sandbox --warm [limits, cgroup] -- bwrap ARGS... -- step-runner-sandbox --stub 3 --report 4
+//   step-runner-sandbox --stub 3 --report 4 [--as-uid UID --as-gid GID]    (inside, see stub.cc)
+//
+// --warm (the daemon's pool, see README.md "Warm sandboxes"): bwrap starts at once; the step's
+// per-step limits arrive later on stdin (a socket), its spec goes straight to the stub on fd 4
+// (passed to the stub as fd 3), and the stub reports the step's exit code on a pipe. The helper
+// then tells the daemon the exit code on its stdin and closes its output, so that the step is
+// over for the daemon before the sandbox's teardown.
 //
 // It does what bwrap cannot:
 //  - sets the step's rlimits and puts it in the job's cgroups, in the child before exec;

@@ -197,6 +197,20 @@ std::vector<MountOp> ViewMounts(const StepView& view) {
   return ops;
 }
 
+std::vector<std::string> BwrapMountArgs(const MountOp& op) {
+  switch (op.kind) {
+    case MountOp::kReadOnlyBind:
+      return {"--ro-bind", op.source, op.target};
+    case MountOp::kBind:
+      return {"--bind", op.source, op.target};
+    case MountOp::kTmpfs:
+      return {"--tmpfs", op.target};
+    case MountOp::kHideFile:
+      return {"--ro-bind", "/dev/null", op.target};
+  }
+  return {};
+}
+
 std::vector<std::string> BwrapArgv(const std::string& bwrap, const StepView& view) {
   std::vector<std::string> a = FixedPart(bwrap);
   // A step that is root outside would keep every capability (bwrap drops them only for
@@ -208,20 +222,8 @@ std::vector<std::string> BwrapArgv(const std::string& bwrap, const StepView& vie
   // kAllow: the helper already put this process in a namespace with only loopback and the
   // forwards; bwrap stays in it. kAll: the host's network.
   for (const MountOp& op : ViewMounts(view)) {
-    switch (op.kind) {
-      case MountOp::kReadOnlyBind:
-        a.insert(a.end(), {"--ro-bind", op.source, op.target});
-        break;
-      case MountOp::kBind:
-        a.insert(a.end(), {"--bind", op.source, op.target});
-        break;
-      case MountOp::kTmpfs:
-        a.insert(a.end(), {"--tmpfs", op.target});
-        break;
-      case MountOp::kHideFile:
-        a.insert(a.end(), {"--ro-bind", "/dev/null", op.target});
-        break;
-    }
+    std::vector<std::string> args = BwrapMountArgs(op);
+    a.insert(a.end(), args.begin(), args.end());
   }
   if (!view.cwd.empty()) a.insert(a.end(), {"--chdir", view.cwd});
   a.push_back("--");

@@ -67,6 +67,8 @@ absl::Status CheckWorkTree(const std::string& path);
 std::vector<std::string> BwrapArgv(const std::string& bwrap, const StepView& view);
 // The mounts of `view` after the fixed part, in the order BwrapArgv gives them to bwrap.
 std::vector<MountOp> ViewMounts(const StepView& view);
+// bwrap's flags for one of them ("--bind SRC DST", ...).
+std::vector<std::string> BwrapMountArgs(const MountOp& op);
 
 // A warm sandbox: made before its step is known, so only the part that every step without
 // network shares (BwrapArgv's fixed part, --unshare-net), plus the host's root at

@@ -177,20 +177,8 @@ TEST(WarmSandboxTest, TheStubMakesTheMountsBwrapWouldInTheSameOrder) {
   view.writable_binds = {"/state/jobs/j1/io/1"};
   std::vector<std::string> rendered;
   for (const MountOp& op : ViewMounts(view)) {
-    switch (op.kind) {
-      case MountOp::kReadOnlyBind:
-        rendered.insert(rendered.end(), {"--ro-bind", op.source, op.target});
-        break;
-      case MountOp::kBind:
-        rendered.insert(rendered.end(), {"--bind", op.source, op.target});
-        break;
-      case MountOp::kTmpfs:
-        rendered.insert(rendered.end(), {"--tmpfs", op.target});
-        break;
-      case MountOp::kHideFile:
-        rendered.insert(rendered.end(), {"--ro-bind", "/dev/null", op.target});
-        break;
-    }
+    std::vector<std::string> args = BwrapMountArgs(op);
+    rendered.insert(rendered.end(), args.begin(), args.end());
   }
   std::string cold = absl::StrJoin(BwrapArgv("bwrap", view), " ");
   EXPECT_THAT(cold, HasSubstr(absl::StrJoin(rendered, " ") + " --chdir"));
