@@ -38,6 +38,7 @@ ABSL_FLAG(int, runs, 300, "timed runs per side");
 ABSL_FLAG(int, batch, 10, "runs per side per batch (ABBA)");
 ABSL_FLAG(int, warmup, 10, "untimed runs per side first");
 ABSL_FLAG(int, gap_ms, 0, "untimed pause between runs");
+ABSL_FLAG(bool, print_samples, false, "print every run's time (side, batch, ms) to stderr");
 ABSL_FLAG(std::string, markdown, "", "also write the table as markdown to this file");
 ABSL_FLAG(std::string, tmp_dir, "/tmp", "where the daemons' sockets and state go");
 
@@ -129,6 +130,7 @@ absl::Status Main() {
       for (int i = 0; i < n; ++i) {
         SR_ASSIGN_OR_RETURN(double micros, once(side));
         samples[side].push_back(micros);
+        if (absl::GetFlag(FLAGS_print_samples)) std::cerr << names[side] << "\t" << b << "\t" << Ms(micros) << "\n";
       }
     }
     auto last = [&](int side) {

@@ -90,19 +90,18 @@ bool JoinCgroup(const JobCgroup& cgroup, std::string* error) {
   return true;
 }
 
-void KillCgroup(const JobCgroup& cgroup, bool until_empty) {
+void KillCgroup(const JobCgroup& cgroup) {
   if (!cgroup.v2.empty() && WriteSmallFile(cgroup.v2 + "/cgroup.kill", "1")) return;
   // v1 has no cgroup.kill. A fork bomb refills the list as we go, so go round until it is
   // empty (bounded: pids.max caps how many there can be, and each round kills all it sees).
   const std::string dir = cgroup.pids_dir().empty() ? cgroup.memory_dir() : cgroup.pids_dir();
   if (dir.empty()) return;
-  for (int round = 0; round < (until_empty ? 100 : 1); ++round) {
+  for (int round = 0; round < 100; ++round) {
     std::vector<pid_t> pids = Procs(dir);
     if (pids.empty()) return;
     for (pid_t pid : pids) {
       if (pid != ::getpid()) ::kill(pid, SIGKILL);
     }
-    if (!until_empty) return;
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
 }

@@ -27,9 +27,8 @@ struct CgroupCounters {
 CgroupCounters ReadCounters(const JobCgroup& cgroup);
 // Moves the calling process into the job's cgroups; false with `error` set if it cannot.
 bool JoinCgroup(const JobCgroup& cgroup, std::string* error);
-// SIGKILLs every process in the cgroup (what cgroup.kill does on v2). On v1, `until_empty`
-// goes round until none is left (a fork bomb refills the list as it goes); otherwise one round.
-void KillCgroup(const JobCgroup& cgroup, bool until_empty = true);
+// SIGKILLs every process in the cgroup (what cgroup.kill does on v2).
+void KillCgroup(const JobCgroup& cgroup);
 // Kills what is left, then removes the folders (best effort; a busy one stays).
 void RemoveCgroup(const JobCgroup& cgroup);
 

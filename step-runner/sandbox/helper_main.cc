@@ -70,6 +70,8 @@ namespace {
 constexpr int kExitSetupFailed = 126;
 // A warm helper's fd 4: the stub's spec, which the daemon writes straight to the stub.
 constexpr int kSpecFd = 4;
+// What the stub says once bwrap has made its sandbox (then "<exit code>\n" when the step ends).
+constexpr char kReady[] = "ready\n";
 constexpr size_t kBuffer = 64 << 10;
 using Clock = std::chrono::steady_clock;
 
@@ -284,9 +286,9 @@ struct Relay {
 class Helper {
  public:
   Helper(HelperPlan plan, pid_t child, UniqueFd pidfd, UniqueFd signals, UniqueFd out, UniqueFd err,
-         std::vector<UniqueFd> listeners, UniqueFd stub_status)
+         std::vector<UniqueFd> listeners, UniqueFd stub_status, std::string stub_said)
       : plan_(std::move(plan)), child_(child), pidfd_(std::move(pidfd)), signals_(std::move(signals)),
-        listeners_(std::move(listeners)), stub_status_(std::move(stub_status)) {
+        listeners_(std::move(listeners)), stub_status_(std::move(stub_status)), stub_said_(std::move(stub_said)) {
     streams_[0] = std::move(out);
     streams_[1] = std::move(err);
     cgroup_ = {plan_.cgroup_v2, plan_.cgroup_v1_memory, plan_.cgroup_v1_pids};
@@ -359,10 +361,10 @@ class Helper {
         it = (!it->inside_open && !it->outside_open) ? relays_.erase(it) : std::next(it);
       }
     }
-    // The namespace is gone (or going: after the stub's report, the kernel is tearing it down,
-    // and nothing in it can leave its PID namespace); this is for anything that escaped it,
-    // and waits for none of it when the stub reported (the job's end removes the cgroup).
-    KillCgroup(cgroup_, /*until_empty=*/!reported_by_stub);
+    // The namespace is gone; this is for anything that escaped it. After the stub's report
+    // the namespace is still there (its processes are killed and its teardown waits for our
+    // exit), nothing in it can leave its PID namespace, and the job's end removes the cgroup.
+    if (!reported_by_stub) KillCgroup(cgroup_);
     const CgroupCounters end = ReadCounters(cgroup_);
     if (!verdict_ && status != 0 && end.oom_kills > baseline_.oom_kills) {
       verdict_ = Cat("the memory limit of ", plan_.memory_limit, " bytes was reached (a process was killed by the OOM killer)");
@@ -378,12 +380,15 @@ class Helper {
     }
     if (reported_by_stub && plan_.warm) {
       // Everything is said: the step's output is relayed and the verdict written. The daemon
-      // learns the step's end on our stdin (its claim channel) and does not wait for our exit,
-      // which waits on the kernel's teardown of the sandbox.
+      // learns the step's end on our stdin (its claim channel) and closes it once it is done
+      // with the step; the sandbox is torn down after that (see stub.cc).
       ::close(STDOUT_FILENO);
       ::close(STDERR_FILENO);
       const std::string report = Cat(status, "\n");
-      (void)WriteAll(STDIN_FILENO, report.data(), report.size());
+      if (WriteAll(STDIN_FILENO, report.data(), report.size())) {
+        pollfd closed{.fd = STDIN_FILENO, .events = POLLIN};
+        (void)::poll(&closed, 1, 10'000);
+      }
     }
     return status;
   }
@@ -479,6 +484,7 @@ class Helper {
       return std::nullopt;
     }
     stub_said_.append(buffer, static_cast<size_t>(n));
+    if (stub_said_.rfind(kReady, 0) == 0) stub_said_.erase(0, sizeof kReady - 1);  // said before the claim came
     size_t newline = stub_said_.find('\n');
     if (newline == std::string::npos) {
       if (stub_said_.size() > 16) stub_status_.Reset();
@@ -543,15 +549,33 @@ class Helper {
   std::optional<std::string> verdict_;
 };
 
-// A warm helper's wait for its step: the claim arrives on stdin, whole, then EOF. nullopt when
-// the sandbox died meanwhile or the daemon let it go (EOF with nothing).
-std::optional<WarmClaim> AwaitClaim(int pidfd) {
+// A warm helper's wait for its step: the claim arrives on stdin, whole, then EOF. Meanwhile
+// the stub says "ready" on `report` once bwrap has made the sandbox, and the daemon hears "R"
+// on stdin (it gives steps only sandboxes that are ready). nullopt when the sandbox died
+// meanwhile or the daemon let it go (EOF with nothing).
+std::optional<WarmClaim> AwaitClaim(int pidfd, int report, std::string* stub_said) {
   std::string text;
+  bool report_open = true;
   for (;;) {
-    pollfd fds[2] = {{.fd = STDIN_FILENO, .events = POLLIN}, {.fd = pidfd, .events = POLLIN}};
-    if (::poll(fds, 2, -1) < 0) {
+    pollfd fds[3] = {{.fd = STDIN_FILENO, .events = POLLIN},
+                     {.fd = pidfd, .events = POLLIN},
+                     {.fd = report_open ? report : -1, .events = POLLIN}};
+    if (::poll(fds, 3, -1) < 0) {
       if (errno == EINTR) continue;
       return std::nullopt;
+    }
+    if (fds[2].revents) {
+      char buffer[64];
+      ssize_t n = ::read(report, buffer, sizeof buffer);
+      if (n > 0) {
+        stub_said->append(buffer, static_cast<size_t>(n));
+        if (stub_said->rfind(kReady, 0) == 0) {
+          stub_said->erase(0, sizeof kReady - 1);
+          (void)WriteAll(STDIN_FILENO, "R", 1);
+        }
+      } else if (n == 0 || errno != EAGAIN) {
+        report_open = false;  // the stub is gone: bwrap's exit follows
+      }
     }
     if (fds[0].revents) {
       char buffer[kBuffer];
@@ -627,10 +651,11 @@ int Main(int argc, char** argv) {
     Say(Cat("sandbox setup failed: pidfd_open: ", std::strerror(errno)));
     return kExitSetupFailed;
   }
+  std::string stub_said;
   if (plan->warm) {
     // bwrap builds the sandbox meanwhile. The step's spec goes to the stub at the same time as
     // this claim to us, and waits in its pipe if the sandbox is not done yet.
-    std::optional<WarmClaim> claim = AwaitClaim(pidfd.get());
+    std::optional<WarmClaim> claim = AwaitClaim(pidfd.get(), report_r.get(), &stub_said);
     if (!claim) {
       ::kill(child, SIGKILL);
       siginfo_t info{};
@@ -646,7 +671,7 @@ int Main(int argc, char** argv) {
   if (plan->new_netns) listeners = ReceiveListeners(chan_parent.get(), plan->forwards.size());
   for (int fd : {out_r.get(), err_r.get()}) ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
   Helper helper(*std::move(plan), child, std::move(pidfd), std::move(signals), std::move(out_r), std::move(err_r),
-                std::move(listeners), std::move(report_r));
+                std::move(listeners), std::move(report_r), std::move(stub_said));
   return helper.Run();
 }
 

@@ -26,8 +26,10 @@ namespace step_runner::sandbox {
 namespace {
 
 constexpr char kVerdictFile[] = "/sandbox.verdict";
-// How long after a step the pool is topped up (see OnStepEvent).
-constexpr absl::Duration kRefillDelay = absl::Milliseconds(20);
+// How long the pool waits after a step starts or ends before it makes sandboxes (see TakeWarm),
+// and after a step started in a sandbox of its own (bwrap takes ~15-30 ms on 2 cores).
+constexpr absl::Duration kQuietBeforeRefill = absl::Milliseconds(20);
+constexpr absl::Duration kQuietAfterColdStart = absl::Milliseconds(60);
 
 // nullopt when `path` does not exist.
 std::optional<HiddenPath> Existing(const std::string& path) {
@@ -90,7 +92,7 @@ Sandbox::~Sandbox() {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
-  refill_.reset();  // finishes the sandbox it is making, makes no more
+  if (refill_thread_.joinable()) refill_thread_.join();  // finishes the sandbox it is making
   std::deque<WarmSandbox> unused;
   {
     absl::MutexLock lock(&mu_);
@@ -164,8 +166,8 @@ absl::Status Sandbox::Init() {
                       << "); every step's sandbox is made when the step starts";
       options_.warm = 0;
     } else {
-      refill_ = std::make_unique<SerialExecutor>();
-      ScheduleRefill(absl::ZeroDuration());
+      RequestRefill(absl::ZeroDuration());
+      refill_thread_ = std::thread([this] { RefillLoop(); });
     }
   }
   return absl::OkStatus();
@@ -228,21 +230,29 @@ absl::StatusOr<Sandbox::WarmSandbox> Sandbox::MakeWarm() {
                      .cgroup = cgroup};
 }
 
-void Sandbox::ScheduleRefill(absl::Duration delay) {
-  if (!refill_) return;
-  {
-    absl::MutexLock lock(&mu_);
-    if (refill_pending_) return;
-    refill_pending_ = true;
-  }
-  refill_->Post([this, delay] {
-    absl::SleepFor(delay);
-    {
-      absl::MutexLock lock(&mu_);
-      refill_pending_ = false;
+void Sandbox::RequestRefill(absl::Duration delay) {
+  absl::MutexLock lock(&mu_);
+  refill_at_ = absl::Now() + delay;
+}
+
+bool Sandbox::RefillShouldWake() const {
+  return stopping_ || refill_at_ != refill_waiting_for_ || absl::Now() >= refill_at_;
+}
+
+void Sandbox::RefillLoop() {
+  absl::MutexLock lock(&mu_);
+  for (;;) {
+    while (!stopping_ && absl::Now() < refill_at_) {
+      // Wakes at the time asked for, or when someone asks for an earlier one.
+      refill_waiting_for_ = refill_at_;
+      mu_.AwaitWithDeadline(absl::Condition(this, &Sandbox::RefillShouldWake), refill_at_);
     }
+    if (stopping_) return;
+    refill_at_ = absl::InfiniteFuture();
+    mu_.Unlock();
     Refill();
-  });
+    mu_.Lock();
+  }
 }
 
 void Sandbox::Refill() {
@@ -253,8 +263,15 @@ void Sandbox::Refill() {
     }
     absl::StatusOr<WarmSandbox> warm = MakeWarm();
     if (!warm.ok()) {
-      // Steps still run, in cold sandboxes; the next claim tries again.
+      // Steps still run, in cold sandboxes; the next refill tries again.
       SR_LOG(WARNING) << "cannot make a warm sandbox: " << warm.status();
+      return;
+    }
+    // One at a time, and into the pool only when ready: sandboxes made side by side slow each
+    // other (and whatever step runs) down, and a step never waits for one still being made.
+    if (absl::Status ready = AwaitReady(*warm); !ready.ok()) {
+      SR_LOG(WARNING) << "a warm sandbox did not become ready: " << ready;
+      Discard(*std::move(warm));
       return;
     }
     absl::MutexLock lock(&mu_);
@@ -262,24 +279,54 @@ void Sandbox::Refill() {
   }
 }
 
-std::optional<Sandbox::WarmSandbox> Sandbox::TakeWarm() {
-  for (;;) {
-    std::optional<WarmSandbox> warm;
+absl::Status Sandbox::AwaitReady(WarmSandbox& warm) {
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (absl::Now() < until) {
     {
       absl::MutexLock lock(&mu_);
-      if (warm_.empty()) break;
-      warm.emplace(std::move(warm_.front()));
-      warm_.pop_front();
+      if (stopping_) return absl::CancelledError("the daemon is stopping");
     }
-    pollfd pfd{.fd = warm->helper.pidfd(), .events = POLLIN};
-    if (::poll(&pfd, 1, 0) == 0) return warm;
-    // Its helper is gone (killed, or bwrap failed): of no use to a step.
-    SR_LOG(WARNING) << "a warm sandbox ended before a step took it";
-    Discard(*std::move(warm));
+    pollfd fds[2] = {{.fd = warm.claim.get(), .events = POLLIN}, {.fd = warm.helper.pidfd(), .events = POLLIN}};
+    if (::poll(fds, 2, 50) <= 0) continue;
+    char said = 0;
+    if (fds[0].revents && ::recv(warm.claim.get(), &said, 1, MSG_DONTWAIT) == 1 && said == 'R') {
+      return absl::OkStatus();
+    }
+    // Anything else is a sandbox that failed: its helper exits.
+    return absl::InternalError("its helper ended (bwrap could not make the sandbox)");
   }
-  // Steps come faster than the pool is refilled between them: make more now.
-  ScheduleRefill(absl::ZeroDuration());
-  return std::nullopt;
+  return absl::DeadlineExceededError("not ready in 10 s");
+}
+
+std::optional<Sandbox::WarmSandbox> Sandbox::TakeWarm() {
+  std::optional<WarmSandbox> taken;
+  std::vector<WarmSandbox> dead;
+  {
+    absl::MutexLock lock(&mu_);
+    while (!warm_.empty() && !taken) {
+      WarmSandbox warm = std::move(warm_.front());
+      warm_.pop_front();
+      pollfd pfd{.fd = warm.helper.pidfd(), .events = POLLIN};
+      if (::poll(&pfd, 1, 0) == 0) {
+        taken.emplace(std::move(warm));
+      } else {
+        // Its helper is gone (killed): of no use to a step.
+        dead.push_back(std::move(warm));
+      }
+    }
+  }
+  for (WarmSandbox& warm : dead) {
+    SR_LOG(WARNING) << "a warm sandbox ended before a step took it";
+    Discard(std::move(warm));
+  }
+  // The pool is topped up once steps have let the machine be for a moment: making sandboxes is
+  // kernel work (namespaces, mounts, cgroup moves) that, done beside a step that just started,
+  // slows it (and the end of its job) by more than a warm sandbox saves. A step that found the
+  // pool empty makes its own sandbox now, which takes longer: the refill waits for that too.
+  // Between an agent's steps there is time; steps back to back beyond the pool's size get cold
+  // sandboxes rather than pile sandbox-making onto each other.
+  if (options_.warm > 0) RequestRefill(taken ? kQuietBeforeRefill : kQuietAfterColdStart);
+  return taken;
 }
 
 absl::Status Sandbox::SendClaim(WarmSandbox& warm, const WarmClaim& claim, const StubSpec& spec) {
@@ -525,13 +572,10 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
 }
 
 void Sandbox::OnStepEvent(const std::string& job_id, const proto::FollowStepsResponse& event) {
-  // The pool is topped up a little after a step is over, not when one takes a sandbox: making
-  // a sandbox is mount and namespace work in the kernel that would slow the step that just
-  // started, and then the end of its job (on 2 cores, by more than the warm sandbox saved).
-  // Between steps the machine is idle while the client reads the result.
+  // A step's end, like its start, puts the pool's refill off (see TakeWarm).
   if (event.kind() == proto::FollowStepsResponse::STEP_FINISHED ||
       event.kind() == proto::FollowStepsResponse::JOB_FINISHED) {
-    ScheduleRefill(kRefillDelay);
+    if (options_.warm > 0) RequestRefill(kQuietBeforeRefill);
   }
   if (event.kind() != proto::FollowStepsResponse::JOB_FINISHED) return;
   std::vector<JobCgroup> cgroups;

@@ -5,6 +5,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -86,10 +87,15 @@ class Sandbox {
   };
 
   absl::StatusOr<WarmSandbox> MakeWarm();
-  // Tops the pool up to options_.warm (on refill_), after `delay`; at most one waits at a time.
-  void ScheduleRefill(absl::Duration delay);
+  // Asks for the pool to be topped up to options_.warm in `delay` (from now: a later request
+  // puts an earlier one off).
+  void RequestRefill(absl::Duration delay);
+  bool RefillShouldWake() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RefillLoop();  // refill_thread_
   void Refill();
-  // The oldest live warm sandbox, if any; dead ones are thrown away.
+  // Waits for the helper's "R" (bwrap has made the sandbox) on the claim socket.
+  absl::Status AwaitReady(WarmSandbox& warm);
+  // The oldest warm sandbox (all in the pool are ready), if any; dead ones are thrown away.
   std::optional<WarmSandbox> TakeWarm();
   // Sends `spec` to the stub and `claim` to the helper; the step then runs.
   static absl::Status SendClaim(WarmSandbox& warm, const WarmClaim& claim, const StubSpec& spec);
@@ -107,15 +113,16 @@ class Sandbox {
   // runner's event loop (which calls OnStepEvent before it ends the job's streams).
   std::unique_ptr<SerialExecutor> cleanup_ = std::make_unique<SerialExecutor>();
   // Makes warm sandboxes, off the runner's event loop (a spawn takes a millisecond or so).
-  std::unique_ptr<SerialExecutor> refill_;
+  std::thread refill_thread_;
 
   mutable absl::Mutex mu_;
   std::map<std::string, JobSlot> jobs_ ABSL_GUARDED_BY(mu_);
   int next_slot_ ABSL_GUARDED_BY(mu_) = 0;
-  std::deque<WarmSandbox> warm_ ABSL_GUARDED_BY(mu_);
+  std::deque<WarmSandbox> warm_ ABSL_GUARDED_BY(mu_);  // ready ones only
   int next_warm_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  bool refill_pending_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time refill_at_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
+  absl::Time refill_waiting_for_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
 };
 
 }  // namespace step_runner::sandbox

@@ -18,6 +18,7 @@
 #include "step-runner/sandbox/stub.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <linux/capability.h>
 #include <sched.h>
 #include <sys/mount.h>
@@ -229,6 +230,9 @@ int StubMain(const std::vector<std::string>& args) {
   // step (no capabilities, nothing to trace or to read through /proc).
   DropCapabilities();
   ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  // bwrap is done: the sandbox can take a step.
+  ssize_t said = ::write(report_fd, "ready\n", 6);
+  (void)said;
   // The helper passes SIGTERM, SIGINT and SIGHUP to every process in the sandbox, this one
   // included: they are the step's to act on.
   struct sigaction ignore{};
@@ -243,6 +247,13 @@ int StubMain(const std::vector<std::string>& args) {
   const std::string report = std::to_string(code) + "\n";
   ssize_t unused = ::write(report_fd, report.data(), report.size());
   (void)unused;
+  // Whatever the step left running dies with it (everything here but bwrap's init and us).
+  ::kill(-1, SIGKILL);
+  // The sandbox's teardown starts when this process exits. It waits until the helper is gone,
+  // which is after the daemon has the step's end: the kernel's work of undoing namespaces and
+  // mounts then does not stand between the step and its result.
+  pollfd gone{.fd = report_fd, .events = 0};
+  (void)::poll(&gone, 1, 30'000);
   ::_exit(code);
 }
 
