@@ -447,9 +447,11 @@ void Job::OnExitReport() {
   const bool whole = newline != std::string::npos && absl::SimpleAtoi(text.substr(0, newline), &code) && code >= 0 &&
                      code <= 255;
   if (!whole && n > 0 && text.size() <= 16) return;  // more to come
-  // Said, or never will be (closed, or garbled): the leader's exit tells then.
+  // Said, or never will be (closed, or garbled): the leader's exit tells then. The socket stays
+  // open until the step is finished here: the process may wait for that to tear down (a
+  // sandbox), so that the teardown does not compete with the step's end.
   loop_->UnwatchFd(live_->exit_report->get());
-  live_->exit_report.reset();
+  if (!whole) live_->exit_report.reset();
   if (whole && !live_->ended) StepEnded(code);
 }
 
@@ -505,7 +507,7 @@ void Job::StepFinished() {
     CloseWarnings();
   }
   if (live_->deadline_timer) loop_->CancelTimer(live_->deadline_timer);
-  if (live_->exit_report) loop_->UnwatchFd(live_->exit_report->get());
+  if (live_->exit_report) loop_->UnwatchFd(live_->exit_report->get());  // closed with live_ below
   if (!live_->reaped) {
     // It reported the step's end and is finishing up (its sandbox's teardown).
     loop_->UnwatchFd(live_->child.pidfd());

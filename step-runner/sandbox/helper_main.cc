@@ -299,6 +299,7 @@ class Helper {
     int status = 0;
     bool exited = false;
     bool reported_by_stub = false;
+    Clock::time_point next_check = Clock::now() + std::chrono::milliseconds(100);
     Clock::time_point drain_until = Clock::time_point::max();
     while (streams_[0] || streams_[1] || !exited) {
       std::vector<pollfd> fds;
@@ -319,7 +320,12 @@ class Helper {
       }
       int n = ::poll(fds.data(), fds.size(), timeout);
       if (n < 0 && errno != EINTR) break;
-      if (watching) CheckCgroup();
+      // Every 100 ms, not at every wake-up: reading the cgroup's files costs more than relaying
+      // a chunk of output, and a short step would pay it on its way out.
+      if (watching && Clock::now() >= next_check) {
+        CheckCgroup();
+        next_check = Clock::now() + std::chrono::milliseconds(100);
+      }
       if (exited && Clock::now() >= drain_until) break;  // nothing of the step can still write
       if (n <= 0) continue;
       for (int i = 0; i < 2; ++i) {
@@ -386,7 +392,8 @@ class Helper {
       ::close(STDERR_FILENO);
       const std::string report = Cat(status, "\n");
       if (WriteAll(STDIN_FILENO, report.data(), report.size())) {
-        pollfd closed{.fd = STDIN_FILENO, .events = POLLIN};
+        // Until the daemon closes the socket (POLLHUP; it shut its side for writing long ago).
+        pollfd closed{.fd = STDIN_FILENO, .events = 0};
         (void)::poll(&closed, 1, 10'000);
       }
     }
