@@ -81,6 +81,7 @@ serve's step sandbox (see step-runner/sandbox/README.md):
   --sandbox=bwrap|none (default bwrap)  --network=none|all|allow (default none)
   --allow-host HOST:PORT...  --limit-memory BYTES (4G)  --limit-cpu SECONDS (3600)
   --limit-procs N (1024)  --limit-files N (4096)  --limit-output BYTES (1G)  --hide PATH...
+  --sandbox-warm N (2: sandboxes made ahead for steps without network; 0: none)
 
 Client commands reach the daemon through --socket PATH (default: $STEP_RUNNER_SOCKET) or
 --via 'COMMAND' (a command whose stdin/stdout reach `step-runner proxy`, e.g.

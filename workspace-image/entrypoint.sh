@@ -26,7 +26,7 @@
 #   SR_WORKSPACE            the workspace volume (default /workspace)
 #   SR_SOCKET, SR_STATE_DIR the daemon's socket and state (default /run/step-runner/step-runner.sock
 #                           and $SR_WORKSPACE/.step-runner)
-#   SR_SANDBOX, SR_NETWORK, SR_ALLOW_HOSTS (comma or space separated HOST:PORT), SR_HIDE,
+#   SR_SANDBOX, SR_SANDBOX_WARM, SR_NETWORK, SR_ALLOW_HOSTS (comma or space separated HOST:PORT), SR_HIDE,
 #   SR_LIMIT_MEMORY, SR_LIMIT_CPU, SR_LIMIT_PROCS, SR_LIMIT_FILES, SR_LIMIT_OUTPUT, SR_LOG_LEVEL,
 #   SR_GRACEFUL_EXIT_TIMEOUT, SR_MAX_JOBS, SR_MAX_AGE, SR_ALLOW_UIDS
 #                           passed to `step-runner serve` as the matching flags, only when set
@@ -133,7 +133,7 @@ cd "$SR_WORKSPACE"
 
 serve=("$SR_BIN" serve --socket "$SR_SOCKET" --state-dir "$SR_STATE_DIR")
 # Each variable that is set becomes its flag; lists (comma or space separated) repeat it.
-for pair in SR_SANDBOX:sandbox SR_NETWORK:network SR_LOG_LEVEL:log-level \
+for pair in SR_SANDBOX:sandbox SR_SANDBOX_WARM:sandbox-warm SR_NETWORK:network SR_LOG_LEVEL:log-level \
             SR_GRACEFUL_EXIT_TIMEOUT:graceful-exit-timeout SR_MAX_JOBS:max-jobs SR_MAX_AGE:max-age \
             SR_LIMIT_MEMORY:limit-memory SR_LIMIT_CPU:limit-cpu SR_LIMIT_PROCS:limit-procs \
             SR_LIMIT_FILES:limit-files SR_LIMIT_OUTPUT:limit-output; do

@@ -371,8 +371,9 @@ class Helper {
     // the namespace is still there (its processes are killed and its teardown waits for our
     // exit), nothing in it can leave its PID namespace, and the job's end removes the cgroup.
     if (!reported_by_stub) KillCgroup(cgroup_);
-    const CgroupCounters end = ReadCounters(cgroup_);
-    if (!verdict_ && status != 0 && end.oom_kills > baseline_.oom_kills) {
+    // Only a step that failed can have been the OOM killer's (and reading the cgroup's files
+    // is most of what a step that succeeded would wait for here).
+    if (!verdict_ && status != 0 && ReadCounters(cgroup_).oom_kills > baseline_.oom_kills) {
       verdict_ = Cat("the memory limit of ", plan_.memory_limit, " bytes was reached (a process was killed by the OOM killer)");
     }
     if (!verdict_ && status == 128 + SIGXCPU) {
