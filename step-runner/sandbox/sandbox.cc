@@ -346,7 +346,13 @@ absl::Status Sandbox::SendClaim(WarmSandbox& warm, const WarmClaim& claim, const
 void Sandbox::Discard(WarmSandbox warm) {
   auto doomed = std::make_shared<WarmSandbox>(std::move(warm));
   cleanup_->Post([doomed] {
-    (void)doomed->helper.SignalGroup(SIGKILL);
+    // Letting it go (its claim socket closed) makes the helper take its bwrap down with it,
+    // which a SIGKILL to the helper alone would not while bwrap is still making the sandbox
+    // (see helper_main.cc); the SIGKILL is for a helper that does not go within a second.
+    doomed->spec.Close();
+    doomed->claim.Close();
+    pollfd gone{.fd = doomed->helper.pidfd(), .events = POLLIN};
+    if (::poll(&gone, 1, 1000) <= 0) (void)doomed->helper.SignalGroup(SIGKILL);
     (void)doomed->helper.Reap();
     if (!doomed->cgroup.empty()) RemoveCgroup(doomed->cgroup);
   });
