@@ -665,9 +665,9 @@ int Main(int argc, char** argv) {
     // this claim to us, and waits in its pipe if the sandbox is not done yet.
     std::optional<WarmClaim> claim = AwaitClaim(pidfd.get(), report_r.get(), &stub_said);
     if (!claim) {
-      // bwrap's whole process group: killed while it is still making the sandbox, bwrap leaves
-      // its namespace's first process waiting for it forever (that one is in the group too
-      // until the sandbox is made, and its parent-death signal is not set yet).
+      // bwrap's whole process group: killed while it is still making the sandbox, bwrap can
+      // leave its namespace's first process waiting for it forever (one was found orphaned
+      // under pid 1, blocked on bwrap's eventfd; it is in the group until the sandbox is made).
       ::kill(-child, SIGKILL);
       ::kill(child, SIGKILL);
       siginfo_t info{};

@@ -506,6 +506,24 @@ class Parser {
 // growing memory, on some malformed input (a "," outside any flow collection, found by
 // fuzzing); libyaml, the reference parser, rejects such input with an exact position. Its event
 // stream also bounds what yaml-cpp will build: nesting depth, aliases and node count.
+// libyaml ends an anchor or alias name at the first character that is not a letter, digit, "_"
+// or "-"; yaml-cpp 0.7 runs on to the next space or flow indicator. Where the two disagree
+// ("&name:x,-", found by fuzzing) yaml-cpp reads another document than the one checked here,
+// and with a "," after the name it loops forever. So the name must end where both agree.
+std::optional<Violation> CheckNameEnd(absl::string_view text, size_t from, char sigil, const unsigned char* name,
+                                      SourcePosition at) {
+  if (name == nullptr) return std::nullopt;
+  const std::string written = absl::StrCat(std::string(1, sigil), reinterpret_cast<const char*>(name));
+  const size_t found = text.find(written, from);
+  const size_t end = found == absl::string_view::npos ? found : found + written.size();
+  if (end == absl::string_view::npos || end >= text.size() || absl::string_view(" \t\r\n,[]{}").find(text[end]) !=
+                                                                    absl::string_view::npos) {
+    return std::nullopt;
+  }
+  return Violation{at, "", absl::StrCat("the ", sigil == '&' ? "anchor" : "alias", " \"", written,
+                                        "\" must end with a space or a line break (names are letters, digits, _ and -)")};
+}
+
 std::optional<Violation> PrevalidateYaml(absl::string_view text) {
   yaml_parser_t parser;
   if (!yaml_parser_initialize(&parser)) return Violation{{1, 1}, "", "out of memory"};
@@ -538,6 +556,23 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
       break;
     }
     const SourcePosition at{static_cast<int>(event.start_mark.line) + 1, static_cast<int>(event.start_mark.column) + 1};
+    const size_t from = event.start_mark.index;
+    switch (event.type) {
+      case YAML_SCALAR_EVENT:
+        violation = CheckNameEnd(text, from, '&', event.data.scalar.anchor, at);
+        break;
+      case YAML_SEQUENCE_START_EVENT:
+        violation = CheckNameEnd(text, from, '&', event.data.sequence_start.anchor, at);
+        break;
+      case YAML_MAPPING_START_EVENT:
+        violation = CheckNameEnd(text, from, '&', event.data.mapping_start.anchor, at);
+        break;
+      case YAML_ALIAS_EVENT:
+        violation = CheckNameEnd(text, from, '*', event.data.alias.anchor, at);
+        break;
+      default:
+        break;
+    }
     switch (event.type) {
       case YAML_SEQUENCE_START_EVENT:
       case YAML_MAPPING_START_EVENT:

@@ -625,6 +625,55 @@ TEST_P(SandboxTest, TheStepGetsExactlyItsArgvEnvironmentAndFolder) {
   EXPECT_THAT(out.log, HasSubstr(absl::StrCat("<two  spaces><a=b\nline two\t'quoted'><", tree.path(), "/sub dir>")));
 }
 
+// Processes in the cgroups of the daemon with pid `daemon` (its pool's and its jobs').
+std::vector<pid_t> ProcessesOfDaemonCgroups(pid_t daemon) {
+  std::vector<pid_t> found;
+  const std::string mark = absl::StrCat("/step-runner.", daemon, "/");
+  DIR* proc = ::opendir("/proc");
+  if (proc == nullptr) return found;
+  while (struct dirent* e = ::readdir(proc)) {
+    pid_t pid;
+    if (!absl::SimpleAtoi(e->d_name, &pid)) continue;
+    if (absl::StrContains(ReadFile(absl::StrCat("/proc/", pid, "/cgroup")).value_or(""), mark)) found.push_back(pid);
+  }
+  ::closedir(proc);
+  return found;
+}
+
+// A daemon killed while its pool is being made (the first sandboxes are made right after it
+// starts listening) leaves nothing running: each sandbox's helper sees its claim socket close
+// and takes all of bwrap down, even mid-way through making the sandbox.
+TEST(SandboxPoolTest, ADaemonKilledWhileItsPoolIsMadeLeavesNoProcessBehind) {
+  for (int round = 0; round < 20; ++round) {
+    TempDir dir;
+    auto daemon = Daemon::Start(dir.path(), {"--sandbox=bwrap"});
+    if (!daemon.ok()) GTEST_SKIP() << daemon.status();
+    const pid_t pid = (*daemon)->pid();
+    // The pool's processes are found through its cgroups ("<its own cgroup>/step-runner.PID");
+    // without them there is no telling this daemon's sandboxes from another test's.
+    bool has_cgroups = false;
+    for (absl::string_view line : absl::StrSplit(ReadFile(absl::StrCat("/proc/", pid, "/cgroup")).value_or(""), '\n')) {
+      std::vector<std::string> parts = absl::StrSplit(line, absl::MaxSplits(':', 2));
+      if (parts.size() != 3) continue;
+      for (const std::string& root : {absl::StrCat("/sys/fs/cgroup/", parts[1]), std::string("/sys/fs/cgroup")}) {
+        has_cgroups = has_cgroups || ::access(absl::StrCat(root, parts[2], "/step-runner.", pid).c_str(), F_OK) == 0;
+      }
+    }
+    if (!has_cgroups) GTEST_SKIP() << "no writable cgroup here";
+    absl::SleepFor(absl::Milliseconds(2 * round));
+    (*daemon)->Signal(SIGKILL);
+    (void)(*daemon)->Wait(absl::Seconds(10));
+    std::vector<pid_t> left;
+    for (int i = 0; i < 60; ++i) {
+      left = ProcessesOfDaemonCgroups(pid);
+      if (left.empty()) break;
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    EXPECT_TRUE(left.empty()) << "round " << round << ": " << absl::StrJoin(left, " ");
+    for (pid_t p : left) ::kill(p, SIGKILL);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(WarmAndCold, SandboxTest, ::testing::Bool(),
                          [](const ::testing::TestParamInfo<bool>& info) { return info.param ? "Warm" : "Cold"; });
 
