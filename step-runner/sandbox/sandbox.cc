@@ -38,6 +38,15 @@ std::optional<HiddenPath> Existing(const std::string& path) {
   return HiddenPath{path, S_ISDIR(st.st_mode)};
 }
 
+// `path` with every link on the way followed (itself when it does not exist yet).
+std::string Resolved(const std::string& path) {
+  char* real = ::realpath(path.c_str(), nullptr);
+  if (real == nullptr) return path;
+  std::string out = real;
+  ::free(real);
+  return out;
+}
+
 bool Within(const std::string& path, const std::string& dir) {
   return path == dir || (path.size() > dir.size() && path.compare(0, dir.size(), dir) == 0 &&
                          (dir == "/" || path[dir.size()] == '/'));
@@ -435,7 +444,10 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
   // Resolved here, with the step's PATH, so "command not found" stays the runner's exit 127
   // rather than a bwrap error.
   SR_ASSIGN_OR_RETURN(std::string program, process::FindExecutable(step.argv[0], step.env));
-  SR_RETURN_IF_ERROR(CheckWorkTree(context.job_work_dir));
+  // The tree and folder as the kernel will find them: bwrap (and the stub) make mount points
+  // without following links, and a link must not make a system folder look like a job's tree.
+  const std::string work_tree = Resolved(context.job_work_dir);
+  SR_RETURN_IF_ERROR(CheckWorkTree(work_tree));
   // A step asks with `network: true` in its step file; a whole job with STEP_RUNNER_NETWORK=1
   // in its env. The daemon's policy decides either way.
   bool wants = step.wants_network;
@@ -449,7 +461,7 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
     auto [it, inserted] = jobs_.try_emplace(context.job_id);
     if (inserted) {
       it->second.number = ++next_slot_;
-      it->second.work_tree = context.job_work_dir;
+      it->second.work_tree = work_tree;
     }
     std::string net(NetworkModeName(network));
     if (network == NetworkMode::kAllow) {
@@ -468,23 +480,23 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
   view.argv = step.argv;
   view.argv[0] = program;
   view.tool_binds = ToolFoldersUnderTmp(program, step.env);
-  view.work_tree = context.job_work_dir;
-  view.cwd = step.work_dir;
+  view.work_tree = work_tree;
+  view.cwd = step.work_dir.empty() ? "" : Resolved(step.work_dir);
   view.network = network;
   std::vector<std::string> hide = {options_.state_dir, Dirname(options_.socket_path), options_.secrets_root};
   hide.insert(hide.end(), options_.hidden.begin(), options_.hidden.end());
   if (network == NetworkMode::kNone) hide.insert(hide.end(), options_.token_stores.begin(), options_.token_stores.end());
   for (const std::string& tree : other_trees) {
     // Not a tree that holds ours or that ours holds (jobs sharing a folder share it).
-    if (!Within(context.job_work_dir, tree) && !Within(tree, context.job_work_dir)) hide.push_back(tree);
+    if (!Within(work_tree, tree) && !Within(tree, work_tree)) hide.push_back(tree);
   }
   for (const std::string& path : hide) {
-    if (path.empty() || path[0] != '/' || path == "/" || path == context.job_work_dir) continue;
+    if (path.empty() || path[0] != '/' || path == "/" || path == work_tree) continue;
     // Inside another hidden folder it is gone already (unless our tree brings it back).
     bool covered = false;
     for (const std::string& other : hide) {
       covered = covered || (other != path && !other.empty() && other != "/" && Within(path, other) &&
-                            !Within(path, context.job_work_dir));
+                            !Within(path, work_tree));
     }
     if (covered) continue;
     if (std::optional<HiddenPath> h = Existing(path)) view.hidden.push_back(*h);
@@ -532,6 +544,12 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
                       .output_budget = plan.output_budget,
                       .output_used = plan.output_used};
       StubSpec spec{.mounts = ViewMounts(view), .cwd = view.cwd, .argv = view.argv, .env = step.env};
+      // The stub finds a bind's source under the host's root as seen from inside, where an
+      // absolute symlink on the way (a work tree reached through a link) would point into the
+      // read-only view instead: it gets the path resolved here, as bwrap resolves it outside.
+      for (MountOp& op : spec.mounts) {
+        if (!op.source.empty()) op.source = Resolved(op.source);
+      }
       if (absl::Status sent = SendClaim(*warm, claim, spec); sent.ok()) {
         {
           absl::MutexLock lock(&mu_);

@@ -674,6 +674,20 @@ TEST(SandboxPoolTest, ADaemonKilledWhileItsPoolIsMadeLeavesNoProcessBehind) {
   }
 }
 
+// A work tree whose path goes through a symlink is still the step's to write (the link is
+// followed outside the sandbox, not into its read-only view of the system).
+TEST_P(SandboxTest, AWorkTreeReachedThroughASymlinkIsWritable) {
+  START_OR_SKIP();
+  VarTmpDir base;
+  SR_ASSERT_OK(MakeDirs(base.path() + "/real/tree", 0755));
+  ASSERT_EQ(::symlink((base.path() + "/real").c_str(), (base.path() + "/link").c_str()), 0);
+  proto::RunRequest request = Request("linked", "run:\n  - name: write\n    script: echo hi > made-here\n");
+  request.set_work_dir(base.path() + "/link/tree");
+  Outcome out = Run(request);
+  EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
+  EXPECT_EQ(ReadFile(base.path() + "/real/tree/made-here").value_or(""), "hi\n");
+}
+
 INSTANTIATE_TEST_SUITE_P(WarmAndCold, SandboxTest, ::testing::Bool(),
                          [](const ::testing::TestParamInfo<bool>& info) { return info.param ? "Warm" : "Cold"; });
 
