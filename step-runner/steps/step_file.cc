@@ -1,5 +1,6 @@
 #include "step-runner/steps/step_file.h"
 
+#include <algorithm>
 #include <cctype>
 #include <regex>
 #include <set>
@@ -533,6 +534,9 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
   int depth = 0;
   size_t nodes = 0;
   size_t aliases = 0;
+  // The anchors of the collections still open: an alias to one of them makes the node contain
+  // itself, which yaml-cpp builds as a cycle (and walking it would never end).
+  std::vector<std::string> open_anchors;
   for (bool done = false; !done && !violation;) {
     yaml_event_t event;
     if (!yaml_parser_parse(&parser, &event)) {
@@ -562,14 +566,25 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
         violation = CheckNameEnd(text, from, '&', event.data.scalar.anchor, at);
         break;
       case YAML_SEQUENCE_START_EVENT:
-        violation = CheckNameEnd(text, from, '&', event.data.sequence_start.anchor, at);
+      case YAML_MAPPING_START_EVENT: {
+        const unsigned char* anchor = event.type == YAML_SEQUENCE_START_EVENT ? event.data.sequence_start.anchor
+                                                                             : event.data.mapping_start.anchor;
+        violation = CheckNameEnd(text, from, '&', anchor, at);
+        open_anchors.emplace_back(anchor ? reinterpret_cast<const char*>(anchor) : "");
         break;
-      case YAML_MAPPING_START_EVENT:
-        violation = CheckNameEnd(text, from, '&', event.data.mapping_start.anchor, at);
+      }
+      case YAML_SEQUENCE_END_EVENT:
+      case YAML_MAPPING_END_EVENT:
+        if (!open_anchors.empty()) open_anchors.pop_back();
         break;
-      case YAML_ALIAS_EVENT:
+      case YAML_ALIAS_EVENT: {
         violation = CheckNameEnd(text, from, '*', event.data.alias.anchor, at);
+        const std::string name = reinterpret_cast<const char*>(event.data.alias.anchor);
+        if (!violation && std::find(open_anchors.begin(), open_anchors.end(), name) != open_anchors.end()) {
+          violation = Violation{at, "", absl::StrCat("the alias *", name, " is inside the node it names")};
+        }
         break;
+      }
       default:
         break;
     }
