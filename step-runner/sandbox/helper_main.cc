@@ -385,7 +385,7 @@ class Helper {
       Say(Cat("resource limit: ", *verdict_));
       if (!plan_.verdict_path.empty()) WriteFileAtomically(plan_.verdict_path, *verdict_);
     }
-    if (reported_by_stub && plan_.warm) {
+    if (reported_by_stub) {  // only a warm sandbox's stub reports
       // Everything is said: the step's output is relayed and the verdict written. The daemon
       // learns the step's end on our stdin (its claim channel) and closes it once it is done
       // with the step; the sandbox is torn down after that (see stub.cc).

@@ -531,11 +531,11 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
   yaml_parser_set_input_string(&parser, reinterpret_cast<const unsigned char*>(text.data()), text.size());
   yaml_parser_set_encoding(&parser, YAML_UTF8_ENCODING);
   std::optional<Violation> violation;
-  int depth = 0;
   size_t nodes = 0;
   size_t aliases = 0;
-  // The anchors of the collections still open: an alias to one of them makes the node contain
-  // itself, which yaml-cpp builds as a cycle (and walking it would never end).
+  // The anchors of the collections still open (one entry per open collection, "" for none, so
+  // its size is the depth): an alias to one of them makes the node contain itself, which
+  // yaml-cpp builds as a cycle (and walking it would never end).
   std::vector<std::string> open_anchors;
   for (bool done = false; !done && !violation;) {
     yaml_event_t event;
@@ -564,6 +564,7 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
     switch (event.type) {
       case YAML_SCALAR_EVENT:
         violation = CheckNameEnd(text, from, '&', event.data.scalar.anchor, at);
+        ++nodes;
         break;
       case YAML_SEQUENCE_START_EVENT:
       case YAML_MAPPING_START_EVENT: {
@@ -571,6 +572,10 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
                                                                              : event.data.mapping_start.anchor;
         violation = CheckNameEnd(text, from, '&', anchor, at);
         open_anchors.emplace_back(anchor ? reinterpret_cast<const char*>(anchor) : "");
+        if (!violation && static_cast<int>(open_anchors.size()) > kMaxYamlDepth) {
+          violation = Violation{at, "", absl::StrCat("the YAML is nested deeper than ", kMaxYamlDepth, " levels")};
+        }
+        ++nodes;
         break;
       }
       case YAML_SEQUENCE_END_EVENT:
@@ -583,32 +588,12 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
         if (!violation && std::find(open_anchors.begin(), open_anchors.end(), name) != open_anchors.end()) {
           violation = Violation{at, "", absl::StrCat("the alias *", name, " is inside the node it names")};
         }
-        break;
-      }
-      default:
-        break;
-    }
-    switch (event.type) {
-      case YAML_SEQUENCE_START_EVENT:
-      case YAML_MAPPING_START_EVENT:
-        if (++depth > kMaxYamlDepth) {
-          violation = Violation{at, "", absl::StrCat("the YAML is nested deeper than ", kMaxYamlDepth, " levels")};
-        }
-        ++nodes;
-        break;
-      case YAML_SEQUENCE_END_EVENT:
-      case YAML_MAPPING_END_EVENT:
-        --depth;
-        break;
-      case YAML_SCALAR_EVENT:
-        ++nodes;
-        break;
-      case YAML_ALIAS_EVENT:
-        if (++aliases > kMaxYamlAliases) {
+        if (!violation && ++aliases > kMaxYamlAliases) {
           violation = Violation{at, "", absl::StrCat("the YAML uses more than ", kMaxYamlAliases,
                                                      " aliases; step files have no need for so many")};
         }
         break;
+      }
       case YAML_STREAM_END_EVENT:
         done = true;
         break;
