@@ -5,6 +5,7 @@
 #include <regex>
 #include <set>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/numbers.h"
@@ -531,12 +532,21 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
   yaml_parser_set_input_string(&parser, reinterpret_cast<const unsigned char*>(text.data()), text.size());
   yaml_parser_set_encoding(&parser, YAML_UTF8_ENCODING);
   std::optional<Violation> violation;
+  // Nodes as the document reads once every alias stands for a copy of its node: yaml-cpp shares
+  // an aliased node, but the step's values are converted to JSON, which copies it, so a few
+  // lines of nested aliases ("billion laughs", found by fuzzing) would expand to 2^40 values.
   size_t nodes = 0;
   size_t aliases = 0;
-  // The anchors of the collections still open (one entry per open collection, "" for none, so
-  // its size is the depth): an alias to one of them makes the node contain itself, which
-  // yaml-cpp builds as a cycle (and walking it would never end).
-  std::vector<std::string> open_anchors;
+  // The collections still open (one entry per open collection, so its size is the depth): their
+  // anchor ("" for none) and the node count where they began. An alias to one of them makes the
+  // node contain itself, which yaml-cpp builds as a cycle (and walking it would never end).
+  struct OpenCollection {
+    std::string anchor;
+    size_t nodes_before;
+  };
+  std::vector<OpenCollection> open_collections;
+  // Each anchor's expanded node count, for the aliases that name it.
+  absl::flat_hash_map<std::string, size_t> anchored_nodes;
   for (bool done = false; !done && !violation;) {
     yaml_event_t event;
     if (!yaml_parser_parse(&parser, &event)) {
@@ -564,6 +574,7 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
     switch (event.type) {
       case YAML_SCALAR_EVENT:
         violation = CheckNameEnd(text, from, '&', event.data.scalar.anchor, at);
+        if (event.data.scalar.anchor) anchored_nodes[reinterpret_cast<const char*>(event.data.scalar.anchor)] = 1;
         ++nodes;
         break;
       case YAML_SEQUENCE_START_EVENT:
@@ -571,8 +582,8 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
         const unsigned char* anchor = event.type == YAML_SEQUENCE_START_EVENT ? event.data.sequence_start.anchor
                                                                              : event.data.mapping_start.anchor;
         violation = CheckNameEnd(text, from, '&', anchor, at);
-        open_anchors.emplace_back(anchor ? reinterpret_cast<const char*>(anchor) : "");
-        if (!violation && static_cast<int>(open_anchors.size()) > kMaxYamlDepth) {
+        open_collections.push_back({anchor ? reinterpret_cast<const char*>(anchor) : "", nodes});
+        if (!violation && static_cast<int>(open_collections.size()) > kMaxYamlDepth) {
           violation = Violation{at, "", absl::StrCat("the YAML is nested deeper than ", kMaxYamlDepth, " levels")};
         }
         ++nodes;
@@ -580,18 +591,28 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
       }
       case YAML_SEQUENCE_END_EVENT:
       case YAML_MAPPING_END_EVENT:
-        if (!open_anchors.empty()) open_anchors.pop_back();
+        if (!open_collections.empty()) {
+          const OpenCollection& ended = open_collections.back();
+          if (!ended.anchor.empty()) anchored_nodes[ended.anchor] = nodes - ended.nodes_before;
+          open_collections.pop_back();
+        }
         break;
       case YAML_ALIAS_EVENT: {
         violation = CheckNameEnd(text, from, '*', event.data.alias.anchor, at);
         const std::string name = reinterpret_cast<const char*>(event.data.alias.anchor);
-        if (!violation && std::find(open_anchors.begin(), open_anchors.end(), name) != open_anchors.end()) {
+        const bool names_an_open_collection =
+            std::any_of(open_collections.begin(), open_collections.end(),
+                        [&](const OpenCollection& open) { return open.anchor == name; });
+        if (!violation && names_an_open_collection) {
           violation = Violation{at, "", absl::StrCat("the alias *", name, " is inside the node it names")};
         }
         if (!violation && ++aliases > kMaxYamlAliases) {
           violation = Violation{at, "", absl::StrCat("the YAML uses more than ", kMaxYamlAliases,
                                                      " aliases; step files have no need for so many")};
         }
+        // An alias to an undefined anchor counts as one node; yaml-cpp refuses it later.
+        const auto anchored = anchored_nodes.find(name);
+        nodes += anchored == anchored_nodes.end() ? 1 : anchored->second;
         break;
       }
       case YAML_STREAM_END_EVENT:
@@ -601,7 +622,8 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
         break;
     }
     if (!violation && nodes > kMaxYamlNodes) {
-      violation = Violation{at, "", absl::StrCat("the YAML has more than ", kMaxYamlNodes, " nodes")};
+      violation = Violation{at, "", absl::StrCat("the YAML has more than ", kMaxYamlNodes,
+                                                 " values (counting each alias as a copy of the node it names)")};
     }
     yaml_event_delete(&event);
   }
