@@ -4,6 +4,7 @@
 #include <cctype>
 #include <regex>
 #include <set>
+#include <sstream>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/cord.h"
@@ -16,6 +17,8 @@
 #include "google/rpc/error_details.pb.h"
 #include "yaml.h"  // libyaml
 #include "yaml-cpp/depthguard.h"
+#include "yaml-cpp/eventhandler.h"
+#include "yaml-cpp/parser.h"
 #include "yaml-cpp/yaml.h"
 
 namespace step_runner::steps {
@@ -504,14 +507,7 @@ class Parser {
   std::vector<Violation>* violations_;
 };
 
-// Checks the text with libyaml before yaml-cpp sees it. yaml-cpp 0.7 loops forever, with
-// growing memory, on some malformed input (a "," outside any flow collection, found by
-// fuzzing); libyaml, the reference parser, rejects such input with an exact position. Its event
-// stream also bounds what yaml-cpp will build: nesting depth, aliases and node count.
-// libyaml ends an anchor or alias name at the first character that is not a letter, digit, "_"
-// or "-"; yaml-cpp 0.7 runs on to the next space or flow indicator. Where the two disagree
-// ("&name:x,-", found by fuzzing) yaml-cpp reads another document than the one checked here,
-// and with a "," after the name it loops forever. So the name must end where both agree.
+// An anchor or alias name ends where libyaml and yaml-cpp agree (see CheckYamlSyntax).
 std::optional<Violation> CheckNameEnd(absl::string_view text, size_t from, char sigil, const unsigned char* name,
                                       SourcePosition at) {
   if (name == nullptr) return std::nullopt;
@@ -526,27 +522,23 @@ std::optional<Violation> CheckNameEnd(absl::string_view text, size_t from, char 
                                         "\" must end with a space or a line break (names are letters, digits, _ and -)")};
 }
 
-std::optional<Violation> PrevalidateYaml(absl::string_view text) {
+// Checks the text with libyaml before yaml-cpp sees it. yaml-cpp 0.7 loops forever, with
+// growing memory, on some malformed input (a "," outside any flow collection, found by
+// fuzzing); libyaml, the reference parser, rejects such input with an exact position.
+// libyaml ends an anchor or alias name at the first character that is not a letter, digit, "_"
+// or "-"; yaml-cpp 0.7 runs on to the next space or flow indicator. Where the two disagree
+// ("&name:x,-", found by fuzzing) yaml-cpp reads another document than the one checked here,
+// so the name must end where both agree. Counts libyaml's events into `events`.
+std::optional<Violation> CheckYamlSyntax(absl::string_view text, size_t* events) {
   yaml_parser_t parser;
   if (!yaml_parser_initialize(&parser)) return Violation{{1, 1}, "", "out of memory"};
   yaml_parser_set_input_string(&parser, reinterpret_cast<const unsigned char*>(text.data()), text.size());
   yaml_parser_set_encoding(&parser, YAML_UTF8_ENCODING);
   std::optional<Violation> violation;
-  // Nodes as the document reads once every alias stands for a copy of its node: yaml-cpp shares
-  // an aliased node, but the step's values are converted to JSON, which copies it, so a few
-  // lines of nested aliases ("billion laughs", found by fuzzing) would expand to 2^40 values.
-  size_t nodes = 0;
-  size_t aliases = 0;
-  // The collections still open (one entry per open collection, so its size is the depth): their
-  // anchor ("" for none) and the node count where they began. An alias to one of them makes the
-  // node contain itself, which yaml-cpp builds as a cycle (and walking it would never end).
-  struct OpenCollection {
-    std::string anchor;
-    size_t nodes_before;
-  };
-  std::vector<OpenCollection> open_collections;
-  // Each anchor's expanded node count, for the aliases that name it.
-  absl::flat_hash_map<std::string, size_t> anchored_nodes;
+  *events = 0;
+  // Also bounds libyaml's own work: it walks 10,000 open brackets slowly (and yaml-cpp's reading
+  // of the depth is checked again in CheckYamlShape).
+  int depth = 0;
   for (bool done = false; !done && !violation;) {
     yaml_event_t event;
     if (!yaml_parser_parse(&parser, &event)) {
@@ -569,66 +561,166 @@ std::optional<Violation> PrevalidateYaml(absl::string_view text) {
                                                  parser.context ? absl::StrCat(" (", parser.context, ")") : "")};
       break;
     }
+    ++*events;
     const SourcePosition at{static_cast<int>(event.start_mark.line) + 1, static_cast<int>(event.start_mark.column) + 1};
     const size_t from = event.start_mark.index;
     switch (event.type) {
       case YAML_SCALAR_EVENT:
         violation = CheckNameEnd(text, from, '&', event.data.scalar.anchor, at);
-        if (event.data.scalar.anchor) anchored_nodes[reinterpret_cast<const char*>(event.data.scalar.anchor)] = 1;
-        ++nodes;
         break;
       case YAML_SEQUENCE_START_EVENT:
-      case YAML_MAPPING_START_EVENT: {
-        const unsigned char* anchor = event.type == YAML_SEQUENCE_START_EVENT ? event.data.sequence_start.anchor
-                                                                             : event.data.mapping_start.anchor;
-        violation = CheckNameEnd(text, from, '&', anchor, at);
-        open_collections.push_back({anchor ? reinterpret_cast<const char*>(anchor) : "", nodes});
-        if (!violation && static_cast<int>(open_collections.size()) > kMaxYamlDepth) {
+      case YAML_MAPPING_START_EVENT:
+        violation = CheckNameEnd(text, from, '&', event.type == YAML_SEQUENCE_START_EVENT ? event.data.sequence_start.anchor
+                                                                                       : event.data.mapping_start.anchor, at);
+        if (!violation && ++depth > kMaxYamlDepth) {
           violation = Violation{at, "", absl::StrCat("the YAML is nested deeper than ", kMaxYamlDepth, " levels")};
         }
-        ++nodes;
         break;
-      }
       case YAML_SEQUENCE_END_EVENT:
       case YAML_MAPPING_END_EVENT:
-        if (!open_collections.empty()) {
-          const OpenCollection& ended = open_collections.back();
-          if (!ended.anchor.empty()) anchored_nodes[ended.anchor] = nodes - ended.nodes_before;
-          open_collections.pop_back();
-        }
+        --depth;
         break;
-      case YAML_ALIAS_EVENT: {
+      case YAML_ALIAS_EVENT:
         violation = CheckNameEnd(text, from, '*', event.data.alias.anchor, at);
-        const std::string name = reinterpret_cast<const char*>(event.data.alias.anchor);
-        const bool names_an_open_collection =
-            std::any_of(open_collections.begin(), open_collections.end(),
-                        [&](const OpenCollection& open) { return open.anchor == name; });
-        if (!violation && names_an_open_collection) {
-          violation = Violation{at, "", absl::StrCat("the alias *", name, " is inside the node it names")};
-        }
-        if (!violation && ++aliases > kMaxYamlAliases) {
-          violation = Violation{at, "", absl::StrCat("the YAML uses more than ", kMaxYamlAliases,
-                                                     " aliases; step files have no need for so many")};
-        }
-        // An alias to an undefined anchor counts as one node; yaml-cpp refuses it later.
-        const auto anchored = anchored_nodes.find(name);
-        nodes += anchored == anchored_nodes.end() ? 1 : anchored->second;
         break;
-      }
       case YAML_STREAM_END_EVENT:
         done = true;
         break;
       default:
         break;
     }
-    if (!violation && nodes > kMaxYamlNodes) {
-      violation = Violation{at, "", absl::StrCat("the YAML has more than ", kMaxYamlNodes,
-                                                 " values (counting each alias as a copy of the node it names)")};
-    }
     yaml_event_delete(&event);
   }
   yaml_parser_delete(&parser);
   return violation;
+}
+
+// Walks yaml-cpp's own events for the text, before any tree is built, and bounds what the tree
+// would be. These checks sit on yaml-cpp's reading, not libyaml's: where the two tokenizers
+// still disagree on some input, it is yaml-cpp's reading that gets built.
+//  - Its events are at most twice libyaml's (plus a margin): yaml-cpp 0.7 has inputs on which
+//    its scanner emits events forever ("!\t:x\n,y", found by fuzzing; libyaml reads a tag and
+//    a scalar), which would otherwise be an endless loop with growing memory.
+//  - Depth, and the number of aliases.
+//  - Values, counting each alias as a copy of the node it names: yaml-cpp shares an aliased node,
+//    but the step's values are converted to JSON, which copies it, so a few lines of nested
+//    aliases ("billion laughs", found by fuzzing) would expand to 2^40 values.
+//  - An alias inside the node it names, which yaml-cpp builds as a cycle (and walking it would
+//    never end).
+class YamlShapeCheck : public YAML::EventHandler {
+ public:
+  YamlShapeCheck(absl::string_view text, size_t event_budget) : text_(text), event_budget_(event_budget) {}
+
+  // Throws Refused to stop the parse at the first violation.
+  struct Refused {
+    Violation violation;
+  };
+
+  void OnDocumentStart(const YAML::Mark& mark) override {
+    Count(mark);
+    anchored_values_.clear();
+  }
+  void OnDocumentEnd() override { Count(last_mark_); }
+  void OnNull(const YAML::Mark& mark, YAML::anchor_t anchor) override { Leaf(mark, anchor); }
+  void OnScalar(const YAML::Mark& mark, const std::string&, YAML::anchor_t anchor, const std::string&) override {
+    Leaf(mark, anchor);
+  }
+  void OnAlias(const YAML::Mark& mark, YAML::anchor_t anchor) override {
+    Count(mark);
+    for (const OpenCollection& open : open_collections_) {
+      if (open.anchor == anchor) Refuse(mark, absl::StrCat("the alias ", WrittenAt(mark), " is inside the node it names"));
+    }
+    if (++aliases_ > kMaxYamlAliases) {
+      Refuse(mark, absl::StrCat("the YAML uses more than ", kMaxYamlAliases, " aliases; step files have no need for so many"));
+    }
+    // An alias to an undefined anchor counts as one value; yaml-cpp refuses it when it builds.
+    const auto anchored = anchored_values_.find(anchor);
+    AddValues(mark, anchored == anchored_values_.end() ? 1 : anchored->second);
+  }
+  void OnSequenceStart(const YAML::Mark& mark, const std::string&, YAML::anchor_t anchor,
+                       YAML::EmitterStyle::value) override {
+    Open(mark, anchor);
+  }
+  void OnSequenceEnd() override { Close(); }
+  void OnMapStart(const YAML::Mark& mark, const std::string&, YAML::anchor_t anchor, YAML::EmitterStyle::value) override {
+    Open(mark, anchor);
+  }
+  void OnMapEnd() override { Close(); }
+
+ private:
+  struct OpenCollection {
+    YAML::anchor_t anchor;
+    size_t values_before;
+  };
+
+  // The alias as written ("*name"): yaml-cpp's events number anchors instead of naming them.
+  std::string WrittenAt(const YAML::Mark& mark) const {
+    if (mark.pos < 0 || static_cast<size_t>(mark.pos) >= text_.size()) return "here";
+    absl::string_view rest = text_.substr(static_cast<size_t>(mark.pos));
+    return std::string(rest.substr(0, std::min(rest.find_first_of(" \t\r\n,[]{}"), size_t{64})));
+  }
+  [[noreturn]] static void Refuse(const YAML::Mark& mark, std::string what) {
+    throw Refused{Violation{PositionOf(mark), "", std::move(what)}};
+  }
+  void Count(const YAML::Mark& mark) {
+    if (!mark.is_null()) last_mark_ = mark;
+    if (++events_ > event_budget_) {
+      Refuse(last_mark_, "malformed YAML: the parser reads more values here than the text holds "
+                         "(is there a \",\" outside brackets?)");
+    }
+  }
+  void AddValues(const YAML::Mark& mark, size_t count) {
+    values_ += count;
+    if (values_ > kMaxYamlNodes) {
+      Refuse(mark, absl::StrCat("the YAML has more than ", kMaxYamlNodes,
+                                " values (counting each alias as a copy of the node it names)"));
+    }
+  }
+  void Leaf(const YAML::Mark& mark, YAML::anchor_t anchor) {
+    Count(mark);
+    if (anchor != YAML::NullAnchor) anchored_values_[anchor] = 1;
+    AddValues(mark, 1);
+  }
+  void Open(const YAML::Mark& mark, YAML::anchor_t anchor) {
+    Count(mark);
+    open_collections_.push_back({anchor, values_});
+    if (static_cast<int>(open_collections_.size()) > kMaxYamlDepth) {
+      Refuse(mark, absl::StrCat("the YAML is nested deeper than ", kMaxYamlDepth, " levels"));
+    }
+    AddValues(mark, 1);
+  }
+  void Close() {
+    Count(last_mark_);
+    if (open_collections_.empty()) return;
+    const OpenCollection& ended = open_collections_.back();
+    if (ended.anchor != YAML::NullAnchor) anchored_values_[ended.anchor] = values_ - ended.values_before;
+    open_collections_.pop_back();
+  }
+
+  const absl::string_view text_;
+  const size_t event_budget_;
+  size_t events_ = 0;
+  size_t aliases_ = 0;
+  size_t values_ = 0;
+  YAML::Mark last_mark_ = YAML::Mark::null_mark();
+  std::vector<OpenCollection> open_collections_;
+  // Each anchor's value count, for the aliases that name it.
+  absl::flat_hash_map<YAML::anchor_t, size_t> anchored_values_;
+};
+
+std::optional<Violation> CheckYamlShape(absl::string_view text, size_t libyaml_events) {
+  std::istringstream in{std::string(text)};
+  YAML::Parser parser(in);
+  YamlShapeCheck check(text, 2 * libyaml_events + 64);
+  try {
+    while (parser.HandleNextDocument(check)) {
+    }
+  } catch (const YamlShapeCheck::Refused& refused) {
+    return refused.violation;
+  } catch (const YAML::Exception& e) {
+    return Violation{PositionOf(e.mark), "", absl::StrCat("malformed YAML: ", e.msg)};
+  }
+  return std::nullopt;
 }
 
 }  // namespace
@@ -640,8 +732,10 @@ absl::StatusOr<StepFile> ParseStepFile(absl::string_view text, absl::string_view
   if (text.size() > kMaxStepFileBytes) {
     violations.push_back({{1, 1}, "", absl::StrCat("the step file is ", text.size(),
                                                    " bytes; the limit is ", kMaxStepFileBytes)});
-  } else if (std::optional<Violation> invalid = PrevalidateYaml(text)) {
+  } else if (size_t libyaml_events = 0; std::optional<Violation> invalid = CheckYamlSyntax(text, &libyaml_events)) {
     violations.push_back(*std::move(invalid));
+  } else if (std::optional<Violation> too_big = CheckYamlShape(text, libyaml_events)) {
+    violations.push_back(*std::move(too_big));
   } else {
     try {
       std::vector<YAML::Node> docs = YAML::LoadAll(std::string(text));
