@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets with clang into build-fuzz and runs each one.
-#   bash scripts/fuzz.sh [SECONDS_PER_TARGET]   (default 30)
+#   bash scripts/fuzz.sh [SECONDS_PER_TARGET]   (default 60)
 # By default the run is repeatable: a fixed seed (FUZZ_SEED, default 1) and a fixed number of
 # inputs (FUZZ_RUNS, default 300000), with SECONDS_PER_TARGET only as a cap for slow machines. The
 # same commit then gets the same verdict in CI, and a failure is a finding anyone can replay, not
@@ -8,7 +8,7 @@
 #   FUZZ_SEED=0 FUZZ_RUNS=-1 bash scripts/fuzz.sh 900     (seed 0: a random one; -1: no count)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECONDS_PER_TARGET=${1:-30}
+SECONDS_PER_TARGET=${1:-60}
 FUZZ_SEED=${FUZZ_SEED:-1}
 FUZZ_RUNS=${FUZZ_RUNS:-300000}
 BUILD=build-fuzz

@@ -477,8 +477,15 @@ void Job::StepEnded(int exit_code) {
   MaybeStepDone();
 }
 
-void Job::Linger(process::Subprocess child) {
+void Job::Linger(process::Subprocess child, std::optional<UniqueFd> exit_report) {
   auto lingering = std::make_shared<process::Subprocess>(std::move(child));
+  if (exit_report) {
+    // Closing the channel lets the sandbox go, and its teardown (namespaces, mounts: a few
+    // milliseconds of kernel work) would run beside the job's own end on a small machine, which
+    // a client waiting for the result pays for: it waits a moment, so the result goes out first.
+    auto held = std::make_shared<UniqueFd>(*std::move(exit_report));
+    loop_->AddTimer(kSandboxTeardownDelay, [held] { held->Close(); });
+  }
   auto reap = [lingering] {
     (void)lingering->SignalGroup(SIGKILL);  // anything it left in its group; it is unreaped
     (void)lingering->Reap();
@@ -511,7 +518,7 @@ void Job::StepFinished() {
   if (!live_->reaped) {
     // It reported the step's end and is finishing up (its sandbox's teardown).
     loop_->UnwatchFd(live_->child.pidfd());
-    Linger(std::move(live_->child));
+    Linger(std::move(live_->child), std::move(live_->exit_report));
   }
   live_.reset();
   last_exit_code_ = exit_code;

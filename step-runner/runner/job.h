@@ -33,9 +33,11 @@ struct PreparedProcess {
   std::optional<UniqueFd> warnings_read;  // as PlannedStep::warnings_channel
   // Where the process reports its step's exit code ("N\n") once the step is over, before it
   // exits itself (a sandbox's teardown can take it milliseconds more): the runner takes the step
-  // as ended then, and reaps the process whenever it does exit.
+  // as ended then, closes this channel kSandboxTeardownDelay later (the process exits when it
+  // is closed), and reaps the process whenever it does exit.
   std::optional<UniqueFd> exit_report;
 };
+inline constexpr absl::Duration kSandboxTeardownDelay = absl::Milliseconds(20);
 
 // One process to run, fully resolved: argv, env and work dir.
 struct PlannedStep {
@@ -177,8 +179,9 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
   void OnLeaderExit();
   void OnExitReport();
   void StepEnded(int exit_code);
-  // Reaps a process that reported its step's end and has not exited yet, when it does.
-  void Linger(process::Subprocess child);
+  // Reaps a process that reported its step's end and has not exited yet, when it does; its
+  // exit report channel is closed (which lets it go) after kSandboxTeardownDelay.
+  void Linger(process::Subprocess child, std::optional<UniqueFd> exit_report);
   void MaybeStepDone();
   void StepFinished();
   void Finish(proto::StepResult::Status status, proto::StatusError::Kind kind,

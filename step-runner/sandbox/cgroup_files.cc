@@ -106,7 +106,14 @@ void KillCgroup(const JobCgroup& cgroup) {
   }
 }
 
-void RemoveCgroup(const JobCgroup& cgroup) {
+void RemoveCgroup(const JobCgroup& cgroup, std::chrono::milliseconds grace) {
+  // What is in it may be on its way out by itself: rmdir succeeds once it is empty.
+  const auto give_up = std::chrono::steady_clock::now() + grace;
+  for (const std::string& dir : {cgroup.v2, cgroup.v1_memory, cgroup.v1_pids}) {
+    while (!dir.empty() && ::rmdir(dir.c_str()) != 0 && errno == EBUSY && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
   KillCgroup(cgroup);
   for (const std::string& dir : {cgroup.v2, cgroup.v1_memory, cgroup.v1_pids}) {
     if (dir.empty()) continue;

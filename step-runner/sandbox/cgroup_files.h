@@ -1,6 +1,7 @@
 #ifndef STEP_RUNNER_SANDBOX_CGROUP_FILES_H_
 #define STEP_RUNNER_SANDBOX_CGROUP_FILES_H_
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -29,8 +30,9 @@ CgroupCounters ReadCounters(const JobCgroup& cgroup);
 bool JoinCgroup(const JobCgroup& cgroup, std::string* error);
 // SIGKILLs every process in the cgroup (what cgroup.kill does on v2).
 void KillCgroup(const JobCgroup& cgroup);
-// Kills what is left, then removes the folders (best effort; a busy one stays).
-void RemoveCgroup(const JobCgroup& cgroup);
+// Kills what is left (after `grace`, for processes that are on their way out), then removes
+// the folders (best effort; a busy one stays).
+void RemoveCgroup(const JobCgroup& cgroup, std::chrono::milliseconds grace = std::chrono::milliseconds(0));
 
 // Small file helpers for cgroup files (whole reads, one write).
 std::string ReadSmallFile(const std::string& path);

@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 
+#include <algorithm>
 #include <map>
 
 #include "absl/strings/ascii.h"
@@ -231,12 +232,19 @@ std::vector<std::string> BwrapArgv(const std::string& bwrap, const StepView& vie
   return a;
 }
 
-std::vector<std::string> WarmBwrapArgv(const std::string& bwrap, const std::string& helper, uid_t uid, gid_t gid) {
+std::vector<std::string> WarmBwrapArgv(const std::string& bwrap, const std::string& helper, uid_t uid, gid_t gid,
+                                       const std::vector<MountOp>& premounted) {
   std::vector<std::string> a = FixedPart(bwrap);
-  a.insert(a.end(), {"--unshare-net",
-                     // The host's root, writable, for the stub to bind the step's tree from; the
-                     // stub detaches it before the step runs.
-                     "--bind", "/", kWarmHostRoot});
+  a.push_back("--unshare-net");
+  // Hiding the daemon's own folders is the same for every step: done now, it is off the step's
+  // way in (each tmpfs is a new superblock; the stub would mount it when the step is known).
+  for (const MountOp& op : premounted) {
+    std::vector<std::string> args = BwrapMountArgs(op);
+    a.insert(a.end(), args.begin(), args.end());
+  }
+  // The host's root, writable, for the stub to bind the step's tree from (the hiding above is
+  // in the sandbox's view, not in this bind); the stub detaches it before the step runs.
+  a.insert(a.end(), {"--bind", "/", kWarmHostRoot});
   std::vector<std::string> stub = {absl::StrCat(kWarmHostRoot, helper), "--stub", "3", "--report", "4"};
   if (uid != 0) {
     // The stub mounts, so it needs CAP_SYS_ADMIN in the user namespace that owns the mount
@@ -253,6 +261,29 @@ std::vector<std::string> WarmBwrapArgv(const std::string& bwrap, const std::stri
   a.push_back("--");
   a.insert(a.end(), stub.begin(), stub.end());
   return a;
+}
+
+std::optional<std::vector<MountOp>> MountsLeftForStub(const StepView& view, const std::vector<MountOp>& premounted) {
+  auto within = [](const std::string& path, const std::string& dir) {
+    return path == dir || (path.size() > dir.size() && path.compare(0, dir.size(), dir) == 0 && path[dir.size()] == '/');
+  };
+  std::vector<MountOp> left;
+  for (const MountOp& op : ViewMounts(view)) {
+    const bool made = std::find(premounted.begin(), premounted.end(), op) != premounted.end();
+    if (made && (view.work_tree.empty() || !within(op.target, view.work_tree))) continue;
+    left.push_back(op);
+  }
+  // A mount the stub makes lands on top of the premounted ones; in ViewMounts' order it may have
+  // come first, and been covered by one of them.
+  const std::vector<MountOp> all = ViewMounts(view);
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (std::find(premounted.begin(), premounted.end(), all[i]) == premounted.end()) continue;
+    for (size_t earlier = 0; earlier < i; ++earlier) {
+      const bool kept = std::find(left.begin(), left.end(), all[earlier]) != left.end();
+      if (kept && within(all[earlier].target, all[i].target)) return std::nullopt;
+    }
+  }
+  return left;
 }
 
 }  // namespace step_runner::sandbox

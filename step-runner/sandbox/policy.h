@@ -4,6 +4,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -71,11 +72,20 @@ std::vector<MountOp> ViewMounts(const StepView& view);
 std::vector<std::string> BwrapMountArgs(const MountOp& op);
 
 // A warm sandbox: made before its step is known, so only the part that every step without
-// network shares (BwrapArgv's fixed part, --unshare-net), plus the host's root at
+// network shares (BwrapArgv's fixed part, --unshare-net, and `premounted`: the daemon-wide
+// hidden paths, as ViewMounts gives them for a view without a tree), plus the host's root at
 // kWarmHostRoot, and the helper's stub (`helper --stub 3 --report 4`) as the command. The
 // stub's step process reads a StubSpec on fd 3, makes the step's mounts, detaches the host
-// root, drops its capabilities and becomes the step; the stub reports its exit on fd 4. `uid`/`gid`: the daemon's (not 0: the stub maps them back for the step).
-std::vector<std::string> WarmBwrapArgv(const std::string& bwrap, const std::string& helper, uid_t uid, gid_t gid);
+// root, drops its capabilities and becomes the step; the stub reports its exit on fd 4.
+// `uid`/`gid`: the daemon's (not 0: the stub maps them back for the step).
+std::vector<std::string> WarmBwrapArgv(const std::string& bwrap, const std::string& helper, uid_t uid, gid_t gid,
+                                       const std::vector<MountOp>& premounted = {});
+// The mounts of `view` (ViewMounts) that a warm sandbox made with `premounted` still needs:
+// those it has are left out unless they are inside the work tree (the tree's bind brings them
+// back; they are hidden again after it). nullopt when the premounted ones would not give the
+// same view: a mount that comes before one of them in ViewMounts' order and lies inside it (a
+// tool folder inside a hidden folder, which the hiding covers) would come after it instead.
+std::optional<std::vector<MountOp>> MountsLeftForStub(const StepView& view, const std::vector<MountOp>& premounted);
 
 }  // namespace step_runner::sandbox
 

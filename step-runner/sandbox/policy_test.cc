@@ -188,6 +188,38 @@ TEST(WarmSandboxTest, TheStubMakesTheMountsBwrapWouldInTheSameOrder) {
                         "/state/jobs/j1/work --ro-bind /dev/null /state/jobs/j1/work/.secret"));
 }
 
+// The daemon's own folders are hidden by bwrap when the warm sandbox is made; the stub makes
+// only what is left, and the step sees the same view as a cold one would give it.
+TEST(WarmSandboxTest, DaemonWideHidingIsDoneAheadAndTheStubMakesTheRest) {
+  const std::vector<MountOp> premounted = {{MountOp::kTmpfs, "", "/state"},
+                                           {MountOp::kHideFile, "", "/home/u/.git-credentials"},
+                                           {MountOp::kTmpfs, "", "/state/jobs/j1/work/.cache"}};
+  std::string warm = absl::StrJoin(WarmBwrapArgv("/usr/bin/bwrap", "/opt/sr/step-runner-sandbox", 0, 0, premounted), " ");
+  // Hidden in the sandbox's view before the host's root is bound beside it (which they do not touch).
+  EXPECT_THAT(warm, HasSubstr("--unshare-net --tmpfs /state --ro-bind /dev/null /home/u/.git-credentials "
+                              "--tmpfs /state/jobs/j1/work/.cache --bind / /tmp/.step-runner-host"));
+
+  StepView view = BaseView();
+  view.hidden = {{"/state", true}, {"/home/u/.git-credentials", false}, {"/state/jobs/j1/work/.cache", true},
+                 {"/other/tree", true}};
+  view.writable_binds = {"/state/jobs/j1/io/1"};
+  std::optional<std::vector<MountOp>> left = MountsLeftForStub(view, premounted);
+  ASSERT_TRUE(left.has_value());
+  // The tree, then what its bind brings back is hidden again (even though bwrap hid it too),
+  // a hidden path that was not premounted, and the io folder inside the hidden state.
+  EXPECT_THAT(*left, ::testing::ElementsAre(MountOp{MountOp::kTmpfs, "", "/other/tree"},
+                                            MountOp{MountOp::kBind, "/state/jobs/j1/work", "/state/jobs/j1/work"},
+                                            MountOp{MountOp::kTmpfs, "", "/state/jobs/j1/work/.cache"},
+                                            MountOp{MountOp::kBind, "/state/jobs/j1/io/1", "/state/jobs/j1/io/1"}));
+
+  // A tool folder inside a hidden folder: in a cold sandbox the hiding covers it; on top of a
+  // premounted one it would show. Such a step does not take a warm sandbox.
+  view.tool_binds = {"/state/bin"};
+  EXPECT_FALSE(MountsLeftForStub(view, premounted).has_value());
+  // Nothing premounted: the stub makes all of it.
+  EXPECT_EQ(MountsLeftForStub(view, {}), ViewMounts(view));
+}
+
 TEST(WarmSandboxTest, AnUnprivilegedDaemonsStubMountsAsRootOfItsNamespaceThenMapsTheUidBack) {
   std::string root = absl::StrJoin(WarmBwrapArgv("/usr/bin/bwrap", "/opt/sr/step-runner-sandbox", 0, 0), " ");
   EXPECT_THAT(root, HasSubstr("--unshare-net --bind / /tmp/.step-runner-host"));

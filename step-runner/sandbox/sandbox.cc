@@ -88,6 +88,24 @@ std::string PolicyText(const Limits& l) {
                       " files=", l.open_files, " output=", l.output_bytes);
 }
 
+// The paths of `hide` that exist, less those another one covers (for a step with `work_tree`,
+// or none: "").
+std::vector<HiddenPath> HiddenPaths(const std::vector<std::string>& hide, const std::string& work_tree) {
+  std::vector<HiddenPath> hidden;
+  for (const std::string& path : hide) {
+    if (path.empty() || path[0] != '/' || path == "/" || path == work_tree) continue;
+    // Inside another hidden folder it is gone already (unless our tree brings it back).
+    bool covered = false;
+    for (const std::string& other : hide) {
+      covered = covered || (other != path && !other.empty() && other != "/" && Within(path, other) &&
+                            (work_tree.empty() || !Within(path, work_tree)));
+    }
+    if (covered) continue;
+    if (std::optional<HiddenPath> h = Existing(path)) hidden.push_back(*h);
+  }
+  return hidden;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Sandbox>> Sandbox::Create(SandboxOptions options) {
@@ -182,6 +200,13 @@ absl::Status Sandbox::Init() {
   return absl::OkStatus();
 }
 
+std::vector<std::string> Sandbox::DaemonWideHidden(NetworkMode network) const {
+  std::vector<std::string> hide = {options_.state_dir, Dirname(options_.socket_path), options_.secrets_root};
+  hide.insert(hide.end(), options_.hidden.begin(), options_.hidden.end());
+  if (network == NetworkMode::kNone) hide.insert(hide.end(), options_.token_stores.begin(), options_.token_stores.end());
+  return hide;
+}
+
 absl::StatusOr<Sandbox::WarmSandbox> Sandbox::MakeWarm() {
   int number;
   {
@@ -220,8 +245,11 @@ absl::StatusOr<Sandbox::WarmSandbox> Sandbox::MakeWarm() {
   UniqueFd claim_read(claim[0]), claim_write(claim[1]);
   if (::pipe2(spec, O_CLOEXEC) != 0) return fail(absl::InternalError("cannot make a warm sandbox's pipes"));
   UniqueFd spec_read(spec[0]), spec_write(spec[1]);
+  // A warm sandbox only takes steps without network.
+  std::vector<MountOp> premounted = ViewMounts({.hidden = HiddenPaths(DaemonWideHidden(NetworkMode::kNone), "")});
   absl::StatusOr<process::Subprocess> helper = process::Subprocess::Spawn(
-      {.argv = HelperArgv(options_.helper, plan, WarmBwrapArgv(options_.bwrap, options_.helper, ::getuid(), ::getgid())),
+      {.argv = HelperArgv(options_.helper, plan,
+                          WarmBwrapArgv(options_.bwrap, options_.helper, ::getuid(), ::getgid(), premounted)),
        .env = {},
        .work_dir = "/",
        .stdout_fd = out->write_end.get(),
@@ -236,7 +264,8 @@ absl::StatusOr<Sandbox::WarmSandbox> Sandbox::MakeWarm() {
                      .stdout_read = std::move(out->read_end),
                      .stderr_read = std::move(err->read_end),
                      .warnings_read = std::move(warnings->read_end),
-                     .cgroup = cgroup};
+                     .cgroup = cgroup,
+                     .premounted = std::move(premounted)};
 }
 
 void Sandbox::RequestRefill(absl::Duration delay) {
@@ -483,24 +512,12 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
   view.work_tree = work_tree;
   view.cwd = step.work_dir.empty() ? "" : Resolved(step.work_dir);
   view.network = network;
-  std::vector<std::string> hide = {options_.state_dir, Dirname(options_.socket_path), options_.secrets_root};
-  hide.insert(hide.end(), options_.hidden.begin(), options_.hidden.end());
-  if (network == NetworkMode::kNone) hide.insert(hide.end(), options_.token_stores.begin(), options_.token_stores.end());
+  std::vector<std::string> hide = DaemonWideHidden(network);
   for (const std::string& tree : other_trees) {
     // Not a tree that holds ours or that ours holds (jobs sharing a folder share it).
     if (!Within(work_tree, tree) && !Within(tree, work_tree)) hide.push_back(tree);
   }
-  for (const std::string& path : hide) {
-    if (path.empty() || path[0] != '/' || path == "/" || path == work_tree) continue;
-    // Inside another hidden folder it is gone already (unless our tree brings it back).
-    bool covered = false;
-    for (const std::string& other : hide) {
-      covered = covered || (other != path && !other.empty() && other != "/" && Within(path, other) &&
-                            !Within(path, work_tree));
-    }
-    if (covered) continue;
-    if (std::optional<HiddenPath> h = Existing(path)) view.hidden.push_back(*h);
-  }
+  view.hidden = HiddenPaths(hide, work_tree);
   // The job's own file variables: their paths are in its environment.
   if (!options_.secrets_root.empty()) {
     for (const std::string& entry : step.env) {
@@ -538,12 +555,20 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
   // A step without network takes a warm sandbox when there is one: the same view, mounted by
   // the stub instead of bwrap.
   if (network == NetworkMode::kNone) {
-    if (std::optional<WarmSandbox> warm = TakeWarm()) {
+    std::optional<WarmSandbox> warm = TakeWarm();
+    std::optional<std::vector<MountOp>> mounts;
+    if (warm) mounts = MountsLeftForStub(view, warm->premounted);
+    if (warm && !mounts) {
+      SR_LOG(INFO) << "a warm sandbox's hidden folders cover one of the step's tool folders; making one for it";
+      Discard(*std::move(warm));
+      warm.reset();
+    }
+    if (warm) {
       WarmClaim claim{.verdict_path = plan.verdict_path,
                       .output_limit = plan.output_limit,
                       .output_budget = plan.output_budget,
                       .output_used = plan.output_used};
-      StubSpec spec{.mounts = ViewMounts(view), .cwd = view.cwd, .argv = view.argv, .env = step.env};
+      StubSpec spec{.mounts = *std::move(mounts), .cwd = view.cwd, .argv = view.argv, .env = step.env};
       // The stub finds a bind's source under the host's root as seen from inside, where an
       // absolute symlink on the way (a work tree reached through a link) would point into the
       // read-only view instead: it gets the path resolved here, as bwrap resolves it outside.
@@ -603,18 +628,24 @@ void Sandbox::OnStepEvent(const std::string& job_id, const proto::FollowStepsRes
     if (options_.warm > 0) RequestRefill(kQuietBeforeRefill);
   }
   if (event.kind() != proto::FollowStepsResponse::JOB_FINISHED) return;
-  std::vector<JobCgroup> cgroups;
+  std::vector<JobCgroup> warm_cgroups;
+  JobCgroup job_cgroup;
   {
     absl::MutexLock lock(&mu_);
     auto it = jobs_.find(job_id);
     if (it == jobs_.end()) return;
-    cgroups = std::move(it->second.warm_cgroups);
-    cgroups.push_back(it->second.cgroup);
+    warm_cgroups = std::move(it->second.warm_cgroups);
+    job_cgroup = it->second.cgroup;
     jobs_.erase(it);
   }
-  cleanup_->Post([cgroups] {
-    for (const JobCgroup& cgroup : cgroups) {
-      if (!cgroup.empty()) RemoveCgroup(cgroup);
+  cleanup_->Post([warm_cgroups, job_cgroup] {
+    // Whatever a cold step left behind goes now.
+    if (!job_cgroup.empty()) RemoveCgroup(job_cgroup);
+    // The warm sandboxes' helpers are let go a moment after their steps end (the runner's
+    // kSandboxTeardownDelay) and leave by themselves; killing them now would put their
+    // teardown beside the job's end. A second is far more than they need.
+    for (const JobCgroup& cgroup : warm_cgroups) {
+      if (!cgroup.empty()) RemoveCgroup(cgroup, std::chrono::milliseconds(1000));
     }
   });
 }

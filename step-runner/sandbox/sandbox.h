@@ -84,7 +84,12 @@ class Sandbox {
     UniqueFd spec;   // the stub's fd 3
     UniqueFd stdout_read, stderr_read, warnings_read;
     JobCgroup cgroup;
+    std::vector<MountOp> premounted;  // what bwrap hid before the step was known
   };
+
+  // The daemon's own folders (state, socket, secrets, --hide) and, for a step without
+  // network, the token stores: hidden from every step.
+  std::vector<std::string> DaemonWideHidden(NetworkMode network) const;
 
   absl::StatusOr<WarmSandbox> MakeWarm();
   // Asks for the pool to be topped up to options_.warm in `delay` (from now: a later request

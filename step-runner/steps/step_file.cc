@@ -672,8 +672,9 @@ class YamlShapeCheck : public YAML::EventHandler {
   void AddValues(const YAML::Mark& mark, size_t count) {
     values_ += count;
     if (values_ > kMaxYamlNodes) {
-      Refuse(mark, absl::StrCat("the YAML has more than ", kMaxYamlNodes,
-                                " values (counting each alias as a copy of the node it names)"));
+      Refuse(mark, aliases_ == 0 ? absl::StrCat("the YAML has more than ", kMaxYamlNodes, " values")
+                                 : absl::StrCat("the YAML expands to more than ", kMaxYamlNodes,
+                                                " values through its aliases (each alias counts as a copy of its node)"));
     }
   }
   void Leaf(const YAML::Mark& mark, YAML::anchor_t anchor) {
