@@ -10,6 +10,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <iostream>
@@ -476,19 +477,36 @@ TEST_F(ProxyTest, BadActorsAreRefusedWhileOthersWork) {
   EXPECT_GE(AwaitAudit({"\"end\":\"refused: too many authentication failures from this address\""}, 1), 1);
 
   // Connections per user: three held, the fourth is told why.
+  // The fourth is probed only once the three are in (ssh runs LocalCommand after it
+  // authenticates): a probe that raced them would take one's place and leave with it.
   std::vector<std::unique_ptr<Process>> held;
+  std::vector<std::string> in;
   for (int i = 0; i < 3; ++i) {
-    auto p = Process::Start(SshArgv(proxy_->port(), "limited", alice_.path, {"-N"}),
+    in.push_back(absl::StrCat(dir_.path(), "/limited", i, ".in"));
+    auto p = Process::Start(SshArgv(proxy_->port(), "limited", alice_.path,
+                                    {"-N", "-o", "PermitLocalCommand=yes", "-o", "LocalCommand=touch " + in.back()}),
                             absl::StrCat(dir_.path(), "/limited", i));
     ASSERT_TRUE(p.ok());
     held.push_back(*std::move(p));
   }
+  auto all_in = [&] {
+    return std::all_of(in.begin(), in.end(), [](const std::string& f) { return ::access(f.c_str(), F_OK) == 0; });
+  };
+  ASSERT_TRUE(PollUntil(all_in, absl::Seconds(30), absl::Milliseconds(20)));
+  std::string last_refusal;
   ASSERT_TRUE(PollUntil(
       [&] {
         CommandResult r = Run(SshArgv(proxy_->port(), "limited", alice_.path, {}, {"step-runner", "proxy"}));
+        last_refusal = r.err;
         return absl::StrContains(r.err, "too many connections for workspace \"limited\" (limit 3)");
       },
-      absl::Seconds(30), absl::Milliseconds(100)));
+      absl::Seconds(30), absl::Milliseconds(100)))
+      << "the fourth connection's last answer: " << last_refusal << "\nthe held ones said: "
+      << [&] {
+           std::string said;
+           for (const auto& p : held) absl::StrAppend(&said, p->err(), "\n");
+           return said;
+         }();
   held.clear();
 
   // Bob never noticed.
