@@ -89,8 +89,12 @@ std::string PolicyText(const Limits& l) {
 }
 
 // The paths of `hide` that exist, less those another one covers (for a step with `work_tree`,
-// or none: "").
-std::vector<HiddenPath> HiddenPaths(const std::vector<std::string>& hide, const std::string& work_tree) {
+// or none: ""). Each as the kernel finds it: a mount on a symlink's own path lands where the
+// link points, so a link is hidden as what it points to (and a link to a folder as a folder).
+std::vector<HiddenPath> HiddenPaths(std::vector<std::string> hide, const std::string& work_tree) {
+  for (std::string& path : hide) {
+    if (!path.empty()) path = Resolved(path);
+  }
   std::vector<HiddenPath> hidden;
   for (const std::string& path : hide) {
     if (path.empty() || path[0] != '/' || path == "/" || path == work_tree) continue;

@@ -252,6 +252,31 @@ TEST_P(SandboxTest, CannotWriteOutsideItsTreeNorReadTheStateDirOrTokenStore) {
   EXPECT_NE(::access("/etc/sr-sandbox-test", F_OK), 0);
 }
 
+// --hide names a folder and a file through symlinks: what they point to is hidden, and the
+// steps still run (a mount over the link's own path would land on what it points to, with the
+// wrong kind: a file over a folder).
+TEST_P(SandboxTest, PathsHiddenThroughLinksAreHiddenWhereTheyPoint) {
+  VarTmpDir outside;
+  SR_ASSERT_OK(MakeDirs(outside.path() + "/keys", 0700));
+  SR_ASSERT_OK(WriteFileAtomically(outside.path() + "/keys/id", "SECRET-KEY\n", 0600));
+  SR_ASSERT_OK(WriteFileAtomically(outside.path() + "/token", "SECRET-TOKEN\n", 0600));
+  ASSERT_EQ(::symlink((outside.path() + "/keys").c_str(), (outside.path() + "/keys-link").c_str()), 0);
+  ASSERT_EQ(::symlink((outside.path() + "/token").c_str(), (outside.path() + "/token-link").c_str()), 0);
+  START_OR_SKIP({"--hide", outside.path() + "/keys-link", "--hide", outside.path() + "/token-link"});
+  const std::string script = absl::StrCat(
+      Probe("key_by_path", absl::StrCat("grep -q SECRET ", outside.path(), "/keys/id")), "\n",
+      Probe("key_by_link", absl::StrCat("grep -q SECRET ", outside.path(), "/keys-link/id")), "\n",
+      Probe("token_by_path", absl::StrCat("grep -q SECRET ", outside.path(), "/token")), "\n",
+      Probe("token_by_link", absl::StrCat("grep -q SECRET ", outside.path(), "/token-link")));
+  for (const char* id : {"first", "second"}) {
+    Outcome out = RunScript(id, script);
+    EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
+    for (const char* line : {"key_by_path=no", "key_by_link=no", "token_by_path=no", "token_by_link=no"}) {
+      EXPECT_THAT(out.log, HasSubstr(line)) << id;
+    }
+  }
+}
+
 TEST_P(SandboxTest, ItsOwnFileVariablesAreReadableAndNothingElseOfTheSecretStore) {
   START_OR_SKIP();
   // Another job's file variable, alive while ours runs.
