@@ -267,20 +267,20 @@ std::optional<std::vector<MountOp>> MountsLeftForStub(const StepView& view, cons
   auto within = [](const std::string& path, const std::string& dir) {
     return path == dir || (path.size() > dir.size() && path.compare(0, dir.size(), dir) == 0 && path[dir.size()] == '/');
   };
-  std::vector<MountOp> left;
-  for (const MountOp& op : ViewMounts(view)) {
-    const bool made = std::find(premounted.begin(), premounted.end(), op) != premounted.end();
-    if (made && (view.work_tree.empty() || !within(op.target, view.work_tree))) continue;
-    left.push_back(op);
-  }
-  // A mount the stub makes lands on top of the premounted ones; in ViewMounts' order it may have
-  // come first, and been covered by one of them.
   const std::vector<MountOp> all = ViewMounts(view);
+  // Whether all[i] is left out: bwrap made it, and the tree's bind does not bring it back.
+  std::vector<bool> premade(all.size());
+  std::vector<MountOp> left;
   for (size_t i = 0; i < all.size(); ++i) {
-    if (std::find(premounted.begin(), premounted.end(), all[i]) == premounted.end()) continue;
-    for (size_t earlier = 0; earlier < i; ++earlier) {
-      const bool kept = std::find(left.begin(), left.end(), all[earlier]) != left.end();
-      if (kept && within(all[earlier].target, all[i].target)) return std::nullopt;
+    premade[i] = std::find(premounted.begin(), premounted.end(), all[i]) != premounted.end() &&
+                 (view.work_tree.empty() || !within(all[i].target, view.work_tree));
+    if (!premade[i]) left.push_back(all[i]);
+  }
+  // What the stub mounts lands on top of what bwrap made; in ViewMounts' order it may have come
+  // first, and been covered by it.
+  for (size_t i = 0; i < all.size(); ++i) {
+    for (size_t earlier = 0; premade[i] && earlier < i; ++earlier) {
+      if (!premade[earlier] && within(all[earlier].target, all[i].target)) return std::nullopt;
     }
   }
   return left;
