@@ -152,6 +152,7 @@ struct Node {
   std::string name;  // identifier, member, function name, or binary operator
   std::vector<std::unique_ptr<Node>> children;
   std::vector<std::string> keys;  // object literal keys, parallel to children
+  int height = 1;                 // levels from here to the deepest leaf
 };
 
 using NodePtr = std::unique_ptr<Node>;
@@ -195,6 +196,19 @@ class Parser {
     if (depth_ > kMaxNesting) return ErrorAt(Peek().column, absl::StrCat("nesting deeper than ", kMaxNesting));
     return absl::OkStatus();
   }
+  // Hangs `child` under `parent`. A chain of operators, members or indexes ("1-1-1-...",
+  // "a.b.c...") adds a level per link without any bracket, which the nesting check does not
+  // see; evaluating a tree (and destroying it) recurses once per level, so its height is
+  // bounded too (a 3 KB chain overflowed the stack under the fuzzer).
+  absl::Status Adopt(Node& parent, NodePtr child) {
+    parent.height = std::max(parent.height, child->height + 1);
+    parent.children.push_back(std::move(child));
+    if (parent.height > kMaxTreeHeight) {
+      return ErrorAt(parent.column, absl::StrCat("the expression is more than ", kMaxTreeHeight,
+                                                 " levels deep (each operator, member or index in a chain is a level)"));
+    }
+    return absl::OkStatus();
+  }
 
   absl::StatusOr<NodePtr> ParseBinaryLevel(int level) {
     static const std::vector<std::vector<std::string>> kLevels = {
@@ -210,8 +224,8 @@ class Parser {
       SR_ASSIGN_OR_RETURN(NodePtr right, ParseBinaryLevel(level + 1));
       NodePtr n = MakeNode(Node::kBinary, op.column);
       n->name = op.text;
-      n->children.push_back(std::move(left));
-      n->children.push_back(std::move(right));
+      SR_RETURN_IF_ERROR(Adopt(*n, std::move(left)));
+      SR_RETURN_IF_ERROR(Adopt(*n, std::move(right)));
       left = std::move(n);
     }
     return left;
@@ -229,7 +243,7 @@ class Parser {
       Token t = Next();
       SR_ASSIGN_OR_RETURN(NodePtr operand, ParseUnary());
       NodePtr n = MakeNode(Node::kNot, t.column);
-      n->children.push_back(std::move(operand));
+      SR_RETURN_IF_ERROR(Adopt(*n, std::move(operand)));
       return n;
     }
     if (IsPunct("-") && tokens_[pos_ + 1].kind == Tok::kNumber) {
@@ -252,15 +266,15 @@ class Parser {
         }
         NodePtr n = MakeNode(Node::kMember, Peek().column);
         n->name = Next().text;
-        n->children.push_back(std::move(base));
+        SR_RETURN_IF_ERROR(Adopt(*n, std::move(base)));
         base = std::move(n);
       } else if (IsPunct("[")) {
         Token open = Next();
         SR_ASSIGN_OR_RETURN(NodePtr index, ParseOr());
         SR_RETURN_IF_ERROR(Expect("]"));
         NodePtr n = MakeNode(Node::kIndex, open.column);
-        n->children.push_back(std::move(base));
-        n->children.push_back(std::move(index));
+        SR_RETURN_IF_ERROR(Adopt(*n, std::move(base)));
+        SR_RETURN_IF_ERROR(Adopt(*n, std::move(index)));
         base = std::move(n);
       } else {
         return base;
@@ -297,7 +311,7 @@ class Parser {
           if (!IsPunct(")")) {
             for (;;) {
               SR_ASSIGN_OR_RETURN(NodePtr arg, ParseOr());
-              n->children.push_back(std::move(arg));
+              SR_RETURN_IF_ERROR(Adopt(*n, std::move(arg)));
               if (!IsPunct(",")) break;
               Next();
             }
@@ -323,7 +337,7 @@ class Parser {
           SR_RETURN_IF_ERROR(CheckDepth());
           while (!IsPunct("]")) {
             SR_ASSIGN_OR_RETURN(NodePtr item, ParseOr());
-            n->children.push_back(std::move(item));
+            SR_RETURN_IF_ERROR(Adopt(*n, std::move(item)));
             if (!IsPunct(",")) break;
             Next();
           }
@@ -342,7 +356,7 @@ class Parser {
             n->keys.push_back(Next().text);
             SR_RETURN_IF_ERROR(Expect(":"));
             SR_ASSIGN_OR_RETURN(NodePtr item, ParseOr());
-            n->children.push_back(std::move(item));
+            SR_RETURN_IF_ERROR(Adopt(*n, std::move(item)));
             if (!IsPunct(",")) break;
             Next();
           }

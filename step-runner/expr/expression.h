@@ -87,6 +87,8 @@ bool IsTruthy(const Json& value);
 
 inline constexpr size_t kMaxExpressionBytes = 64 << 10;
 inline constexpr int kMaxNesting = 64;
+// Levels of the parsed tree, counting each link of a chain of operators, members or indexes.
+inline constexpr int kMaxTreeHeight = 256;
 
 }  // namespace step_runner::expr
 

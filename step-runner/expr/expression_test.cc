@@ -94,6 +94,24 @@ TEST_F(ExpressionTest, DeepNestingIsAnErrorNotACrash) {
   EXPECT_THAT(Error(arrays), HasSubstr("nesting deeper than"));
 }
 
+// Chains add a level per link without brackets (found by fuzzing: "1-5-1-..." of 3 KB
+// overflowed the evaluator's stack). Long enough for any real expression, refused beyond.
+TEST_F(ExpressionTest, LongChainsAreAnErrorNotACrash) {
+  std::string sum = "1";
+  for (int i = 0; i < 200; ++i) sum += " + 1";
+  SR_ASSERT_OK_AND_ASSIGN(Value total, Evaluate(sum, context_));
+  EXPECT_EQ(total.json, 201);
+  std::string minus = "1";
+  for (int i = 0; i < 20000; ++i) minus += "-1";
+  EXPECT_THAT(Error(minus), HasSubstr("the expression is more than 256 levels deep"));
+  std::string members = "inputs";
+  for (int i = 0; i < 20000; ++i) members += ".a";
+  EXPECT_THAT(Error(members), HasSubstr("more than 256 levels deep"));
+  std::string indexes = "inputs.list";
+  for (int i = 0; i < 20000; ++i) indexes += "[0]";
+  EXPECT_THAT(Error(indexes), HasSubstr("more than 256 levels deep"));
+}
+
 TEST_F(ExpressionTest, TemplatesKeepTypeOrJoinIntoStrings) {
   SR_ASSERT_OK_AND_ASSIGN(Value whole, Expand("${{ inputs.count }}", context_));
   EXPECT_EQ(whole.json, 3);
