@@ -26,6 +26,14 @@ struct Token {
   int column = 0;    // 1-based, within the expression
 };
 
+// An expression as an error message shows it: whole when short, else its start (a 60 KB
+// expression in a message would not even fit in the gRPC status that carries it).
+std::string Quoted(absl::string_view inner) {
+  constexpr size_t kShown = 100;
+  if (inner.size() <= kShown + 20) return absl::StrCat("${{", inner, "}}");
+  return absl::StrCat("${{", inner.substr(0, kShown), "... (", inner.size(), " bytes)}}");
+}
+
 absl::Status ErrorAt(int column, absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat("column ", column, ": ", message));
 }
@@ -744,7 +752,7 @@ absl::StatusOr<std::vector<ContextPath>> CheckTemplates(absl::string_view text) 
     absl::StatusOr<NodePtr> root = tokens.ok() ? Parser(*std::move(tokens)).ParseAll()
                                                : absl::StatusOr<NodePtr>(tokens.status());
     if (!root.ok()) {
-      return absl::Status(root.status().code(), absl::StrCat("in ${{", inner, "}}: ", root.status().message()));
+      return absl::Status(root.status().code(), absl::StrCat("in ", Quoted(inner), ": ", root.status().message()));
     }
     CollectPaths(**root, paths);
     pos = close + 2;
@@ -819,7 +827,7 @@ absl::StatusOr<Value> Expand(absl::string_view text, const Context& context) {
     absl::StatusOr<Value> value = Evaluate(inner, context);
     if (!value.ok()) {
       return absl::Status(value.status().code(),
-                          absl::StrCat("in ${{", inner, "}}: ", value.status().message()));
+                          absl::StrCat("in ", Quoted(inner), ": ", value.status().message()));
     }
     // Exactly one template and nothing else: the value keeps its type.
     if (open == 0 && close + 2 == text.size()) return value;

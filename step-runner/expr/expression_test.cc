@@ -104,6 +104,11 @@ TEST_F(ExpressionTest, LongChainsAreAnErrorNotACrash) {
   std::string minus = "1";
   for (int i = 0; i < 20000; ++i) minus += "-1";
   EXPECT_THAT(Error(minus), HasSubstr("the expression is more than 256 levels deep"));
+  // In a template, the error quotes the start of the expression, not all 40 KB of it.
+  absl::StatusOr<Value> expanded = Expand("${{ " + minus + " }}", context_);
+  ASSERT_FALSE(expanded.ok());
+  EXPECT_THAT(std::string(expanded.status().message()), HasSubstr("... (40003 bytes)}}: column"));
+  EXPECT_LT(expanded.status().message().size(), 400u);
   std::string members = "inputs";
   for (int i = 0; i < 20000; ++i) members += ".a";
   EXPECT_THAT(Error(members), HasSubstr("more than 256 levels deep"));

@@ -118,6 +118,29 @@ TEST_F(DaemonTest, InvalidStepsAreRejectedWithLineAndColumnAndNothingStarts) {
   EXPECT_THAT(r.err, ::testing::ContainsRegex("steps:[0-9]+:[0-9]+: malformed YAML"));
 }
 
+// A step file from a hostile or confused client: a 60 KB chain of operators (which overflowed
+// the evaluator's stack and took the daemon down), and 3,000 unknown keys (a message past
+// gRPC's 8 KiB metadata limit, which the client reported as "metadata size exceeds limit"
+// instead of the error). Each is refused with a readable message, and the daemon keeps serving.
+TEST_F(DaemonTest, HugeOrHostileStepFilesGetAReadableErrorAndTheDaemonStays) {
+  std::string chain = "1";
+  for (int i = 0; i < 30000; ++i) chain += "-1";
+  absl::Status deep = client_->Run(Request("deep", "exec:\n  command: [echo, \"${{ " + chain + " }}\"]\n"));
+  ASSERT_TRUE(absl::IsInvalidArgument(deep)) << deep.message().substr(0, 500);
+  EXPECT_THAT(std::string(deep.message()), HasSubstr("more than 256 levels deep"));
+  EXPECT_LT(deep.message().size(), 1000u);
+  std::string keys = "run:\n  - name: a\n    script: echo\n";
+  for (int i = 0; i < 3000; ++i) keys += absl::StrCat("    unknown_key_", i, ": x\n");
+  absl::Status many = client_->Run(Request("many", keys));
+  ASSERT_TRUE(absl::IsInvalidArgument(many)) << many.message().substr(0, 500);
+  EXPECT_THAT(std::string(many.message()), HasSubstr("unknown key \"unknown_key_0\""));
+  EXPECT_THAT(std::string(many.message()), HasSubstr("cut to fit a gRPC status"));
+  // Still serving.
+  SR_ASSERT_OK(client_->Run(Request("after", "exec:\n  command: [true]\n")));
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status after, WaitForJob(*client_, "after"));
+  EXPECT_EQ(after.status(), proto::StepResult::success);
+}
+
 TEST_F(DaemonTest, IdempotentRunAndConflictingRequest) {
   proto::RunRequest request = Request("same", "run:\n  - name: count\n    script: echo x >> " + dir_.path() + "/count\n");
   SR_ASSERT_OK(client_->Run(request));
