@@ -250,11 +250,14 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
   // (thousands of violations, a huge value quoted) is cut, and its details left out.
   constexpr size_t kMaxStatusBytes = 3 << 10;
   auto bad_request = status.GetPayload(steps::kBadRequestTypeUrl);
-  if (status.message().size() > kMaxStatusBytes || (bad_request && bad_request->size() > kMaxStatusBytes)) {
-    size_t cut = std::min(status.message().size(), kMaxStatusBytes);
-    while (cut > 0 && cut < status.message().size() && (status.message()[cut] & 0xC0) == 0x80) --cut;  // not mid-character
+  if (status.message().size() > kMaxStatusBytes) {
+    size_t cut = kMaxStatusBytes;
+    while (cut > 0 && (status.message()[cut] & 0xC0) == 0x80) --cut;  // not mid-character
     return grpc::Status(code, absl::StrCat(status.message().substr(0, cut), "... (the message has ",
                                            status.message().size(), " bytes; cut to fit a gRPC status)"));
+  }
+  if (bad_request && bad_request->size() > kMaxStatusBytes) {
+    return grpc::Status(code, absl::StrCat(status.message(), " (the violations' details are left out: too big for a gRPC status)"));
   }
   if (!bad_request) return grpc::Status(code, std::string(status.message()));
   // Structured violations travel as google.rpc.Status in grpc-status-details-bin, where stock
