@@ -124,6 +124,11 @@ std::string HostsFile(const std::vector<Forward>& forwards) {
   return out;
 }
 
+bool Within(const std::string& path, const std::string& dir) {
+  return path == dir || (path.size() > dir.size() && path.compare(0, dir.size(), dir) == 0 &&
+                         (dir == "/" || path[dir.size()] == '/'));
+}
+
 absl::Status CheckWorkTree(const std::string& path) {
   if (path.empty() || path[0] != '/') {
     return absl::InvalidArgumentError(absl::StrCat("the work tree \"", path, "\" is not an absolute path"));
@@ -168,8 +173,7 @@ std::vector<MountOp> ViewMounts(const StepView& view) {
   // brings it back); one that holds the tree (the state dir holds the default work trees) must
   // be hidden before.
   auto inside_tree = [&](const std::string& path) {
-    return !view.work_tree.empty() && path.size() > view.work_tree.size() &&
-           path.compare(0, view.work_tree.size(), view.work_tree) == 0 && path[view.work_tree.size()] == '/';
+    return !view.work_tree.empty() && path != view.work_tree && Within(path, view.work_tree);
   };
   auto hide = [&](bool after_tree) {
     for (const HiddenPath& h : view.hidden) {
@@ -264,23 +268,20 @@ std::vector<std::string> WarmBwrapArgv(const std::string& bwrap, const std::stri
 }
 
 std::optional<std::vector<MountOp>> MountsLeftForStub(const StepView& view, const std::vector<MountOp>& premounted) {
-  auto within = [](const std::string& path, const std::string& dir) {
-    return path == dir || (path.size() > dir.size() && path.compare(0, dir.size(), dir) == 0 && path[dir.size()] == '/');
-  };
   const std::vector<MountOp> all = ViewMounts(view);
   // Whether all[i] is left out: bwrap made it, and the tree's bind does not bring it back.
   std::vector<bool> premade(all.size());
   std::vector<MountOp> left;
   for (size_t i = 0; i < all.size(); ++i) {
     premade[i] = std::find(premounted.begin(), premounted.end(), all[i]) != premounted.end() &&
-                 (view.work_tree.empty() || !within(all[i].target, view.work_tree));
+                 (view.work_tree.empty() || !Within(all[i].target, view.work_tree));
     if (!premade[i]) left.push_back(all[i]);
   }
   // What the stub mounts lands on top of what bwrap made; in ViewMounts' order it may have come
   // first, and been covered by it.
   for (size_t i = 0; i < all.size(); ++i) {
     for (size_t earlier = 0; premade[i] && earlier < i; ++earlier) {
-      if (!premade[earlier] && within(all[earlier].target, all[i].target)) return std::nullopt;
+      if (!premade[earlier] && Within(all[earlier].target, all[i].target)) return std::nullopt;
     }
   }
   return left;

@@ -58,6 +58,9 @@ struct StepView {
   bool drop_capabilities = true;            // always on outside tests of the builder
 };
 
+// Whether `path` is `dir` or lies below it (component-wise: /a/bc is not within /a/b).
+bool Within(const std::string& path, const std::string& dir);
+
 // A work tree is bound read-write into the sandbox, so it must not be the system itself: "/",
 // or a system folder (/usr, /etc, ...) or one that holds one. INVALID_ARGUMENT naming it.
 absl::Status CheckWorkTree(const std::string& path);

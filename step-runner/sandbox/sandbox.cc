@@ -47,11 +47,6 @@ std::string Resolved(const std::string& path) {
   return out;
 }
 
-bool Within(const std::string& path, const std::string& dir) {
-  return path == dir || (path.size() > dir.size() && path.compare(0, dir.size(), dir) == 0 &&
-                         (dir == "/" || path[dir.size()] == '/'));
-}
-
 // Runs `argv` to the end (or `deadline`) and returns its exit code and what it wrote.
 absl::StatusOr<std::pair<int, std::string>> RunProbe(const std::vector<std::string>& argv, absl::Duration deadline) {
   SR_ASSIGN_OR_RETURN(process::OutputPipe pipe, process::MakeOutputPipe());
