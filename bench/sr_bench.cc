@@ -35,6 +35,7 @@
 #include "absl/time/clock.h"
 #include "bench/bench_util.h"
 #include "step-runner/base/files.h"
+#include "step-runner/base/malloc_tuning.h"
 #include "step-runner/base/status_macros.h"
 #include "step-runner/base/unique_fd.h"
 
@@ -753,6 +754,9 @@ int main(int argc, char** argv) {
   std::vector<std::string> words(argv, argv + argc);
   const std::string command_line = absl::StrJoin(words, " ");
   absl::ParseCommandLine(argc, argv);
+  // The bench is the client here, and receives the log as our CLI does (both sides of every
+  // comparison run in this one process).
+  step_runner::base::KeepStreamingBuffersMapped();
   absl::Status status = step_runner::bench::Main(command_line);
   if (!status.ok()) {
     std::cerr << "sr_bench: " << status << std::endl;

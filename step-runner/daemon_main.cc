@@ -10,6 +10,7 @@
 #include <string>
 
 #include "absl/synchronization/mutex.h"
+#include "step-runner/base/malloc_tuning.h"
 #include "step-runner/cli/cli.h"
 #include "step-runner/server/daemon.h"
 
@@ -18,6 +19,7 @@ int main(int argc, char** argv) {
   // Debian builds abseil with mutex deadlock detection on: every nested lock then updates a
   // process-wide graph, which showed up as nearly half the daemon's CPU with many jobs.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  base::KeepStreamingBuffersMapped();
   ::signal(SIGPIPE, SIG_IGN);
   if (argc < 2 || std::string(argv[1]) != "serve") {
     std::cerr << "step-runner-daemon: run it as `step-runner serve [flags]` (see step-runner --help)\n";

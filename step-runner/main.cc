@@ -38,6 +38,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
+#include "step-runner/base/malloc_tuning.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "google/protobuf/util/json_util.h"
@@ -610,5 +611,6 @@ int main(int argc, char** argv) {
   // A client writing into a closed pipe (`... | head`) should stop quietly, not die by SIGPIPE
   // halfway through a write; the write error ends it.
   ::signal(SIGPIPE, SIG_IGN);
+  step_runner::base::KeepStreamingBuffersMapped();  // `logs --follow` receives 1 MiB chunks
   return step_runner::Main(argc, argv);
 }

@@ -176,4 +176,67 @@ void SerialExecutor::Loop() {
   }
 }
 
+struct ThreadCache::State {
+  State(absl::Duration park_time, int max_parked) : park_time(park_time), max_parked(max_parked) {}
+  const absl::Duration park_time;
+  const int max_parked;
+  mutable absl::Mutex mu;
+  // Tasks handed to parked threads, each already promised to one of them (idle was counted down).
+  std::deque<std::function<void()>> handed ABSL_GUARDED_BY(mu);
+  int parked ABSL_GUARDED_BY(mu) = 0;  // threads waiting in Work
+  int idle ABSL_GUARDED_BY(mu) = 0;    // parked threads no task is promised to
+  bool stopping ABSL_GUARDED_BY(mu) = false;
+};
+
+ThreadCache::ThreadCache(absl::Duration park_time, int max_parked)
+    : state_(std::make_shared<State>(park_time, max_parked)) {}
+
+ThreadCache::~ThreadCache() {
+  absl::MutexLock lock(&state_->mu);
+  state_->stopping = true;
+}
+
+void ThreadCache::Run(std::function<void()> task) {
+  {
+    absl::MutexLock lock(&state_->mu);
+    if (state_->idle > 0 && !state_->stopping) {
+      --state_->idle;
+      state_->handed.push_back(std::move(task));
+      return;
+    }
+  }
+  // Detached: the thread holds the state, and the cache may be destroyed before it is done.
+  std::thread(&ThreadCache::Work, state_, std::move(task)).detach();
+}
+
+int ThreadCache::parked_for_test() const {
+  absl::MutexLock lock(&state_->mu);
+  return state_->parked;
+}
+
+void ThreadCache::Work(std::shared_ptr<State> state, std::function<void()> task) {
+  for (;;) {
+    task();
+    task = nullptr;  // what it captured goes now, not when the next task comes
+    absl::MutexLock lock(&state->mu);
+    if (state->stopping || state->parked >= state->max_parked) return;
+    ++state->parked;
+    ++state->idle;
+    auto ready = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state->mu) {
+      return state->stopping || !state->handed.empty();
+    };
+    state->mu.AwaitWithTimeout(absl::Condition(&ready), state->park_time);
+    --state->parked;
+    // A task handed over just as the park ran out is still taken: it was promised to a parked
+    // thread, and this is one.
+    if (!state->handed.empty()) {
+      task = std::move(state->handed.front());
+      state->handed.pop_front();
+      continue;
+    }
+    --state->idle;  // leaving while unpromised (timed out or stopping)
+    return;
+  }
+}
+
 }  // namespace step_runner

@@ -4,6 +4,7 @@
 #include <sys/epoll.h>
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -81,6 +82,30 @@ class SerialExecutor {
   std::vector<std::function<void()>> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
+};
+
+// Runs each task on a thread of its own at once, for tasks that block for long (a job's step
+// engine waits on its processes), where a fixed pool would make tasks wait for each other. A
+// thread whose task is done parks for `park_time` and takes the next task, so a busy daemon
+// does not start (mmap, clone) and join a thread per job: that was ~0.1-0.2 ms of every
+// job's run to completion on our VMs (BENCHMARKS.md, fifth session). Thread-safe.
+class ThreadCache {
+ public:
+  explicit ThreadCache(absl::Duration park_time = absl::Seconds(30), int max_parked = 4);
+  // Parked threads exit. Tasks still running finish on their threads, which then exit: nothing
+  // waits for them (the daemon's shutdown has its own deadline for its jobs).
+  ~ThreadCache();
+  ThreadCache(const ThreadCache&) = delete;
+  ThreadCache& operator=(const ThreadCache&) = delete;
+
+  void Run(std::function<void()> task);
+
+  int parked_for_test() const;
+
+ private:
+  struct State;
+  static void Work(std::shared_ptr<State> state, std::function<void()> task);
+  std::shared_ptr<State> state_;
 };
 
 }  // namespace step_runner

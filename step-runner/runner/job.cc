@@ -35,17 +35,14 @@ logs::Stream StreamOf(int index) { return index == 0 ? logs::Stream::kStdout : l
 Job::Job(std::string id, std::string dir, std::string fingerprint)
     : id_(std::move(id)), dir_(std::move(dir)), fingerprint_(std::move(fingerprint)) {}
 
-Job::~Job() {
-  // Only a daemon that stops without waiting for its jobs gets here with the engine's thread
-  // still running; it must not take the process down with it.
-  if (engine_thread_.joinable()) engine_thread_.detach();
-}
+Job::~Job() = default;
 
-absl::StatusOr<std::shared_ptr<Job>> Job::Create(JobConfig config, EventLoop* loop,
+absl::StatusOr<std::shared_ptr<Job>> Job::Create(JobConfig config, EventLoop* loop, ThreadCache* engine_threads,
                                                  FinishedCallback on_finished) {
   std::shared_ptr<Job> job(new Job(config.id, config.dir, config.fingerprint));
   job->config_ = std::move(config);
   job->loop_ = loop;
+  job->engine_threads_ = engine_threads;
   job->on_finished_ = std::move(on_finished);
   auto log = logs::JobLog::Create(job->dir_);
   if (!log.ok()) return log.status();
@@ -160,9 +157,9 @@ void Job::Start() {
                                  absl::FormatDuration(config_.timeout)));
     });
   }
-  // The engine blocks while a process runs, so it gets a thread; the loop stays free for
-  // every other job's output.
-  engine_thread_ = std::thread([this, self = shared_from_this()] {
+  // The engine blocks while a process runs, so it gets a thread of its own (a parked one when
+  // there is one); the loop stays free for every other job's output.
+  engine_threads_->Run([this, self = shared_from_this()] {
     engine::JobOutcome outcome = engine::RunJob(config_.spec, *this);
     loop_->Post([this, self, outcome = std::move(outcome)]() mutable { OnEngineDone(std::move(outcome)); });
   });
@@ -316,7 +313,6 @@ void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessW
 }
 
 void Job::OnEngineDone(engine::JobOutcome outcome) {
-  if (engine_thread_.joinable()) engine_thread_.join();
   {
     absl::MutexLock lock(&mu_);
     *status_.mutable_result() = outcome.result;

@@ -6,7 +6,6 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -100,8 +99,9 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
  public:
   using FinishedCallback = std::function<void(Job&)>;
 
-  // A job that starts now (call Start on the loop thread).
-  static absl::StatusOr<std::shared_ptr<Job>> Create(JobConfig config, EventLoop* loop,
+  // A job that starts now (call Start on the loop thread). Its step engine runs on a thread
+  // from `engine_threads`.
+  static absl::StatusOr<std::shared_ptr<Job>> Create(JobConfig config, EventLoop* loop, ThreadCache* engine_threads,
                                                      FinishedCallback on_finished);
   // A job read back from record.pb (a previous daemon's); it is finished. `interrupted`: the
   // previous daemon died while it ran, and its event stream gets the job-finished event now.
@@ -197,13 +197,13 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
   const std::string fingerprint_;
   JobConfig config_;
   EventLoop* loop_ = nullptr;
+  ThreadCache* engine_threads_ = nullptr;
   FinishedCallback on_finished_;
   std::shared_ptr<logs::JobLog> log_;
   std::shared_ptr<logs::EventLog> events_;
 
   // Loop-thread state.
   bool started_ = false;
-  std::thread engine_thread_;
   std::optional<LiveStep> live_;
   std::optional<std::pair<proto::StatusError::Kind, std::string>> cancel_;
   EventLoop::TimerId timeout_timer_ = 0;

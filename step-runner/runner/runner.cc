@@ -386,7 +386,7 @@ absl::Status Runner::Run(const proto::RunRequest& request) {
     }
   }
   absl::StatusOr<std::shared_ptr<Job>> job =
-      prepared.ok() ? Job::Create(std::move(config), loop_.get(),
+      prepared.ok() ? Job::Create(std::move(config), loop_.get(), &engine_threads_,
                                   [this](Job& finished) { OnJobFinished(finished); })
                     : absl::StatusOr<std::shared_ptr<Job>>(prepared);
   if (!job.ok()) {

@@ -85,6 +85,7 @@ class Runner {
   std::string jobs_dir_;
   std::string salt_;
   std::unique_ptr<EventLoop> loop_;
+  ThreadCache engine_threads_;
   std::unique_ptr<engine::StepLoader> loader_;
 
   mutable absl::Mutex mu_;

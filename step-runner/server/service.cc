@@ -121,9 +121,12 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
       }
       if (was_finished) {
         if (!final_sent_ && FillFinal(&response_)) {
+          // The last message and the stream's end go out together: one batch, where a write
+          // then a Finish cost the client another hop of gRPC's threads on both sides.
           final_sent_ = true;
-          write_pending_ = true;
-          this->StartWrite(&response_);
+          finished_ = true;
+          CancelWaitLocked();
+          this->StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
           return;
         }
         FinishLocked(grpc::Status::OK);
