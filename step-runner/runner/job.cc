@@ -1,6 +1,7 @@
 #include "step-runner/runner/job.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -26,6 +27,13 @@ constexpr int kMaxReadsPerWakeup = 16;
 
 google::protobuf::Timestamp ToProto(absl::Time t) {
   return TimeUtil::NanosecondsToTimestamp(absl::ToUnixNanos(t));
+}
+
+std::string StepResultsPath(const std::string& dir) { return dir + "/step-results.json"; }
+
+// The result tree (sensitive values already masked), for whoever reviews the job's work later.
+absl::Status WriteStepResultsFile(const std::string& dir, const proto::StepResult& result) {
+  return WriteFileAtomically(StepResultsPath(dir), engine::ResultToJson(result), 0600);
 }
 
 logs::Stream StreamOf(int index) { return index == 0 ? logs::Stream::kStdout : logs::Stream::kStderr; }
@@ -79,6 +87,12 @@ absl::StatusOr<std::shared_ptr<Job>> Job::Recover(const std::string& dir, proto:
   if (interrupted) {
     job->Emit(proto::FollowStepsResponse::JOB_FINISHED, nullptr);
     job->events_->Finish();
+  }
+  // Missing when the previous daemon died before it wrote it (or while the job ran).
+  if (struct stat st; ::stat(StepResultsPath(dir).c_str(), &st) != 0 && errno == ENOENT) {
+    if (absl::Status s = WriteStepResultsFile(dir, record.status().result()); !s.ok()) {
+      SR_LOG(WARNING) << "job " << job->id_ << ": cannot write step-results.json: " << s;
+    }
   }
   return job;
 }
@@ -147,8 +161,6 @@ void Job::WriteRecord(const proto::ProcessGroupRecord* running_group) {
 }
 
 void Job::Start() {
-  if (started_ || finished()) return;
-  started_ = true;
   if (config_.timeout != absl::InfiniteDuration()) {
     timeout_timer_ = loop_->AddTimer(config_.timeout, [this, self = shared_from_this()] {
       timeout_timer_ = 0;
@@ -157,6 +169,9 @@ void Job::Start() {
                                  absl::FormatDuration(config_.timeout)));
     });
   }
+}
+
+void Job::StartEngine() {
   // The engine blocks while a process runs, so it gets a thread of its own (a parked one when
   // there is one); the loop stays free for every other job's output.
   engine_threads_->Run([this, self = shared_from_this()] {
@@ -316,11 +331,6 @@ void Job::OnEngineDone(engine::JobOutcome outcome) {
   {
     absl::MutexLock lock(&mu_);
     *status_.mutable_result() = outcome.result;
-  }
-  // The result tree, sensitive values masked, for whoever reviews the job's work later.
-  if (absl::Status s = WriteFileAtomically(dir_ + "/step-results.json", engine::ResultToJson(outcome.result), 0600);
-      !s.ok()) {
-    SR_LOG(WARNING) << "job " << id_ << ": cannot write step-results.json: " << s;
   }
   (void)RemoveTree(config_.spec.io_root);
   if (cancel_) {
@@ -532,10 +542,6 @@ void Job::RequestCancel(proto::StatusError::Kind kind, std::string message) {
     absl::MutexLock lock(&cancel_mu_);
     cancel_requested_ = true;
   }
-  if (!started_) {
-    Finish(proto::StepResult::cancelled, cancel_->first, cancel_->second, 0);
-    return;
-  }
   if (!live_ || live_->ended || live_->kill_timer) return;  // nothing left to signal
   if (config_.graceful_exit_timeout <= absl::ZeroDuration()) {
     (void)live_->child.SignalGroup(SIGKILL);
@@ -587,11 +593,30 @@ void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind
   log_->Finish();
   // A retained job needs its status and log, not its plan (the step tree, env copies).
   config_.spec = engine::JobSpec();
-  if (remove) RemoveFolders();
+  if (remove) {
+    RemoveFolders();
+  } else {
+    // The result tree as JSON, for whoever reviews the job's work later, is written a moment
+    // after the end goes out: on the way to it, it cost every run 0.1 ms (BENCHMARKS.md, fifth
+    // session), and right after it, it competed with the result's delivery for a small
+    // machine's cores. It holds what the record already holds; a daemon that dies before
+    // writing it writes it from the record at its next start (Recover).
+    loop_->AddTimer(kStepResultsDelay, [self = shared_from_this()] { self->WriteStepResults(); });
+  }
   if (on_finished_) on_finished_(*this);
 }
 
+void Job::WriteStepResults() {
+  absl::MutexLock folder_lock(&folder_mu_);
+  if (folders_removed_) return;
+  if (absl::Status s = WriteStepResultsFile(dir_, status().result()); !s.ok()) {
+    SR_LOG(WARNING) << "job " << id_ << ": cannot write step-results.json: " << s;
+  }
+}
+
 void Job::RemoveFolders() {
+  absl::MutexLock folder_lock(&folder_mu_);
+  folders_removed_ = true;
   if (absl::Status s = RemoveTree(dir_); !s.ok()) SR_LOG(WARNING) << "job " << id_ << ": " << s;
   if (!config_.secrets_dir.empty()) (void)RemoveTree(config_.secrets_dir);
 }

@@ -397,6 +397,7 @@ absl::Status Runner::Run(const proto::RunRequest& request) {
   jobs_[request.id()] = *job;
   ++running_;
   loop_->Post([job = *job] { job->Start(); });
+  (*job)->StartEngine();
   return absl::OkStatus();
 }
 

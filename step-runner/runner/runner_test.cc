@@ -301,7 +301,21 @@ TEST_F(RunnerTest, RestartKeepsFinishedJobsAndInterruptsRunningOnes) {
   ASSERT_EQ(::system(copy.c_str()), 0);
   runner_.reset();
   ASSERT_EQ(::system(("rm -rf " + dir_ + "/state && mv " + dir_ + "/state.crash " + dir_ + "/state").c_str()), 0);
+  // step-results.json is written just after a job's end: a daemon may die before it is.
+  ASSERT_EQ(::system(("rm -f " + dir_ + "/state/jobs/*/step-results.json").c_str()), 0);
   StartRunner();
+  // Both jobs' result trees are back on disk, written from their records.
+  std::vector<std::string> results;
+  if (DIR* d = ::opendir((dir_ + "/state/jobs").c_str())) {
+    while (dirent* e = ::readdir(d)) {
+      if (e->d_name[0] == '.') continue;
+      auto text = ReadFile(dir_ + "/state/jobs/" + e->d_name + "/step-results.json");
+      results.push_back(text.ok() ? *text : text.status().ToString());
+    }
+    ::closedir(d);
+  }
+  EXPECT_THAT(results, ::testing::UnorderedElementsAre(::testing::HasSubstr("\"status\": \"success\""),
+                                                       ::testing::HasSubstr("\"status\": \"failure\"")));
   SR_ASSERT_OK_AND_ASSIGN(auto done, runner_->GetStatus("done"));
   EXPECT_EQ(done[0].status(), proto::StepResult::success);
   EXPECT_EQ(LogOf("done"), "kept\n");

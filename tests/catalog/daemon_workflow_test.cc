@@ -8,6 +8,7 @@
 // bubblewrap with the network allowed to the forge's host:port only (skipped only where bwrap
 // cannot work on this host, as tests/sandbox does).
 #include <dirent.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -22,6 +23,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "google/protobuf/util/json_util.h"
 #include "gtest/gtest.h"
@@ -210,11 +212,14 @@ TEST_P(DaemonWorkflowTest, IssueToMergeRequestWithAFixRoundThenARerunChangesNoth
   EXPECT_EQ(Child(tree, "test_1")["outputs"]["passed"], 4);
   EXPECT_EQ(Child(tree, "fix_2")["status"], "skipped");
 
-  // The same tree on disk, in the job's folder, for whoever reviews the work later.
+  // The same tree on disk, in the job's folder, for whoever reviews the work later (written
+  // right after the job's end goes out).
   const std::vector<std::string> job_dirs = ListDir(JobsDir());
   ASSERT_EQ(job_dirs.size(), 1u);
-  SR_ASSERT_OK_AND_ASSIGN(std::string results_text,
-                          ReadFile(JobsDir() + "/" + job_dirs[0] + "/step-results.json"));
+  const std::string results_path = JobsDir() + "/" + job_dirs[0] + "/step-results.json";
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  while (::access(results_path.c_str(), F_OK) != 0 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(5));
+  SR_ASSERT_OK_AND_ASSIGN(std::string results_text, ReadFile(results_path));
   const json on_disk = WorkflowSteps(json::parse(results_text, nullptr, false));
   EXPECT_EQ(Child(on_disk, "test")["outputs"]["failed"], 1);
   EXPECT_EQ(Child(on_disk, "fix_1")["status"], "success");
