@@ -1,7 +1,6 @@
 #include "step-runner/cli/cli.h"
 
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -9,6 +8,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "step-runner/base/files.h"
 #include "step-runner/base/logging.h"
 #include "step-runner/sandbox/flags.h"
 #include "step-runner/server/daemon.h"
@@ -98,14 +98,8 @@ absl::StatusOr<absl::Duration> ParseDurationFlag(const std::string& name, const 
 std::string CatalogDir(const Args& args) {
   if (auto dir = args.Get("catalog")) return *dir;
   if (const char* env = std::getenv("STEP_RUNNER_CATALOG")) return env;
-  char exe[4096];
-  ssize_t n = ::readlink("/proc/self/exe", exe, sizeof exe - 1);
-  if (n > 0) {
-    std::string path(exe, static_cast<size_t>(n));
-    std::string installed = path.substr(0, path.rfind('/')) + "/../share/step-runner/steps";
-    struct stat st;
-    if (::stat(installed.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return installed;
-  }
+  const std::string installed = OwnBinaryDir() + "/../share/step-runner/steps";
+  if (struct stat st; ::stat(installed.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return installed;
   return SR_DEFAULT_CATALOG;
 }
 
