@@ -57,7 +57,7 @@ TEST(ThreadCacheTest, AFinishedThreadTakesTheNextTask) {
 }
 
 TEST(ThreadCacheTest, ParkedThreadsLeaveAfterTheParkTimeAndAtMostMaxParkedStay) {
-  ThreadCache cache(absl::Milliseconds(200), /*max_parked=*/2);
+  ThreadCache cache(absl::Seconds(2), /*max_parked=*/2);
   absl::Notification release;
   std::atomic<int> done{0};
   for (int i = 0; i < 4; ++i) {
