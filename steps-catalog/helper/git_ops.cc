@@ -2,7 +2,9 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <iostream>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -10,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "step-runner/base/status_macros.h"
+#include "steps-catalog/helper/fresh_checkout.h"
 #include "steps-catalog/helper/git_util.h"
 
 namespace step_runner::catalog {
@@ -135,6 +138,8 @@ absl::StatusOr<CloneResult> Clone(const CloneRequest& request) {
   git_clone_options options = GIT_CLONE_OPTIONS_INIT;
   options.fetch_opts.callbacks = Callbacks(&state);
   if (!request.ref.empty()) options.checkout_branch = request.ref.c_str();
+  // The files are written below, by CheckoutFreshClone where it can.
+  options.checkout_opts.checkout_strategy = GIT_CHECKOUT_NONE;
   git_repository* raw_repo = nullptr;
   if (int rc = git_clone(&raw_repo, request.url.c_str(), request.dir.c_str(), &options); rc < 0) {
     absl::Status status = TransferError(rc, absl::StrCat("clone ", request.url), state);
@@ -144,6 +149,17 @@ absl::StatusOr<CloneResult> Clone(const CloneRequest& request) {
     return status;
   }
   RepositoryPtr repo(raw_repo);
+  const int threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 4u));
+  if (absl::Status fresh = CheckoutFreshClone(repo.get(), threads); absl::IsFailedPrecondition(fresh)) {
+    std::cerr << "clone: " << fresh.message() << ": libgit2's checkout writes the files\n";
+    git_checkout_options checkout = GIT_CHECKOUT_OPTIONS_INIT;
+    checkout.checkout_strategy = GIT_CHECKOUT_SAFE;
+    if (int rc = git_checkout_head(repo.get(), &checkout); rc < 0) {
+      return GitErrorToStatus(rc, absl::StrCat("checkout of ", request.url, " into ", request.dir));
+    }
+  } else if (!fresh.ok()) {
+    return absl::Status(fresh.code(), absl::StrCat("checkout of ", request.url, " into ", request.dir, ": ", fresh.message()));
+  }
   SR_ASSIGN_OR_RETURN(std::string sha, Head(repo.get()));
   std::cerr << "clone: " << request.url << " -> " << request.dir << " at " << sha << "\n";
   return CloneResult{sha, false};
