@@ -112,8 +112,8 @@ bool Exists(const std::string& path) {
 // Whether a filter may change how a blob is written, with no .gitattributes in the tree: the
 // configuration (core.autocrlf) or an attributes file outside it (the repository's
 // info/attributes, core.attributesFile, the XDG one, the system one). When nothing can, the
-// blobs are written as they are: libgit2's per-file attribute lookup (a realpath and a stat of
-// every parent folder's .gitattributes) was 50 us a file.
+// blobs are written as they are: libgit2's per-file attribute lookup (path resolution and
+// stats) cost ~40 us of CPU a file here.
 bool FiltersMayApply(git_repository* repo) {
   git_config* raw_config = nullptr;
   if (git_repository_config_snapshot(&raw_config, repo) < 0) return true;

@@ -14,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "step-runner/base/files.h"
 #include "step-runner/base/testing.h"
+#include "steps-catalog/helper/git_ops.h"
 #include "steps-catalog/helper/git_util.h"
 #include "steps-catalog/helper/temp_dir_test_util.h"
 
@@ -49,7 +50,7 @@ class FreshCheckoutTest : public TempDirTest {
     git_clone_options options = GIT_CLONE_OPTIONS_INIT;
     options.checkout_opts.checkout_strategy = GIT_CHECKOUT_NONE;
     git_repository* raw = nullptr;
-    const int rc = git_clone(&raw, (dir_ + "/src").c_str(), (dir_ + "/clone").c_str(), &options);
+    const int rc = git_clone(&raw, (dir_ + "/src").c_str(), ClonePath().c_str(), &options);
     EXPECT_EQ(rc, 0) << git_error_last()->message;
     RepositoryPtr repo(raw);
     if (!autocrlf.empty()) {
@@ -60,7 +61,7 @@ class FreshCheckoutTest : public TempDirTest {
     }
     return repo;
   }
-  std::string Clone() const { return dir_ + "/clone"; }
+  std::string ClonePath() const { return dir_ + "/clone"; }
 };
 
 TEST_F(FreshCheckoutTest, WritesTheTreeWithModesAndLinksAndGitFindsItClean) {
@@ -71,26 +72,26 @@ TEST_F(FreshCheckoutTest, WritesTheTreeWithModesAndLinksAndGitFindsItClean) {
   ASSERT_NE(repo, nullptr);
   SR_ASSERT_OK(CheckoutFreshClone(repo.get(), 3));
 
-  EXPECT_EQ(ReadFile(Clone() + "/a.txt").value_or(""), "hello\n");
-  EXPECT_EQ(ReadFile(Clone() + "/deep/x/y/z.txt").value_or(""), "z");
-  EXPECT_EQ(ReadFile(Clone() + "/empty.txt").value_or("missing"), "");
+  EXPECT_EQ(ReadFile(ClonePath() + "/a.txt").value_or(""), "hello\n");
+  EXPECT_EQ(ReadFile(ClonePath() + "/deep/x/y/z.txt").value_or(""), "z");
+  EXPECT_EQ(ReadFile(ClonePath() + "/empty.txt").value_or("missing"), "");
   struct stat st;
-  ASSERT_EQ(::stat((Clone() + "/bin/run.sh").c_str(), &st), 0);
+  ASSERT_EQ(::stat((ClonePath() + "/bin/run.sh").c_str(), &st), 0);
   EXPECT_NE(st.st_mode & S_IXUSR, 0u);
-  ASSERT_EQ(::stat((Clone() + "/a.txt").c_str(), &st), 0);
+  ASSERT_EQ(::stat((ClonePath() + "/a.txt").c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & S_IXUSR, 0u);
   char target[64] = {};
-  ASSERT_GT(::readlink((Clone() + "/link").c_str(), target, sizeof target - 1), 0);
+  ASSERT_GT(::readlink((ClonePath() + "/link").c_str(), target, sizeof target - 1), 0);
   EXPECT_STREQ(target, "a.txt");
 
   // The index holds each file's stat data: diff-files compares it without reading content (a
   // file whose stat data differs is listed even when its content is the same). First: git
   // status would refresh the index.
-  EXPECT_EQ(Shell("cd " + Clone() + " && git diff-files --name-only"), "");
+  EXPECT_EQ(Shell("cd " + ClonePath() + " && git diff-files --name-only"), "");
   // git itself: nothing modified, nothing untracked, and the index matches HEAD.
-  EXPECT_EQ(Shell("cd " + Clone() + " && git status --porcelain"), "");
-  EXPECT_EQ(Shell("cd " + Clone() + " && git diff --cached --stat"), "");
-  EXPECT_EQ(Shell("cd " + Clone() + " && git ls-files -s bin/run.sh link | cut -c1-6"), "100755\n120000\n");
+  EXPECT_EQ(Shell("cd " + ClonePath() + " && git status --porcelain"), "");
+  EXPECT_EQ(Shell("cd " + ClonePath() + " && git diff --cached --stat"), "");
+  EXPECT_EQ(Shell("cd " + ClonePath() + " && git ls-files -s bin/run.sh link | cut -c1-6"), "100755\n120000\n");
 }
 
 TEST_F(FreshCheckoutTest, ContentGoesThroughTheConfiguredFilters) {
@@ -98,19 +99,19 @@ TEST_F(FreshCheckoutTest, ContentGoesThroughTheConfiguredFilters) {
   RepositoryPtr repo = CloneWithoutCheckout(/*autocrlf=*/"true");
   ASSERT_NE(repo, nullptr);
   SR_ASSERT_OK(CheckoutFreshClone(repo.get(), 2));
-  EXPECT_EQ(ReadFile(Clone() + "/text.txt").value_or(""), "one\r\ntwo\r\n");
-  EXPECT_EQ(Shell("cd " + Clone() + " && git status --porcelain"), "");
+  EXPECT_EQ(ReadFile(ClonePath() + "/text.txt").value_or(""), "one\r\ntwo\r\n");
+  EXPECT_EQ(Shell("cd " + ClonePath() + " && git status --porcelain"), "");
 }
 
 TEST_F(FreshCheckoutTest, AttributesOutsideTheTreeApply) {
   ASSERT_NO_FATAL_FAILURE(MakeSource("printf 'one\\n' > text.txt; printf 'one\\n' > data.bin"));
   RepositoryPtr repo = CloneWithoutCheckout();
   ASSERT_NE(repo, nullptr);
-  SR_ASSERT_OK(WriteFileAtomically(Clone() + "/.git/info/attributes", "*.txt text eol=crlf\n", 0644));
+  SR_ASSERT_OK(WriteFileAtomically(ClonePath() + "/.git/info/attributes", "*.txt text eol=crlf\n", 0644));
   SR_ASSERT_OK(CheckoutFreshClone(repo.get(), 2));
-  EXPECT_EQ(ReadFile(Clone() + "/text.txt").value_or(""), "one\r\n");
-  EXPECT_EQ(ReadFile(Clone() + "/data.bin").value_or(""), "one\n");
-  EXPECT_EQ(Shell("cd " + Clone() + " && git status --porcelain"), "");
+  EXPECT_EQ(ReadFile(ClonePath() + "/text.txt").value_or(""), "one\r\n");
+  EXPECT_EQ(ReadFile(ClonePath() + "/data.bin").value_or(""), "one\n");
+  EXPECT_EQ(Shell("cd " + ClonePath() + " && git status --porcelain"), "");
 }
 
 TEST_F(FreshCheckoutTest, ATreeWithAttributesIsLeftToLibgit2WithNothingWritten) {
@@ -121,7 +122,24 @@ TEST_F(FreshCheckoutTest, ATreeWithAttributesIsLeftToLibgit2WithNothingWritten) 
   absl::Status status = CheckoutFreshClone(repo.get(), 2);
   EXPECT_TRUE(absl::IsFailedPrecondition(status)) << status;
   EXPECT_THAT(std::string(status.message()), HasSubstr("sub/.gitattributes"));
-  EXPECT_EQ(Shell("ls -A " + Clone()), ".git\n");
+  EXPECT_EQ(Shell("ls -A " + ClonePath()), ".git\n");
+}
+
+// sr-catalog's clone: its own checkout where it can, libgit2's where it cannot; git finds
+// both clean.
+TEST_F(FreshCheckoutTest, CloneChecksOutEitherWay) {
+  ASSERT_NO_FATAL_FAILURE(MakeSource("mkdir sub; printf 'x\\n' > sub/a.txt; printf 'y\\n' > b.txt"));
+  SR_ASSERT_OK_AND_ASSIGN(CloneResult plain, Clone({.url = dir_ + "/src", .dir = dir_ + "/plain"}));
+  EXPECT_FALSE(plain.sha.empty());
+  EXPECT_EQ(ReadFile(dir_ + "/plain/sub/a.txt").value_or(""), "x\n");
+  EXPECT_EQ(Shell("cd " + dir_ + "/plain && git diff-files --name-only && git status --porcelain"), "");
+
+  ASSERT_EQ(Shell("cd " + dir_ + "/src && printf '*.txt text eol=crlf\\n' > .gitattributes && git add -A && "
+                  "git -c user.name=t -c user.email=t@e commit -qm two"),
+            "");
+  SR_ASSERT_OK_AND_ASSIGN(CloneResult with_attributes, Clone({.url = dir_ + "/src", .dir = dir_ + "/attr"}));
+  EXPECT_EQ(ReadFile(dir_ + "/attr/sub/a.txt").value_or(""), "x\r\n");  // libgit2's checkout applied them
+  EXPECT_EQ(Shell("cd " + dir_ + "/attr && git status --porcelain"), "");
 }
 
 TEST_F(FreshCheckoutTest, AnEmptyRepositoryHasNothingToWrite) {
@@ -129,7 +147,7 @@ TEST_F(FreshCheckoutTest, AnEmptyRepositoryHasNothingToWrite) {
   RepositoryPtr repo = CloneWithoutCheckout();
   ASSERT_NE(repo, nullptr);
   SR_EXPECT_OK(CheckoutFreshClone(repo.get(), 2));
-  EXPECT_EQ(Shell("ls -A " + Clone()), ".git\n");
+  EXPECT_EQ(Shell("ls -A " + ClonePath()), ".git\n");
 }
 
 }  // namespace
