@@ -271,6 +271,9 @@ void ForgeServer::Impl::Routes() {
   // git pushes can be large and slow on a loaded machine.
   server_.set_read_timeout(60, 0);
   server_.set_write_timeout(60, 0);
+  // As GitLab's front (nginx, tcp_nodelay on by default): a reply's header and body are separate
+  // writes, and with Nagle's algorithm the body waited for the client's delayed ACK (~40 ms).
+  server_.set_tcp_nodelay(true);
 
   auto api = [this](auto handler) {
     return [this, handler](const httplib::Request& req, httplib::Response& res) {
