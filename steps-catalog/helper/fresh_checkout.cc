@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
@@ -114,13 +115,10 @@ bool Exists(const std::string& path) {
 // info/attributes, core.attributesFile, the XDG one, the system one). When nothing can, the
 // blobs are written as they are: libgit2's per-file attribute lookup (path resolution and
 // stats) cost ~40 us of CPU a file here.
-bool FiltersMayApply(git_repository* repo) {
-  git_config* raw_config = nullptr;
-  if (git_repository_config_snapshot(&raw_config, repo) < 0) return true;
-  ConfigPtr config(raw_config);
+bool FiltersMayApply(git_repository* repo, git_config* config) {
   const char* value = nullptr;
-  if (git_config_get_string(&value, config.get(), "core.autocrlf") == 0 && std::strcmp(value, "false") != 0) return true;
-  if (git_config_get_string(&value, config.get(), "core.attributesFile") == 0) return true;
+  if (git_config_get_string(&value, config, "core.autocrlf") == 0 && std::strcmp(value, "false") != 0) return true;
+  if (git_config_get_string(&value, config, "core.attributesFile") == 0) return true;
   if (Exists(absl::StrCat(git_repository_path(repo), "info/attributes"))) return true;
   if (const char* xdg = std::getenv("XDG_CONFIG_HOME"); xdg && *xdg && Exists(absl::StrCat(xdg, "/git/attributes"))) return true;
   if (const char* home = std::getenv("HOME"); home && *home && Exists(absl::StrCat(home, "/.config/git/attributes"))) return true;
@@ -163,11 +161,21 @@ absl::Status CheckoutFreshClone(git_repository* repo, int threads) {
   if (rc < 0) return GitErrorToStatus(rc, "HEAD's tree");
   ObjectPtr tree(raw_tree);
 
+  git_config* raw_config = nullptr;
+  if (rc = git_repository_config_snapshot(&raw_config, repo); rc < 0) return GitErrorToStatus(rc, "the configuration");
+  ConfigPtr config(raw_config);
   Plan plan;
   rc = git_tree_walk(reinterpret_cast<git_tree*>(tree.get()), GIT_TREEWALK_PRE, Visit, &plan);
   if (!plan.refused.empty()) return absl::FailedPreconditionError(plan.refused);
   if (rc < 0) return GitErrorToStatus(rc, "walking HEAD's tree");
 
+  // A filesystem without symlinks (libgit2 sets core.symlinks=false when it finds one at clone
+  // time) gets them as plain files from libgit2's checkout.
+  if (int symlinks = 1; git_config_get_bool(&symlinks, config.get(), "core.symlinks") == 0 && !symlinks &&
+                        std::any_of(plan.files.begin(), plan.files.end(),
+                                    [](const PlannedFile& f) { return f.mode == GIT_FILEMODE_LINK; })) {
+    return absl::FailedPreconditionError("the tree has symlinks and core.symlinks is false");
+  }
   for (const std::string& dir : plan.dirs) {
     const std::string full = workdir + dir;
     if (::mkdir(full.c_str(), 0777) != 0) return ErrnoStatus(errno, absl::StrCat("mkdir(", full, ")"));
@@ -175,7 +183,7 @@ absl::Status CheckoutFreshClone(git_repository* repo, int threads) {
 
   // Each thread reads blobs through a repository of its own: libgit2's objects are not shared
   // across threads.
-  const bool filtered = FiltersMayApply(repo);
+  const bool filtered = FiltersMayApply(repo, config.get());
   std::atomic<size_t> next{0};
   std::vector<absl::Status> errors(static_cast<size_t>(std::max(threads, 1)));
   auto work = [&](size_t worker) {

@@ -19,7 +19,8 @@ namespace step_runner::catalog {
 //
 // FAILED_PRECONDITION, with nothing written, for a tree this does not handle the way git
 // would: a .gitattributes in the tree (it changes how files are written, and would be read
-// while files are being written), a submodule, or a name git refuses (".git", "..", a '/').
+// while files are being written), a submodule, a name git refuses (".git", "..", a '/'), or a
+// symlink where core.symlinks is false.
 // The caller then uses libgit2's checkout, which handles (or refuses) those.
 absl::Status CheckoutFreshClone(git_repository* repo, int threads);
 

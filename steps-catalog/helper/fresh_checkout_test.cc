@@ -125,6 +125,19 @@ TEST_F(FreshCheckoutTest, ATreeWithAttributesIsLeftToLibgit2WithNothingWritten) 
   EXPECT_EQ(Shell("ls -A " + ClonePath()), ".git\n");
 }
 
+TEST_F(FreshCheckoutTest, SymlinksWhereTheFilesystemHasNoneAreLeftToLibgit2) {
+  ASSERT_NO_FATAL_FAILURE(MakeSource("printf 'a\\n' > a.txt; ln -s a.txt link"));
+  RepositoryPtr repo = CloneWithoutCheckout();
+  ASSERT_NE(repo, nullptr);
+  git_config* config = nullptr;
+  ASSERT_EQ(git_repository_config(&config, repo.get()), 0);
+  ASSERT_EQ(git_config_set_bool(config, "core.symlinks", 0), 0);
+  git_config_free(config);
+  absl::Status status = CheckoutFreshClone(repo.get(), 2);
+  EXPECT_TRUE(absl::IsFailedPrecondition(status)) << status;
+  EXPECT_EQ(Shell("ls -A " + ClonePath()), ".git\n");
+}
+
 // sr-catalog's clone: its own checkout where it can, libgit2's where it cannot; git finds
 // both clean.
 TEST_F(FreshCheckoutTest, CloneChecksOutEitherWay) {
