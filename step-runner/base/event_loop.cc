@@ -181,10 +181,10 @@ struct ThreadCache::State {
   const absl::Duration park_time;
   const int max_parked;
   mutable absl::Mutex mu;
-  // Tasks handed to parked threads, each already promised to one of them (idle was counted down).
+  // Tasks handed to parked threads, each promised to one of them: the parked threads without a
+  // task are parked - handed.size().
   std::deque<std::function<void()>> handed ABSL_GUARDED_BY(mu);
   int parked ABSL_GUARDED_BY(mu) = 0;  // threads waiting in Work
-  int idle ABSL_GUARDED_BY(mu) = 0;    // parked threads no task is promised to
   bool stopping ABSL_GUARDED_BY(mu) = false;
 };
 
@@ -199,8 +199,7 @@ ThreadCache::~ThreadCache() {
 void ThreadCache::Run(std::function<void()> task) {
   {
     absl::MutexLock lock(&state_->mu);
-    if (state_->idle > 0 && !state_->stopping) {
-      --state_->idle;
+    if (state_->parked > static_cast<int>(state_->handed.size()) && !state_->stopping) {
       state_->handed.push_back(std::move(task));
       return;
     }
@@ -221,7 +220,6 @@ void ThreadCache::Work(std::shared_ptr<State> state, std::function<void()> task)
     absl::MutexLock lock(&state->mu);
     if (state->stopping || state->parked >= state->max_parked) return;
     ++state->parked;
-    ++state->idle;
     auto ready = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state->mu) {
       return state->stopping || !state->handed.empty();
     };
@@ -234,8 +232,7 @@ void ThreadCache::Work(std::shared_ptr<State> state, std::function<void()> task)
       state->handed.pop_front();
       continue;
     }
-    --state->idle;  // leaving while unpromised (timed out or stopping)
-    return;
+    return;  // timed out or stopping, with no task promised to it
   }
 }
 

@@ -104,6 +104,11 @@ std::string OwnBinaryDir() {
   return Dirname(std::string(buf, static_cast<size_t>(n)));
 }
 
+bool PathExists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
 absl::Status RemoveTree(const std::string& path) {
   auto remove_one = [](const char* p, const struct stat*, int, struct FTW*) -> int {
     return ::remove(p) == 0 || errno == ENOENT ? 0 : -1;

@@ -22,6 +22,8 @@ absl::Status WriteFileAtomically(const std::string& path, absl::string_view data
 absl::Status WriteAll(int fd, absl::string_view data);
 // mkdir -p with `mode` for directories it creates.
 absl::Status MakeDirs(const std::string& path, mode_t mode);
+// Whether `path` exists (following symlinks).
+bool PathExists(const std::string& path);
 // rm -rf; a missing path is fine.
 absl::Status RemoveTree(const std::string& path);
 // The folder part of `path` ("." when it has none, "/" for a file in the root).

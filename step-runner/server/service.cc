@@ -120,10 +120,9 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
         return;
       }
       if (was_finished) {
-        if (!final_sent_ && FillFinal(&response_)) {
+        if (FillFinal(&response_)) {
           // The last message and the stream's end go out together: one batch, where a write
           // then a Finish cost the client another hop of gRPC's threads on both sides.
-          final_sent_ = true;
           finished_ = true;
           CancelWaitLocked();
           this->StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
@@ -166,7 +165,6 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
   bool write_pending_ ABSL_GUARDED_BY(mu_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  bool final_sent_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<WaiterId> waiter_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -105,11 +105,6 @@ absl::Status WriteFile(git_repository* repo, const std::string& workdir, bool fi
   return absl::OkStatus();
 }
 
-bool Exists(const std::string& path) {
-  struct stat st;
-  return !path.empty() && ::stat(path.c_str(), &st) == 0;
-}
-
 // Whether a filter may change how a blob is written, with no .gitattributes in the tree: the
 // configuration (core.autocrlf) or an attributes file outside it (the repository's
 // info/attributes, core.attributesFile, the XDG one, the system one). When nothing can, the
@@ -119,14 +114,14 @@ bool FiltersMayApply(git_repository* repo, git_config* config) {
   const char* value = nullptr;
   if (git_config_get_string(&value, config, "core.autocrlf") == 0 && std::strcmp(value, "false") != 0) return true;
   if (git_config_get_string(&value, config, "core.attributesFile") == 0) return true;
-  if (Exists(absl::StrCat(git_repository_path(repo), "info/attributes"))) return true;
-  if (const char* xdg = std::getenv("XDG_CONFIG_HOME"); xdg && *xdg && Exists(absl::StrCat(xdg, "/git/attributes"))) return true;
-  if (const char* home = std::getenv("HOME"); home && *home && Exists(absl::StrCat(home, "/.config/git/attributes"))) return true;
+  if (PathExists(absl::StrCat(git_repository_path(repo), "info/attributes"))) return true;
+  if (const char* xdg = std::getenv("XDG_CONFIG_HOME"); xdg && *xdg && PathExists(absl::StrCat(xdg, "/git/attributes"))) return true;
+  if (const char* home = std::getenv("HOME"); home && *home && PathExists(absl::StrCat(home, "/.config/git/attributes"))) return true;
   git_buf system = GIT_BUF_INIT;
   bool found = false;
   if (git_libgit2_opts(GIT_OPT_GET_SEARCH_PATH, GIT_CONFIG_LEVEL_SYSTEM, &system) < 0) return true;
   for (absl::string_view dir : absl::StrSplit(absl::string_view(system.ptr, system.size), GIT_PATH_LIST_SEPARATOR)) {
-    if (!dir.empty() && Exists(absl::StrCat(dir, "/gitattributes"))) found = true;
+    if (!dir.empty() && PathExists(absl::StrCat(dir, "/gitattributes"))) found = true;
   }
   git_buf_dispose(&system);
   return found;

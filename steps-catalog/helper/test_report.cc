@@ -23,11 +23,6 @@ extern char** environ;
 namespace step_runner::catalog {
 namespace {
 
-bool Exists(const std::string& path) {
-  struct stat st;
-  return ::stat(path.c_str(), &st) == 0;
-}
-
 int SumMatches(const std::string& text, const std::regex& re, int group) {
   int sum = 0;
   for (auto it = std::sregex_iterator(text.begin(), text.end(), re); it != std::sregex_iterator(); ++it) {
@@ -161,7 +156,7 @@ TestCounts ParseTestOutput(absl::string_view output_view) {
 }
 
 absl::StatusOr<std::string> DetectTestCommand(const std::string& dir, const std::string& junit_path) {
-  if (Exists(dir + "/build/CTestTestfile.cmake")) {
+  if (PathExists(dir + "/build/CTestTestfile.cmake")) {
     return absl::StrCat("ctest --test-dir build --output-on-failure --output-junit '", junit_path, "'");
   }
   for (const char* makefile : {"Makefile", "makefile", "GNUmakefile"}) {
@@ -171,9 +166,9 @@ absl::StatusOr<std::string> DetectTestCommand(const std::string& dir, const std:
   if (auto package = ReadFile(dir + "/package.json"); package.ok() && absl::StrContains(*package, "\"test\"")) {
     return "npm test";
   }
-  if (Exists(dir + "/go.mod")) return "go test -v ./...";
+  if (PathExists(dir + "/go.mod")) return "go test -v ./...";
   for (const char* marker : {"pytest.ini", "pyproject.toml", "setup.cfg", "setup.py", "conftest.py", "tests"}) {
-    if (Exists(absl::StrCat(dir, "/", marker))) {
+    if (PathExists(absl::StrCat(dir, "/", marker))) {
       return absl::StrCat("python3 -m pytest --junitxml='", junit_path, "'");
     }
   }
@@ -223,7 +218,7 @@ absl::StatusOr<TestRun> RunTests(const std::string& dir, const std::string& comm
   }
   std::vector<std::string> candidates;
   FindReports(dir, 4, started, &candidates);
-  if (Exists(junit_path)) candidates.push_back(junit_path);
+  if (PathExists(junit_path)) candidates.push_back(junit_path);
   for (const std::string& path : candidates) {
     auto xml = ReadFile(path);
     if (!xml.ok() || !absl::StrContains(*xml, "<testsuite")) continue;
