@@ -1,6 +1,9 @@
 #include "step-runner/runner/job.h"
 
+#include <poll.h>
 #include <signal.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -58,6 +61,15 @@ absl::StatusOr<std::shared_ptr<Job>> Job::Create(JobConfig config, EventLoop* lo
   auto events = logs::EventLog::Create(job->dir_);
   if (!events.ok()) return events.status();
   job->events_ = *std::move(events);
+  // What the engine's thread waits on while a step runs (see WatchLive).
+  job->epoll_ = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
+  if (!job->epoll_) return ErrnoStatus(errno, "epoll_create1");
+  job->kick_ = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!job->kick_) return ErrnoStatus(errno, "eventfd");
+  epoll_event kick{.events = EPOLLIN, .data = {.u32 = kKick}};
+  if (::epoll_ctl(job->epoll_.get(), EPOLL_CTL_ADD, job->kick_.get(), &kick) != 0) {
+    return ErrnoStatus(errno, "epoll_ctl");
+  }
   {
     absl::MutexLock lock(&job->mu_);
     job->status_.set_id(job->id_);
@@ -109,7 +121,16 @@ void Job::Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* s
     *event.mutable_job_status() = status();
     *event.mutable_result() = event.job_status().result();
   }
-  if (config_.step_event_hook) config_.step_event_hook(id_, event);
+  if (config_.step_event_hook) {
+    // The job's end reaches the hook (the audit log, the sandbox) once the job's followers have
+    // it (see Finish): the hook writes nowhere a Close could race, and it was 30 us of the end's
+    // way out on a small VM.
+    if (kind == proto::FollowStepsResponse::JOB_FINISHED) {
+      job_finished_event_ = event;
+    } else {
+      config_.step_event_hook(id_, event);
+    }
+  }
   if (absl::Status s = events_->Append(std::move(event)); !s.ok()) {
     SR_LOG(ERROR) << "job " << id_ << ": cannot record a step event: " << s;
   }
@@ -173,28 +194,19 @@ void Job::Start() {
 
 void Job::StartEngine() {
   // The engine blocks while a process runs, so it gets a thread of its own (a parked one when
-  // there is one); the loop stays free for every other job's output.
+  // there is one). That thread also makes the job's processes and watches them to their end,
+  // and ends the job: the loop is not on the way of a step (see RunProcess).
   engine_threads_->Run([this, self = shared_from_this()] {
     engine::JobOutcome outcome = engine::RunJob(config_.spec, *this);
-    loop_->Post([this, self, outcome = std::move(outcome)]() mutable { OnEngineDone(std::move(outcome)); });
+    End(std::move(outcome));
   });
 }
 
 // ---- engine::Host (the engine's thread) ---------------------------------------------------
 
-engine::ProcessOutcome Job::RunProcess(const engine::ProcessSpec& spec) {
-  auto waiter = std::make_shared<ProcessWaiter>();
-  loop_->Post([this, self = shared_from_this(), spec, waiter] { StartProcess(spec, waiter); });
-  absl::MutexLock lock(&waiter->mu);
-  waiter->mu.Await(absl::Condition(&waiter->done));
-  return waiter->outcome;
-}
-
 void Job::Log(absl::string_view line) {
-  loop_->Post([this, self = shared_from_this(), line = std::string(line)] {
-    absl::Status s = log_->Append(logs::Stream::kStderr, Mask(line));
-    if (!s.ok() && log_error_.ok()) log_error_ = s;
-  });
+  absl::Status s = log_->Append(logs::Stream::kStderr, Mask(line));
+  if (!s.ok() && log_error_.ok()) log_error_ = s;
 }
 
 void Job::Publish(const proto::StepResult& tree, const proto::StepResult& node, const std::string& path,
@@ -207,25 +219,24 @@ void Job::Publish(const proto::StepResult& tree, const proto::StepResult& node, 
 }
 
 void Job::AddSecret(const std::string& value) {
-  loop_->Post([this, self = shared_from_this(), value] {
-    if (std::find(config_.secrets.begin(), config_.secrets.end(), value) == config_.secrets.end()) {
-      config_.secrets.push_back(value);
-    }
-  });
+  if (std::find(config_.secrets.begin(), config_.secrets.end(), value) == config_.secrets.end()) {
+    config_.secrets.push_back(value);
+  }
 }
 
 bool Job::Cancelled() {
   absl::MutexLock lock(&cancel_mu_);
-  return cancel_requested_;
+  return cancel_.has_value();
 }
 
 bool Job::SleepUnlessCancelled(absl::Duration d) {
   absl::MutexLock lock(&cancel_mu_);
-  cancel_mu_.AwaitWithTimeout(absl::Condition(&cancel_requested_), d);
-  return cancel_requested_;
+  auto cancelled = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(cancel_mu_) { return cancel_.has_value(); };
+  cancel_mu_.AwaitWithTimeout(absl::Condition(&cancelled), d);
+  return cancel_.has_value();
 }
 
-// ---- processes (the loop thread) ----------------------------------------------------------
+// ---- processes (the engine's thread) ------------------------------------------------------
 
 namespace {
 
@@ -251,48 +262,51 @@ absl::StatusOr<PreparedProcess> SpawnPlanned(const PlannedStep& planned) {
   return prepared;
 }
 
+// Milliseconds until `deadline` for poll(), rounded up so that a wake-up is never early.
+int PollTimeout(absl::Time deadline) {
+  if (deadline == absl::InfiniteFuture()) return -1;
+  const absl::Duration left = deadline - absl::Now();
+  if (left <= absl::ZeroDuration()) return 0;
+  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(absl::Ceil(left, absl::Milliseconds(1))), 1 << 30));
+}
+
 }  // namespace
 
-void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessWaiter> waiter) {
-  auto complete = [](ProcessWaiter& w, engine::ProcessOutcome outcome) {
-    absl::MutexLock lock(&w.mu);
-    w.outcome = std::move(outcome);
-    w.done = true;
-  };
-  if (cancel_) {
-    complete(*waiter, {.exit_code = last_exit_code_, .cancelled = true});
-    return;
-  }
+engine::ProcessOutcome Job::RunProcess(const engine::ProcessSpec& spec) {
+  // The job's own thread makes the process and watches it to its end. On the loop, a spawn
+  // (0.5 ms or more; the sandbox's longer) held up every other job's output, and the hops to the
+  // loop and back were on the way to every step's start and end (BENCHMARKS.md, sixth session).
+  if (Cancelled()) return {.exit_code = last_exit_code_, .cancelled = true};
   // The launch hook (the sandbox) may rewrite the process; the result tree keeps the step's
   // own command, which is what its author wrote.
-  PlannedStep launched{
+  PlannedStep planned{
       .name = spec.name, .argv = spec.argv, .env = spec.env, .work_dir = spec.work_dir, .wants_network = spec.wants_network};
   absl::Status hooked =
       config_.launch_hook
           ? config_.launch_hook({.job_id = id_, .job_dir = dir_, .job_work_dir = config_.work_dir, .io_dir = spec.io_dir},
-                                launched)
+                                planned)
           : absl::OkStatus();
-  explain_exit_ = launched.explain_exit;
-  absl::StatusOr<PreparedProcess> child =
-      !hooked.ok()        ? absl::StatusOr<PreparedProcess>(hooked)
-      : launched.prepared ? absl::StatusOr<PreparedProcess>(*std::move(launched.prepared))
-                          : SpawnPlanned(launched);
+  absl::StatusOr<PreparedProcess> child = !hooked.ok()        ? absl::StatusOr<PreparedProcess>(hooked)
+                                          : planned.prepared ? absl::StatusOr<PreparedProcess>(*std::move(planned.prepared))
+                                                             : SpawnPlanned(planned);
   if (!child.ok()) {
     // Shown in the log, where the person following the job looks first.
     std::string message = Mask(child.status().message());
     AppendOutput(1, absl::StrCat("step-runner: step \"", spec.name, "\": ", message, "\n"));
     last_exit_code_ = absl::IsNotFound(child.status()) ? 127 : 126;
-    complete(*waiter, {.exit_code = last_exit_code_, .spawn_error = message});
-    return;
+    return {.exit_code = last_exit_code_, .spawn_error = message};
   }
 
-  live_.emplace(LiveStep{.waiter = std::move(waiter), .child = std::move(child->child), .start = absl::Now()});
+  live_.emplace(LiveStep{.child = std::move(child->child), .start = absl::Now()});
   live_->pipes[0].emplace(OutputPipe{std::move(child->stdout_read), logs::StreamMasker(config_.secrets)});
   live_->pipes[1].emplace(OutputPipe{std::move(child->stderr_read), logs::StreamMasker(config_.secrets)});
   live_->path = spec.name;
   live_->warnings = std::move(child->warnings_read);
   live_->exit_report = std::move(child->exit_report);
+  live_->exit_report_watched = live_->exit_report.has_value();
+  live_->deadline = spec.deadline;
 
+  // So that a daemon that dies while the step runs kills its group at the next start.
   proto::ProcessGroupRecord group;
   group.set_pgid(live_->child.pid());
   if (auto ticks = process::ProcessStartTicks(live_->child.pid()); ticks.ok()) {
@@ -301,40 +315,141 @@ void Job::StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessW
   group.set_boot_id(process::BootId());
   WriteRecord(&group);
 
-  auto self = shared_from_this();
-  if (spec.deadline != absl::InfiniteFuture()) {
-    live_->deadline_timer = loop_->AddTimer(std::max(spec.deadline - absl::Now(), absl::ZeroDuration()), [this, self] {
-      if (!live_ || live_->ended) return;
-      live_->deadline_timer = 0;
-      live_->timed_out = true;
-      SignalLive(SIGTERM);
-    });
-  }
-  for (int i = 0; i < 2; ++i) {
-    absl::Status s = loop_->WatchFd(live_->pipes[i]->fd.get(), EPOLLIN,
-                                    [this, self, i](uint32_t) { OnOutput(i); });
-    if (!s.ok()) SR_LOG(ERROR) << "job " << id_ << ": " << s;
-  }
-  if (live_->warnings) {
-    absl::Status s = loop_->WatchFd(live_->warnings->get(), EPOLLIN, [this, self](uint32_t) { OnWarnings(); });
-    if (!s.ok()) SR_LOG(ERROR) << "job " << id_ << ": " << s;
-  }
-  if (live_->exit_report) {
-    absl::Status s = loop_->WatchFd(live_->exit_report->get(), EPOLLIN, [this, self](uint32_t) { OnExitReport(); });
-    if (!s.ok()) SR_LOG(ERROR) << "job " << id_ << ": " << s;
-  }
-  absl::Status s = loop_->WatchFd(live_->child.pidfd(), EPOLLIN, [this, self](uint32_t) { OnLeaderExit(); });
-  if (!s.ok()) SR_LOG(ERROR) << "job " << id_ << ": " << s;
+  WatchLive();
+  return StepFinished(planned.explain_exit);
 }
 
-void Job::OnEngineDone(engine::JobOutcome outcome) {
+void Job::WatchLive() {
+  // epoll rather than poll: it hands out what is ready in the order it became ready, so that
+  // when stdout and stderr both have something by the time this thread runs, the log keeps the
+  // order the step wrote them in.
+  std::array<int, kKick> watched;
+  watched.fill(-1);
+  auto wanted = [this](uint32_t slot) {
+    switch (slot) {
+      case kStdout:
+      case kStderr: return live_->pipes[slot] ? live_->pipes[slot]->fd.get() : -1;
+      case kWarnings: return live_->warnings ? live_->warnings->get() : -1;
+      case kExitReport: return live_->exit_report_watched ? live_->exit_report->get() : -1;
+      default: return live_->reaped ? -1 : live_->child.pidfd();
+    }
+  };
+  // A source that closed has left the set by itself (and the DEL fails, harmlessly); the
+  // leader once reaped and the exit report once said are still open and leave it here.
+  auto unwatch = [&](uint32_t slot) {
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, watched[slot], nullptr);
+    watched[slot] = -1;
+  };
+  for (uint32_t slot = 0; slot < kKick; ++slot) {
+    epoll_event event{.events = EPOLLIN, .data = {.u32 = slot}};
+    const int fd = wanted(slot);
+    if (fd < 0) continue;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
+      // Not expected (the set was made for this); the step's deadlines still end it.
+      SR_LOG(ERROR) << "job " << id_ << ": " << ErrnoStatus(errno, "epoll_ctl");
+      continue;
+    }
+    watched[slot] = fd;
+  }
+  for (;;) {
+    for (uint32_t slot = 0; slot < kKick; ++slot) {
+      if (watched[slot] >= 0 && wanted(slot) != watched[slot]) unwatch(slot);
+    }
+    if (live_->ended && !live_->pipes[0] && !live_->pipes[1]) break;
+
+    // The next deadline: the step's own timeout and the SIGKILL after a SIGTERM while it runs;
+    // once it has ended, the grace for whatever still holds its pipes.
+    absl::Time next = absl::InfiniteFuture();
+    if (!live_->ended) {
+      if (!live_->timed_out) next = std::min(next, live_->deadline);
+      next = std::min(next, live_->kill_at);
+    } else {
+      next = std::min(next, live_->drain_until);
+    }
+    std::array<epoll_event, kKick + 1> events;
+    const int ready = ::epoll_wait(epoll_.get(), events.data(), events.size(), PollTimeout(next));
+    if (ready < 0 && errno != EINTR) {
+      SR_LOG(ERROR) << "job " << id_ << ": " << ErrnoStatus(errno, "epoll_wait");
+      ::usleep(1000);  // not a busy loop; the deadlines below still end the step
+    }
+    for (int i = 0; i < ready; ++i) {
+      switch (events[i].data.u32) {
+        case kStdout: OnOutput(0); break;
+        case kStderr: OnOutput(1); break;
+        case kWarnings: OnWarnings(); break;
+        case kExitReport: OnExitReport(); break;
+        case kLeader: OnLeaderExit(); break;
+        case kKick: OnKick(); break;
+        default: break;
+      }
+    }
+
+    const absl::Time now = absl::Now();
+    if (!live_->ended && !live_->timed_out && now >= live_->deadline) {
+      live_->timed_out = true;
+      SignalLive(SIGTERM);
+    }
+    if (!live_->ended && now >= live_->kill_at) {
+      live_->kill_at = absl::InfiniteFuture();
+      SR_LOG(INFO) << "job " << id_ << ": step still running after "
+                   << absl::FormatDuration(config_.graceful_exit_timeout) << "; sending SIGKILL";
+      (void)live_->child.SignalGroup(SIGKILL);
+    }
+    if (live_->ended && now >= live_->drain_until) {
+      // Whatever escaped the group (setsid) and still holds a pipe had its grace; the step is
+      // done without it.
+      for (int i = 0; i < 2; ++i) {
+        if (live_->pipes[i]) {
+          OnOutput(i);
+          ClosePipe(i);
+        }
+      }
+    }
+  }
+  // What is still open goes on without this job's watch (a lingering sandbox's pidfd, its
+  // exit report, the warnings pipe until the step is finished).
+  for (uint32_t slot = 0; slot < kKick; ++slot) {
+    if (watched[slot] >= 0) unwatch(slot);
+  }
+}
+
+void Job::OnKick() {
+  uint64_t count;
+  (void)!::read(kick_.get(), &count, sizeof count);
+  bool cancel, force;
+  {
+    absl::MutexLock lock(&cancel_mu_);
+    cancel = cancel_.has_value();
+    force = force_kill_;
+  }
+  if (force && !live_->reaped) (void)live_->child.SignalGroup(SIGKILL);
+  if (cancel) SignalCancel();
+}
+
+void Job::SignalCancel() {
+  if (!live_ || live_->ended || live_->kill_at != absl::InfiniteFuture()) return;  // nothing left to signal
+  if (config_.graceful_exit_timeout <= absl::ZeroDuration()) {
+    (void)live_->child.SignalGroup(SIGKILL);
+    return;
+  }
+  SignalLive(SIGTERM);
+}
+
+void Job::End(engine::JobOutcome outcome) {
   {
     absl::MutexLock lock(&mu_);
     *status_.mutable_result() = outcome.result;
   }
   (void)RemoveTree(config_.spec.io_root);
-  if (cancel_) {
-    Finish(proto::StepResult::cancelled, cancel_->first, cancel_->second, outcome.exit_code);
+  std::optional<std::pair<proto::StatusError::Kind, std::string>> cancel;
+  {
+    absl::MutexLock lock(&cancel_mu_);
+    cancel = cancel_;
+    kick_.Close();  // a retained job holds no fd for requests it no longer takes
+  }
+  epoll_.Close();
+  if (cancel) {
+    Finish(proto::StepResult::cancelled, cancel->first, cancel->second, outcome.exit_code);
   } else if (outcome.status == proto::StepResult::success && !log_error_.ok()) {
     Finish(proto::StepResult::failure, proto::StatusError::failed,
            absl::StrCat("the job's log could not be written: ", log_error_.ToString()), outcome.exit_code);
@@ -346,18 +461,12 @@ void Job::OnEngineDone(engine::JobOutcome outcome) {
 void Job::SignalLive(int signo) {
   if (!live_ || live_->ended) return;
   (void)live_->child.SignalGroup(signo);
-  if (signo != SIGTERM || live_->kill_timer) return;
+  if (signo != SIGTERM || live_->kill_at != absl::InfiniteFuture()) return;
   if (config_.graceful_exit_timeout <= absl::ZeroDuration()) {
     (void)live_->child.SignalGroup(SIGKILL);
     return;
   }
-  live_->kill_timer = loop_->AddTimer(config_.graceful_exit_timeout, [this, self = shared_from_this()] {
-    if (!live_ || live_->ended) return;
-    live_->kill_timer = 0;
-    SR_LOG(INFO) << "job " << id_ << ": step still running after "
-                 << absl::FormatDuration(config_.graceful_exit_timeout) << "; sending SIGKILL";
-    (void)live_->child.SignalGroup(SIGKILL);
-  });
+  live_->kill_at = absl::Now() + config_.graceful_exit_timeout;
 }
 
 void Job::AppendOutput(int stream_index, absl::string_view data) {
@@ -386,7 +495,6 @@ void Job::OnOutput(int stream_index) {
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && errno == EAGAIN) return;
     ClosePipe(stream_index);  // EOF, or an error that ends this stream
-    MaybeStepDone();
     return;
   }
 }
@@ -399,7 +507,6 @@ void Job::ClosePipe(int stream_index) {
     absl::Status s = log_->Append(StreamOf(stream_index), held_back);
     if (!s.ok() && log_error_.ok()) log_error_ = s;
   }
-  loop_->UnwatchFd(pipe->fd.get());
   pipe.reset();
 }
 
@@ -409,7 +516,7 @@ void Job::OnWarnings() {
   ssize_t n = ::read(live_->warnings->get(), buffer, sizeof buffer);
   if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
   if (n <= 0) {
-    CloseWarnings();
+    live_->warnings.reset();
     return;
   }
   std::string& partial = live_->warnings_partial;
@@ -424,14 +531,7 @@ void Job::OnWarnings() {
   if (partial.size() > sizeof buffer) partial.clear();
 }
 
-void Job::CloseWarnings() {
-  if (!live_ || !live_->warnings) return;
-  loop_->UnwatchFd(live_->warnings->get());
-  live_->warnings.reset();
-}
-
 void Job::OnLeaderExit() {
-  loop_->UnwatchFd(live_->child.pidfd());
   // The leader is a zombie, so its pid (the group id) cannot be reused yet: killing what is
   // left of the group now is race-free. A step's processes do not outlive the step.
   (void)live_->child.SignalGroup(SIGKILL);
@@ -442,7 +542,7 @@ void Job::OnLeaderExit() {
 }
 
 void Job::OnExitReport() {
-  if (!live_ || !live_->exit_report) return;
+  if (!live_ || !live_->exit_report_watched) return;
   char buffer[32];
   ssize_t n = ::read(live_->exit_report->get(), buffer, sizeof buffer);
   if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
@@ -456,7 +556,7 @@ void Job::OnExitReport() {
   // Said, or never will be (closed, or garbled): the leader's exit tells then. The socket stays
   // open until the step is finished here: the process may wait for that to tear down (a
   // sandbox), so that the teardown does not compete with the step's end.
-  loop_->UnwatchFd(live_->exit_report->get());
+  live_->exit_report_watched = false;
   if (!whole) live_->exit_report.reset();
   if (whole && !live_->ended) StepEnded(code);
 }
@@ -464,99 +564,75 @@ void Job::OnExitReport() {
 void Job::StepEnded(int exit_code) {
   live_->ended = true;
   live_->exit_code = exit_code;
-  if (live_->kill_timer) loop_->CancelTimer(std::exchange(live_->kill_timer, 0));
-  if (live_->pipes[0] || live_->pipes[1]) {
-    // Whatever escaped the group (setsid) and still holds a pipe gets a short grace to let
-    // the pipe drain; then the step is done without it.
-    live_->drain_timer = loop_->AddTimer(config_.drain_timeout, [this, self = shared_from_this()] {
-      if (!live_) return;
-      live_->drain_timer = 0;
-      for (int i = 0; i < 2; ++i) {
-        if (live_->pipes[i]) {
-          OnOutput(i);
-          ClosePipe(i);
-        }
-      }
-      MaybeStepDone();
-    });
-  }
-  MaybeStepDone();
+  live_->kill_at = absl::InfiniteFuture();
+  // Whatever escaped the group (setsid) and still holds a pipe gets a short grace to let the
+  // pipe drain (see WatchLive).
+  live_->drain_until = absl::Now() + config_.drain_timeout;
 }
 
 void Job::Linger(process::Subprocess child, std::optional<UniqueFd> exit_report) {
   auto lingering = std::make_shared<process::Subprocess>(std::move(child));
-  if (exit_report) {
-    // Closing the channel lets the sandbox go, and its teardown (namespaces, mounts: a few
-    // milliseconds of kernel work) would run beside the job's own end on a small machine, which
-    // a client waiting for the result pays for: it waits a moment, so the result goes out first.
-    auto held = std::make_shared<UniqueFd>(*std::move(exit_report));
-    loop_->AddTimer(kSandboxTeardownDelay, [held] { held->Close(); });
-  }
-  auto reap = [lingering] {
-    (void)lingering->SignalGroup(SIGKILL);  // anything it left in its group; it is unreaped
-    (void)lingering->Reap();
-  };
+  auto held = exit_report ? std::make_shared<UniqueFd>(*std::move(exit_report)) : nullptr;
   // Not tied to this job, which may be closed and gone before the process exits.
   EventLoop* loop = loop_;
-  absl::Status s = loop->WatchFd(lingering->pidfd(), EPOLLIN, [loop, reap, lingering](uint32_t) {
-    loop->UnwatchFd(lingering->pidfd());
-    reap();
+  loop->Post([loop, lingering, held] {
+    if (held) {
+      // Closing the channel lets the sandbox go, and its teardown (namespaces, mounts: a few
+      // milliseconds of kernel work) would run beside the job's own end on a small machine,
+      // which a client waiting for the result pays for: it waits a moment, so the result goes
+      // out first.
+      loop->AddTimer(kSandboxTeardownDelay, [held] { held->Close(); });
+    }
+    auto reap = [lingering] {
+      (void)lingering->SignalGroup(SIGKILL);  // anything it left in its group; it is unreaped
+      (void)lingering->Reap();
+    };
+    absl::Status s = loop->WatchFd(lingering->pidfd(), EPOLLIN, [loop, reap, lingering](uint32_t) {
+      loop->UnwatchFd(lingering->pidfd());
+      reap();
+    });
+    if (!s.ok()) reap();
   });
-  if (!s.ok()) reap();
 }
 
-void Job::MaybeStepDone() {
-  if (!live_ || !live_->ended || live_->pipes[0] || live_->pipes[1]) return;
-  if (live_->drain_timer) loop_->CancelTimer(live_->drain_timer);
-  StepFinished();
-}
-
-void Job::StepFinished() {
+engine::ProcessOutcome Job::StepFinished(const std::function<std::optional<std::string>(int)>& explain_exit) {
   const int exit_code = live_->exit_code;
-  std::shared_ptr<ProcessWaiter> waiter = std::move(live_->waiter);
   const bool timed_out = live_->timed_out;
-  if (live_->warnings) {
-    OnWarnings();  // what the helper said last, before the step's finished event
-    CloseWarnings();
-  }
-  if (live_->deadline_timer) loop_->CancelTimer(live_->deadline_timer);
-  if (live_->exit_report) loop_->UnwatchFd(live_->exit_report->get());  // closed with live_ below
+  if (live_->warnings) OnWarnings();  // what the helper said last, before the step's finished event
   if (!live_->reaped) {
     // It reported the step's end and is finishing up (its sandbox's teardown).
-    loop_->UnwatchFd(live_->child.pidfd());
     Linger(std::move(live_->child), std::move(live_->exit_report));
   }
   live_.reset();
   last_exit_code_ = exit_code;
-  engine::ProcessOutcome outcome{.exit_code = exit_code, .timed_out = timed_out, .cancelled = cancel_.has_value()};
-  if (explain_exit_) outcome.resource_exhausted = explain_exit_(exit_code);
-  absl::MutexLock lock(&waiter->mu);
-  waiter->outcome = std::move(outcome);
-  waiter->done = true;
+  engine::ProcessOutcome outcome{.exit_code = exit_code, .timed_out = timed_out, .cancelled = Cancelled()};
+  if (explain_exit) outcome.resource_exhausted = explain_exit(exit_code);
+  return outcome;
 }
+
+// ---- requests from other threads ----------------------------------------------------------
 
 void Job::RequestCancel(proto::StatusError::Kind kind, std::string message) {
   if (finished()) return;
+  absl::MutexLock lock(&cancel_mu_);
   if (!cancel_) cancel_.emplace(kind, std::move(message));
-  {
-    absl::MutexLock lock(&cancel_mu_);
-    cancel_requested_ = true;
-  }
-  if (!live_ || live_->ended || live_->kill_timer) return;  // nothing left to signal
-  if (config_.graceful_exit_timeout <= absl::ZeroDuration()) {
-    (void)live_->child.SignalGroup(SIGKILL);
-    return;
-  }
-  SignalLive(SIGTERM);
+  Kick();
 }
 
 void Job::ForceKill() {
-  if (live_ && !live_->reaped) (void)live_->child.SignalGroup(SIGKILL);
+  absl::MutexLock lock(&cancel_mu_);
+  force_kill_ = true;
+  Kick();
+}
+
+void Job::Kick() {
+  if (!kick_) return;  // the engine is done: nothing left to signal
+  const uint64_t one = 1;
+  (void)!::write(kick_.get(), &one, sizeof one);
 }
 
 void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind,
                  const std::string& message, int exit_code) {
-  if (timeout_timer_) loop_->CancelTimer(std::exchange(timeout_timer_, 0));
   // File variables are gone before anyone can see the job as ended.
   if (!config_.secrets_dir.empty()) (void)RemoveTree(config_.secrets_dir);
   {
@@ -591,18 +667,19 @@ void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind
   // ends must already see the final one.
   events_->Finish();
   log_->Finish();
+  if (job_finished_event_) config_.step_event_hook(id_, *std::exchange(job_finished_event_, std::nullopt));
   // A retained job needs its status and log, not its plan (the step tree, env copies).
   config_.spec = engine::JobSpec();
-  if (remove) {
-    RemoveFolders();
-  } else {
-    // The result tree as JSON, for whoever reviews the job's work later, is written a moment
-    // after the end goes out: on the way to it, it cost every run 0.1 ms (BENCHMARKS.md, fifth
-    // session), and right after it, it competed with the result's delivery for a small
-    // machine's cores. It holds what the record already holds; a daemon that dies before
-    // writing it writes it from the record at its next start (Recover).
-    loop_->AddTimer(kStepResultsDelay, [self = shared_from_this()] { self->WriteStepResults(); });
-  }
+  if (remove) RemoveFolders();
+  // The loop's part, after the end is out. The result tree as JSON, for whoever reviews the
+  // job's work later, is written a moment after: on the way to the end, it cost every run 0.1 ms
+  // (BENCHMARKS.md, fifth session), and right after it, it competed with the result's delivery
+  // for a small machine's cores. It holds what the record already holds; a daemon that dies
+  // before writing it writes it from the record at its next start (Recover).
+  loop_->Post([this, self = shared_from_this(), write_results = !remove] {
+    if (timeout_timer_) loop_->CancelTimer(std::exchange(timeout_timer_, 0));
+    if (write_results) loop_->AddTimer(kStepResultsDelay, [self] { self->WriteStepResults(); });
+  });
   if (on_finished_) on_finished_(*this);
 }
 

@@ -90,13 +90,14 @@ struct JobConfig {
   StepEventHook step_event_hook;   // unset: events only go to the job's event log
 };
 
-// A job's life: the step engine walks its step tree on a thread of its own and asks for one
-// process at a time; the processes are supervised on the event loop, their output goes through
-// the masker into the JobLog, and every state change is written to record.pb so that a
-// restarted daemon knows what happened.
+// A job's life: the step engine walks its step tree on a thread of its own, and that thread
+// also runs the job's processes one at a time: it spawns each, puts its output through the
+// masker into the JobLog, watches for its end and its deadlines, and ends the job. Every state
+// change is written to record.pb so that a restarted daemon knows what happened. The event loop
+// keeps the job's timeout and what outlives a step (a sandbox's teardown).
 //
-// Start/RequestCancel/the process callbacks run on the loop thread only; the engine::Host
-// methods run on the engine's thread; status() and the accessors are thread-safe.
+// Start runs on the loop thread; RequestCancel and ForceKill on any thread (they wake the
+// engine's thread, which signals the process); status() and the accessors are thread-safe.
 class Job : public std::enable_shared_from_this<Job>, private engine::Host {
  public:
   using FinishedCallback = std::function<void(Job&)>;
@@ -113,9 +114,9 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
   ~Job() override;
 
   // Starting a job is two calls, in this order: Start posted to the loop (the job's timeout),
-  // then StartEngine on the caller's thread. The engine's requests (its processes) are posted to
-  // the loop too, so they come after Start; and the engine starts without waiting for the
-  // loop's next turn, which was ~0.1 ms of every run.
+  // then StartEngine on the caller's thread. The job's end posts the timeout's cancel to the
+  // loop, so it comes after Start however fast the job is; and the engine starts without
+  // waiting for the loop's next turn, which was ~0.1 ms of every run.
   void Start();
   void StartEngine();
   void RequestCancel(proto::StatusError::Kind kind, std::string message);
@@ -139,25 +140,20 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
     UniqueFd fd;
     logs::StreamMasker masker;
   };
-  // Where the engine's thread waits for the process it asked for.
-  struct ProcessWaiter {
-    absl::Mutex mu;
-    bool done ABSL_GUARDED_BY(mu) = false;
-    engine::ProcessOutcome outcome ABSL_GUARDED_BY(mu);
-  };
+  // The step whose process runs, on the engine's thread.
   struct LiveStep {
-    std::shared_ptr<ProcessWaiter> waiter;
     process::Subprocess child;
     std::array<std::optional<OutputPipe>, 2> pipes;  // stdout, stderr
     bool ended = false;   // the step's exit code is known (reaped, or reported)
     bool reaped = false;
     std::optional<UniqueFd> exit_report;  // PreparedProcess::exit_report
+    bool exit_report_watched = false;     // not yet said, nor closed
     std::string exit_report_text;
     int exit_code = -1;
     absl::Time start;
-    EventLoop::TimerId kill_timer = 0;
-    EventLoop::TimerId drain_timer = 0;
-    EventLoop::TimerId deadline_timer = 0;  // the step's own timeout
+    absl::Time deadline = absl::InfiniteFuture();     // the step's own timeout
+    absl::Time kill_at = absl::InfiniteFuture();      // SIGKILL, after a SIGTERM it ignores
+    absl::Time drain_until = absl::InfiniteFuture();  // once ended: the grace for its pipes
     bool timed_out = false;
     std::string path;                 // the step's path, for its warning events
     std::optional<UniqueFd> warnings;  // PlannedStep::warnings_channel
@@ -175,22 +171,27 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
   bool Cancelled() override;
   bool SleepUnlessCancelled(absl::Duration d) override;
 
-  void StartProcess(const engine::ProcessSpec& spec, std::shared_ptr<ProcessWaiter> waiter);
-  void OnWarnings();
-  void CloseWarnings();
-  void OnEngineDone(engine::JobOutcome outcome);
+  // The live step, on the engine's thread: its output, its end, its deadlines, and the
+  // requests (cancel, kill) that Kick announces; returns once it has ended and its pipes are
+  // drained (or given up on).
+  void WatchLive();
+  void OnKick();
+  void Kick() ABSL_EXCLUSIVE_LOCKS_REQUIRED(cancel_mu_);  // any thread
+  void SignalCancel();
   void SignalLive(int signo);
   void OnOutput(int stream_index);
   void AppendOutput(int stream_index, absl::string_view data);
   void ClosePipe(int stream_index);
+  void OnWarnings();
   void OnLeaderExit();
   void OnExitReport();
   void StepEnded(int exit_code);
+  engine::ProcessOutcome StepFinished(const std::function<std::optional<std::string>(int)>& explain_exit);
   // Reaps a process that reported its step's end and has not exited yet, when it does; its
-  // exit report channel is closed (which lets it go) after kSandboxTeardownDelay.
+  // exit report channel is closed (which lets it go) after kSandboxTeardownDelay. On the loop.
   void Linger(process::Subprocess child, std::optional<UniqueFd> exit_report);
-  void MaybeStepDone();
-  void StepFinished();
+  // The engine is done: the job ends (on the engine's thread).
+  void End(engine::JobOutcome outcome);
   void Finish(proto::StepResult::Status status, proto::StatusError::Kind kind,
               const std::string& message, int exit_code);
   void WriteRecord(const proto::ProcessGroupRecord* running_group);
@@ -212,16 +213,25 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
   std::shared_ptr<logs::EventLog> events_;
 
   // Loop-thread state.
-  std::optional<LiveStep> live_;
-  std::optional<std::pair<proto::StatusError::Kind, std::string>> cancel_;
   EventLoop::TimerId timeout_timer_ = 0;
+
+  // The engine thread's state.
+  std::optional<LiveStep> live_;
+  std::optional<proto::FollowStepsResponse> job_finished_event_;  // for the hook, after the end is out
   int last_exit_code_ = 0;
-  std::function<std::optional<std::string>(int)> explain_exit_;  // of the live step
   absl::Status log_error_;
 
-  // Cancellation as the engine's thread sees it.
+  // What the engine's thread waits on while a step runs; a source's slot rides in its events.
+  UniqueFd epoll_;
+  enum WatchSlot : uint32_t { kStdout, kStderr, kWarnings, kExitReport, kLeader, kKick };
+
+  // Requests from other threads; Kick wakes the engine's thread for them.
   absl::Mutex cancel_mu_;
-  bool cancel_requested_ ABSL_GUARDED_BY(cancel_mu_) = false;
+  // An eventfd while the engine runs. Closed (under the lock) by the engine's thread, which
+  // alone reads it without the lock.
+  UniqueFd kick_;
+  std::optional<std::pair<proto::StatusError::Kind, std::string>> cancel_ ABSL_GUARDED_BY(cancel_mu_);
+  bool force_kill_ ABSL_GUARDED_BY(cancel_mu_) = false;
 
   mutable absl::Mutex mu_;
   proto::Status status_ ABSL_GUARDED_BY(mu_);

@@ -266,7 +266,7 @@ absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const s
   config.step_event_hook = options_.step_event_hook;
 
   std::vector<steps::Violation> violations;
-  absl::StatusOr<steps::StepFile> file = steps::ParseStepFile(request.steps(), "steps", &violations);
+  absl::StatusOr<std::shared_ptr<const steps::StepFile>> file = parsed_files_.Parse(request.steps(), "steps", &violations);
   if (!file.ok()) return file.status();
 
   // Job.build_dir overrides work_dir, as in GitLab.
@@ -281,11 +281,11 @@ absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const s
   // wrong input is refused before anything runs. Relative references start at the work dir.
   const std::string steps_dir = request.steps_dir().empty() ? config.work_dir : request.steps_dir();
   if (steps_dir[0] != '/') return Invalid("steps_dir", "must be an absolute path");
-  violations = engine::CheckReferences(*file, steps_dir, "steps", *loader_);
+  violations = engine::CheckReferences(**file, steps_dir, "steps", *loader_);
   if (!violations.empty()) return steps::InvalidArgument(violations, "steps");
 
   engine::JobSpec& spec = config.spec;
-  spec.file = std::make_shared<const steps::StepFile>(*std::move(file));
+  spec.file = *std::move(file);
   spec.file_dir = steps_dir;
   spec.work_dir = config.work_dir;
   spec.io_root = config.dir + "/io";

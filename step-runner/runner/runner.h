@@ -87,6 +87,7 @@ class Runner {
   std::unique_ptr<EventLoop> loop_;
   ThreadCache engine_threads_;
   std::unique_ptr<engine::StepLoader> loader_;
+  steps::ParsedStepFiles parsed_files_;  // Run requests' step files
 
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Job>> jobs_ ABSL_GUARDED_BY(mu_);

@@ -762,6 +762,34 @@ absl::StatusOr<StepFile> ParseStepFile(absl::string_view text, absl::string_view
   return status;
 }
 
+absl::StatusOr<std::shared_ptr<const StepFile>> ParsedStepFiles::Parse(absl::string_view text,
+                                                                      absl::string_view source_name,
+                                                                      std::vector<Violation>* violations) {
+  const bool keep = capacity_ > 0 && text.size() <= max_text_bytes_;
+  if (keep) {
+    absl::MutexLock lock(&mu_);
+    if (auto it = files_.find(text); it != files_.end()) {
+      it->second.last_used = ++uses_;
+      return it->second.file;
+    }
+  }
+  // Parsed outside the lock: another text's parse need not wait for this one.
+  absl::StatusOr<StepFile> parsed = ParseStepFile(text, source_name, violations);
+  if (!parsed.ok()) return parsed.status();
+  auto file = std::make_shared<const StepFile>(*std::move(parsed));
+  if (keep) {
+    absl::MutexLock lock(&mu_);
+    if (files_.size() >= capacity_ && files_.find(text) == files_.end()) {
+      auto oldest = std::min_element(files_.begin(), files_.end(), [](const auto& a, const auto& b) {
+        return a.second.last_used < b.second.last_used;
+      });
+      files_.erase(oldest);
+    }
+    files_[std::string(text)] = Entry{file, ++uses_};
+  }
+  return file;
+}
+
 std::string TypeName(ValueType type) {
   switch (type) {
     case ValueType::kString: return "a string";

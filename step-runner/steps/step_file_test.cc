@@ -1,5 +1,6 @@
 #include "step-runner/steps/step_file.h"
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "step-runner/base/testing.h"
@@ -297,6 +298,55 @@ TEST(StepFileTest, AliasBombIsAQuickClearError) {
       "spec:\n inputs:\n  x:\n   type: struct\n   default: {a: &list [1, 2, 3], b: *list, c: [*list, *list]}\n---\n"
       "exec: {command: [true]}\n", "steps");
   ASSERT_TRUE(shared.ok()) << shared.status();
+}
+
+std::string ExecFile(absl::string_view word) {
+  return absl::StrCat("{}\n---\nexec:\n  command: [/bin/echo, ", word, "]\n");
+}
+
+TEST(ParsedStepFilesTest, SameTextIsParsedOnceAndGivesTheSameSteps) {
+  ParsedStepFiles files(/*capacity=*/2);
+  SR_ASSERT_OK_AND_ASSIGN(auto first, files.Parse(ExecFile("one"), "steps"));
+  SR_ASSERT_OK_AND_ASSIGN(auto again, files.Parse(ExecFile("one"), "steps"));
+  SR_ASSERT_OK_AND_ASSIGN(auto other, files.Parse(ExecFile("two"), "steps"));
+  EXPECT_EQ(first.get(), again.get());
+  EXPECT_NE(first.get(), other.get());
+  EXPECT_THAT(first->definition.exec->command, ::testing::ElementsAre("/bin/echo", "one"));
+  EXPECT_THAT(other->definition.exec->command, ::testing::ElementsAre("/bin/echo", "two"));
+}
+
+TEST(ParsedStepFilesTest, KeepsOnlyTheMostRecentlyUsedTexts) {
+  ParsedStepFiles files(/*capacity=*/2);
+  SR_ASSERT_OK_AND_ASSIGN(auto one, files.Parse(ExecFile("one"), "steps"));
+  SR_ASSERT_OK_AND_ASSIGN(auto two, files.Parse(ExecFile("two"), "steps"));
+  SR_ASSERT_OK_AND_ASSIGN(auto one_again, files.Parse(ExecFile("one"), "steps"));  // "two" is now the oldest
+  SR_ASSERT_OK_AND_ASSIGN(auto three, files.Parse(ExecFile("three"), "steps"));
+  SR_ASSERT_OK_AND_ASSIGN(auto one_kept, files.Parse(ExecFile("one"), "steps"));
+  SR_ASSERT_OK_AND_ASSIGN(auto two_anew, files.Parse(ExecFile("two"), "steps"));
+  EXPECT_EQ(one.get(), one_kept.get());
+  EXPECT_NE(two.get(), two_anew.get());
+  EXPECT_THAT(two_anew->definition.exec->command, ::testing::ElementsAre("/bin/echo", "two"));
+}
+
+TEST(ParsedStepFilesTest, BadTextIsRefusedEveryTimeWithItsPosition) {
+  ParsedStepFiles files;
+  for (int i = 0; i < 2; ++i) {
+    std::vector<Violation> violations;
+    auto f = files.Parse("{}\n---\nrun:\n  - name: a\n    script: [unclosed\n", "steps", &violations);
+    ASSERT_FALSE(f.ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(f.status()));
+    EXPECT_THAT(std::string(f.status().message()), ::testing::ContainsRegex("steps:[0-9]+:[0-9]+: malformed YAML"));
+    EXPECT_EQ(violations.size(), 1u);
+  }
+}
+
+TEST(ParsedStepFilesTest, LargeTextsAreNotKept) {
+  ParsedStepFiles files(/*capacity=*/4, /*max_text_bytes=*/40);
+  const std::string text = ExecFile("a-word-long-enough-to-pass-forty-bytes");
+  SR_ASSERT_OK_AND_ASSIGN(auto first, files.Parse(text, "steps"));
+  SR_ASSERT_OK_AND_ASSIGN(auto second, files.Parse(text, "steps"));
+  EXPECT_NE(first.get(), second.get());
+  EXPECT_THAT(second->definition.exec->command, ::testing::ElementsAre("/bin/echo", "a-word-long-enough-to-pass-forty-bytes"));
 }
 
 }  // namespace
