@@ -1,8 +1,10 @@
 #include "step-runner/base/event_loop.h"
 
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "absl/strings/str_cat.h"
@@ -20,11 +22,17 @@ absl::StatusOr<std::unique_ptr<EventLoop>> EventLoop::Create() {
   if (::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, wake.get(), &ev) != 0) {
     return ErrnoStatus(errno, "epoll_ctl(eventfd)");
   }
-  return std::unique_ptr<EventLoop>(new EventLoop(std::move(epoll), std::move(wake)));
+  UniqueFd timer(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
+  if (!timer) return ErrnoStatus(errno, "timerfd_create");
+  epoll_event timer_ev{.events = EPOLLIN, .data = {.fd = timer.get()}};
+  if (::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, timer.get(), &timer_ev) != 0) {
+    return ErrnoStatus(errno, "epoll_ctl(timerfd)");
+  }
+  return std::unique_ptr<EventLoop>(new EventLoop(std::move(epoll), std::move(wake), std::move(timer)));
 }
 
-EventLoop::EventLoop(UniqueFd epoll, UniqueFd wake)
-    : epoll_fd_(std::move(epoll)), wake_fd_(std::move(wake)) {
+EventLoop::EventLoop(UniqueFd epoll, UniqueFd wake, UniqueFd delayed_timer)
+    : epoll_fd_(std::move(epoll)), wake_fd_(std::move(wake)), delayed_timer_fd_(std::move(delayed_timer)) {
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -47,6 +55,39 @@ void EventLoop::Post(std::function<void()> task) {
     posted_.push_back(std::move(task));
   }
   Wake();
+}
+
+void EventLoop::PostDelayed(absl::Duration delay, std::function<void()> task) {
+  const absl::Time deadline = absl::Now() + std::max(delay, absl::ZeroDuration());
+  absl::MutexLock lock(&mu_);
+  delayed_.emplace(deadline, std::move(task));
+  if (deadline < delayed_timer_at_) ArmDelayedTimer(deadline);
+}
+
+void EventLoop::ArmDelayedTimer(absl::Time deadline) {
+  delayed_timer_at_ = deadline;
+  itimerspec spec{};
+  if (deadline != absl::InfiniteFuture()) {
+    // Relative, rounded up to a microsecond and never zero (zero would disarm it).
+    const absl::Duration left = std::max(deadline - absl::Now(), absl::Microseconds(1));
+    spec.it_value = absl::ToTimespec(absl::Ceil(left, absl::Microseconds(1)));
+  }
+  if (::timerfd_settime(delayed_timer_fd_.get(), 0, &spec, nullptr) != 0) {
+    SR_PLOG(ERROR) << "timerfd_settime";
+    Wake();  // the loop looks at the delayed tasks on every turn
+  }
+}
+
+std::vector<std::function<void()>> EventLoop::TakeDueDelayed(bool all) {
+  std::vector<std::function<void()>> due;
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = absl::Now();
+  while (!delayed_.empty() && (all || delayed_.begin()->first <= now)) {
+    due.push_back(std::move(delayed_.begin()->second));
+    delayed_.erase(delayed_.begin());
+  }
+  ArmDelayedTimer(delayed_.empty() ? absl::InfiniteFuture() : delayed_.begin()->first);
+  return due;
 }
 
 void EventLoop::RunSync(std::function<void()> task) {
@@ -110,9 +151,9 @@ void EventLoop::Loop() {
     }
     for (int i = 0; i < n; ++i) {
       int fd = events[i].data.fd;
-      if (fd == wake_fd_.get()) {
+      if (fd == wake_fd_.get() || fd == delayed_timer_fd_.get()) {
         uint64_t count;
-        ssize_t unused = ::read(wake_fd_.get(), &count, sizeof count);
+        ssize_t unused = ::read(fd, &count, sizeof count);
         (void)unused;
         continue;
       }
@@ -138,9 +179,18 @@ void EventLoop::Loop() {
       stop = stopping_;
     }
     for (auto& task : tasks) task();
+    // Delayed tasks that are due; at a stop, all of them (their work is not dropped).
+    bool any_delayed;
+    {
+      absl::MutexLock lock(&mu_);
+      any_delayed = !delayed_.empty() && (stop || delayed_.begin()->first <= absl::Now());
+    }
+    if (any_delayed) {
+      for (auto& task : TakeDueDelayed(stop)) task();
+    }
     if (stop) {
       absl::MutexLock lock(&mu_);
-      if (posted_.empty()) return;
+      if (posted_.empty() && delayed_.empty()) return;
     }
   }
 }

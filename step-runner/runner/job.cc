@@ -97,7 +97,7 @@ absl::StatusOr<std::shared_ptr<Job>> Job::Recover(const std::string& dir, proto:
     job->finished_ = true;
   }
   if (interrupted) {
-    job->Emit(proto::FollowStepsResponse::JOB_FINISHED, nullptr);
+    job->Record(job->MakeEvent(proto::FollowStepsResponse::JOB_FINISHED, nullptr), /*hook_now=*/true);
     job->events_->Finish();
   }
   // Missing when the previous daemon died before it wrote it (or while the job ran).
@@ -109,8 +109,8 @@ absl::StatusOr<std::shared_ptr<Job>> Job::Recover(const std::string& dir, proto:
   return job;
 }
 
-void Job::Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step, const std::string& path,
-                const std::string& warning) {
+proto::FollowStepsResponse Job::MakeEvent(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step,
+                                          const std::string& path, const std::string& warning) const {
   proto::FollowStepsResponse event;
   event.set_kind(kind);
   if (!path.empty()) event.set_step_path(path);
@@ -121,19 +121,30 @@ void Job::Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* s
     *event.mutable_job_status() = status();
     *event.mutable_result() = event.job_status().result();
   }
+  return event;
+}
+
+void Job::Record(proto::FollowStepsResponse event, bool hook_now) {
   if (config_.step_event_hook) {
-    // The job's end reaches the hook (the audit log, the sandbox) once the job's followers have
-    // it (see Finish): the hook writes nowhere a Close could race, and it was 30 us of the end's
-    // way out on a small VM.
-    if (kind == proto::FollowStepsResponse::JOB_FINISHED) {
-      job_finished_event_ = event;
-    } else {
+    if (hook_now) {
       config_.step_event_hook(id_, event);
+    } else {
+      unhooked_.push_back(event);
     }
   }
   if (absl::Status s = events_->Append(std::move(event)); !s.ok()) {
     SR_LOG(ERROR) << "job " << id_ << ": cannot record a step event: " << s;
   }
+}
+
+void Job::RecordQueued(bool hook_now) {
+  for (proto::FollowStepsResponse& event : queued_) Record(std::move(event), hook_now);
+  queued_.clear();
+}
+
+void Job::RunDeferredHooks() {
+  for (const proto::FollowStepsResponse& event : unhooked_) config_.step_event_hook(id_, event);
+  unhooked_.clear();
 }
 
 proto::Status Job::status() const {
@@ -181,8 +192,10 @@ void Job::WriteRecord(const proto::ProcessGroupRecord* running_group) {
   }
 }
 
+bool Job::HasTimeout() const { return config_.timeout != absl::InfiniteDuration(); }
+
 void Job::Start() {
-  if (config_.timeout != absl::InfiniteDuration()) {
+  if (HasTimeout()) {
     timeout_timer_ = loop_->AddTimer(config_.timeout, [this, self = shared_from_this()] {
       timeout_timer_ = 0;
       RequestCancel(proto::StatusError::timeout,
@@ -215,7 +228,12 @@ void Job::Publish(const proto::StepResult& tree, const proto::StepResult& node, 
     absl::MutexLock lock(&mu_);
     *status_.mutable_result() = tree;
   }
-  Emit(finished ? proto::FollowStepsResponse::STEP_FINISHED : proto::FollowStepsResponse::STEP_STARTED, &node, path);
+  // Recorded (in the events file, and for the hook: the audit log, the sandbox) once the engine
+  // waits for something: right after the next spawn, or at the job's end. On the way to a
+  // step's start and to the job's end they were 0.05-0.1 ms each on a small VM (BENCHMARKS.md,
+  // sixth session). Each keeps the time it happened.
+  queued_.push_back(
+      MakeEvent(finished ? proto::FollowStepsResponse::STEP_FINISHED : proto::FollowStepsResponse::STEP_STARTED, &node, path));
 }
 
 void Job::AddSecret(const std::string& value) {
@@ -230,6 +248,7 @@ bool Job::Cancelled() {
 }
 
 bool Job::SleepUnlessCancelled(absl::Duration d) {
+  RecordQueued(/*hook_now=*/true);
   absl::MutexLock lock(&cancel_mu_);
   auto cancelled = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(cancel_mu_) { return cancel_.has_value(); };
   cancel_mu_.AwaitWithTimeout(absl::Condition(&cancelled), d);
@@ -276,7 +295,10 @@ engine::ProcessOutcome Job::RunProcess(const engine::ProcessSpec& spec) {
   // The job's own thread makes the process and watches it to its end. On the loop, a spawn
   // (0.5 ms or more; the sandbox's longer) held up every other job's output, and the hops to the
   // loop and back were on the way to every step's start and end (BENCHMARKS.md, sixth session).
-  if (Cancelled()) return {.exit_code = last_exit_code_, .cancelled = true};
+  if (Cancelled()) {
+    RecordQueued(/*hook_now=*/true);
+    return {.exit_code = last_exit_code_, .cancelled = true};
+  }
   // The launch hook (the sandbox) may rewrite the process; the result tree keeps the step's
   // own command, which is what its author wrote.
   PlannedStep planned{
@@ -289,6 +311,7 @@ engine::ProcessOutcome Job::RunProcess(const engine::ProcessSpec& spec) {
   absl::StatusOr<PreparedProcess> child = !hooked.ok()        ? absl::StatusOr<PreparedProcess>(hooked)
                                           : planned.prepared ? absl::StatusOr<PreparedProcess>(*std::move(planned.prepared))
                                                              : SpawnPlanned(planned);
+  RecordQueued(/*hook_now=*/true);  // the step's start, while its process gets going
   if (!child.ok()) {
     // Shown in the log, where the person following the job looks first.
     std::string message = Mask(child.status().message());
@@ -525,7 +548,7 @@ void Job::OnWarnings() {
   while ((newline = partial.find('\n')) != std::string::npos) {
     std::string line = Mask(partial.substr(0, newline));
     partial.erase(0, newline + 1);
-    Emit(proto::FollowStepsResponse::WARNING, nullptr, live_->path, line);
+    Record(MakeEvent(proto::FollowStepsResponse::WARNING, nullptr, live_->path, line), /*hook_now=*/true);
   }
   // The helper writes short lines; a runaway one is cut rather than buffered without bound.
   if (partial.size() > sizeof buffer) partial.clear();
@@ -651,7 +674,10 @@ void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind
   // Everything this job writes into its folder is written before it counts as finished: a
   // Close that comes the moment the status turns final (or a stream ends) removes the folder,
   // and must not race a last write that would leave a half-removed job for the next start.
-  Emit(proto::FollowStepsResponse::JOB_FINISHED, nullptr);
+  // The hook (the audit log, the sandbox) writes nowhere a Close could race: it gets the last
+  // events once the job's followers have them.
+  RecordQueued(/*hook_now=*/false);
+  Record(MakeEvent(proto::FollowStepsResponse::JOB_FINISHED, nullptr), /*hook_now=*/false);
   bool remove;
   {
     absl::MutexLock lock(&mu_);
@@ -667,19 +693,21 @@ void Job::Finish(proto::StepResult::Status status, proto::StatusError::Kind kind
   // ends must already see the final one.
   events_->Finish();
   log_->Finish();
-  if (job_finished_event_) config_.step_event_hook(id_, *std::exchange(job_finished_event_, std::nullopt));
+  RunDeferredHooks();
   // A retained job needs its status and log, not its plan (the step tree, env copies).
   config_.spec = engine::JobSpec();
   if (remove) RemoveFolders();
-  // The loop's part, after the end is out. The result tree as JSON, for whoever reviews the
-  // job's work later, is written a moment after: on the way to the end, it cost every run 0.1 ms
+  // The result tree as JSON, for whoever reviews the job's work later, is written a moment
+  // after the end is out, by the loop: on the way to the end, it cost every run 0.1 ms
   // (BENCHMARKS.md, fifth session), and right after it, it competed with the result's delivery
   // for a small machine's cores. It holds what the record already holds; a daemon that dies
   // before writing it writes it from the record at its next start (Recover).
-  loop_->Post([this, self = shared_from_this(), write_results = !remove] {
-    if (timeout_timer_) loop_->CancelTimer(std::exchange(timeout_timer_, 0));
-    if (write_results) loop_->AddTimer(kStepResultsDelay, [self] { self->WriteStepResults(); });
-  });
+  if (!remove) loop_->PostDelayed(kStepResultsDelay, [self = shared_from_this()] { self->WriteStepResults(); });
+  if (HasTimeout()) {
+    loop_->Post([this, self = shared_from_this()] {
+      if (timeout_timer_) loop_->CancelTimer(std::exchange(timeout_timer_, 0));
+    });
+  }
   if (on_finished_) on_finished_(*this);
 }
 

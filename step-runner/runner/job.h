@@ -113,10 +113,11 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
 
   ~Job() override;
 
-  // Starting a job is two calls, in this order: Start posted to the loop (the job's timeout),
-  // then StartEngine on the caller's thread. The job's end posts the timeout's cancel to the
-  // loop, so it comes after Start however fast the job is; and the engine starts without
-  // waiting for the loop's next turn, which was ~0.1 ms of every run.
+  // Starting a job is two calls, in this order: Start posted to the loop when the job has a
+  // timeout (it sets the timer), then StartEngine on the caller's thread. The job's end posts
+  // the timer's cancel to the loop, so it comes after Start however fast the job is; and the
+  // engine starts without waiting for the loop's next turn, which was ~0.1 ms of every run.
+  bool HasTimeout() const;
   void Start();
   void StartEngine();
   void RequestCancel(proto::StatusError::Kind kind, std::string message);
@@ -199,8 +200,14 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
   // step-results.json, unless the folders are gone. Runs on the loop after the job's end is out.
   void WriteStepResults();
   std::string Mask(absl::string_view text) const;
-  void Emit(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step, const std::string& path = "",
-            const std::string& warning = "");
+  proto::FollowStepsResponse MakeEvent(proto::FollowStepsResponse::Kind kind, const proto::StepResult* step,
+                                       const std::string& path = "", const std::string& warning = "") const;
+  // Appends `event` to the events file, and gives it to the step-event hook now or keeps it for
+  // RunDeferredHooks.
+  void Record(proto::FollowStepsResponse event, bool hook_now);
+  // Records the events Publish queued, in order.
+  void RecordQueued(bool hook_now);
+  void RunDeferredHooks();
 
   const std::string id_;
   const std::string dir_;
@@ -217,7 +224,8 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
 
   // The engine thread's state.
   std::optional<LiveStep> live_;
-  std::optional<proto::FollowStepsResponse> job_finished_event_;  // for the hook, after the end is out
+  std::vector<proto::FollowStepsResponse> queued_;    // published, not yet recorded
+  std::vector<proto::FollowStepsResponse> unhooked_;  // recorded, not yet given to the hook
   int last_exit_code_ = 0;
   absl::Status log_error_;
 
