@@ -1,6 +1,5 @@
 #include "step-runner/runner/job.h"
 
-#include <poll.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -137,9 +136,13 @@ void Job::Record(proto::FollowStepsResponse event, bool hook_now) {
   }
 }
 
-void Job::RecordQueued(bool hook_now) {
-  for (proto::FollowStepsResponse& event : queued_) Record(std::move(event), hook_now);
-  queued_.clear();
+void Job::RecordQueued(bool hook_now, bool through_last_finished) {
+  size_t end = queued_.size();
+  if (through_last_finished) {
+    while (end > 0 && queued_[end - 1].kind() != proto::FollowStepsResponse::STEP_FINISHED) --end;
+  }
+  for (size_t i = 0; i < end; ++i) Record(std::move(queued_[i]), hook_now);
+  queued_.erase(queued_.begin(), queued_.begin() + static_cast<ptrdiff_t>(end));
 }
 
 void Job::RunDeferredHooks() {
@@ -281,8 +284,8 @@ absl::StatusOr<PreparedProcess> SpawnPlanned(const PlannedStep& planned) {
   return prepared;
 }
 
-// Milliseconds until `deadline` for poll(), rounded up so that a wake-up is never early.
-int PollTimeout(absl::Time deadline) {
+// Milliseconds until `deadline` for epoll_wait, rounded up so that a wake-up is never early.
+int WaitTimeoutMs(absl::Time deadline) {
   if (deadline == absl::InfiniteFuture()) return -1;
   const absl::Duration left = deadline - absl::Now();
   if (left <= absl::ZeroDuration()) return 0;
@@ -299,6 +302,10 @@ engine::ProcessOutcome Job::RunProcess(const engine::ProcessSpec& spec) {
     RecordQueued(/*hook_now=*/true);
     return {.exit_code = last_exit_code_, .cancelled = true};
   }
+  // Earlier steps' ends are recorded before the launch: the hook (the audit log) names the
+  // sandbox grant of the job's latest launch, which for them is still their own. The starts
+  // queued after them (this step's) wait for the spawn, and so get this launch's grant.
+  RecordQueued(/*hook_now=*/true, /*through_last_finished=*/true);
   // The launch hook (the sandbox) may rewrite the process; the result tree keeps the step's
   // own command, which is what its author wrote.
   PlannedStep planned{
@@ -390,7 +397,7 @@ void Job::WatchLive() {
       next = std::min(next, live_->drain_until);
     }
     std::array<epoll_event, kKick + 1> events;
-    const int ready = ::epoll_wait(epoll_.get(), events.data(), events.size(), PollTimeout(next));
+    const int ready = ::epoll_wait(epoll_.get(), events.data(), events.size(), WaitTimeoutMs(next));
     if (ready < 0 && errno != EINTR) {
       SR_LOG(ERROR) << "job " << id_ << ": " << ErrnoStatus(errno, "epoll_wait");
       ::usleep(1000);  // not a busy loop; the deadlines below still end the step

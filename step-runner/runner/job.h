@@ -205,8 +205,8 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
   // Appends `event` to the events file, and gives it to the step-event hook now or keeps it for
   // RunDeferredHooks.
   void Record(proto::FollowStepsResponse event, bool hook_now);
-  // Records the events Publish queued, in order.
-  void RecordQueued(bool hook_now);
+  // Records the events Publish queued, in order: all of them, or those up to the last step end.
+  void RecordQueued(bool hook_now, bool through_last_finished = false);
   void RunDeferredHooks();
 
   const std::string id_;

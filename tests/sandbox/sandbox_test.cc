@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <map>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -22,6 +23,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
+#include "nlohmann/json.hpp"
 #include "gtest/gtest.h"
 #include "step-runner/audit/audit_log.h"
 #include "step-runner/base/files.h"
@@ -430,6 +432,26 @@ TEST_P(SandboxTest, StepFileAsksForNetworkWithTheNetworkKey) {
                                                   "      command: [bash, -c, '", probe, "']\n")));
   EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
   EXPECT_THAT(out.log, HasSubstr("reached=yes\nreached=no\nreached=yes"));
+
+  // The audit log names each step's own grant, whatever the next step got. (Its last lines are
+  // written just after the job's end goes out.)
+  const std::string audit_path = daemon_->state_dir() + "/audit.log";
+  std::map<std::string, std::string> network_of;  // step -> network, from its step_finished line
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (network_of.size() < 3 && absl::Now() < deadline) {
+    network_of.clear();
+    for (absl::string_view line : absl::StrSplit(ReadFile(audit_path).value_or(""), '\n')) {
+      if (!absl::StrContains(line, "\"job\":\"keyed\"") || !absl::StrContains(line, "\"kind\":\"step_finished\"")) continue;
+      const auto record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (record.is_object() && record.contains("network")) {
+        network_of[record.value("step", "")] = record.value("network", "");
+      }
+    }
+    if (network_of.size() < 3) absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_THAT(network_of["asks"], ::testing::StartsWith("allow"));
+  EXPECT_EQ(network_of["silent"], "none");
+  EXPECT_THAT(network_of["exec_asks"], ::testing::StartsWith("allow"));
 }
 
 // A step's ${{ output_file }} and ${{ export_file }} live in the job's state, which is hidden
