@@ -85,10 +85,6 @@ class SerialExecutor {
   SerialExecutor();
   ~SerialExecutor();  // runs what is queued, then joins
   void Post(std::function<void()> task);
-  // Runs `task` on the loop `delay` from now (or when the loop stops, if sooner), without waking
-  // the loop before then: for work that must not compete with what the caller is finishing
-  // (each immediate wake-up of the loop's thread costs a small VM tens of microseconds).
-  void PostDelayed(absl::Duration delay, std::function<void()> task);
 
  private:
   void Loop();
