@@ -327,7 +327,7 @@ engine::ProcessOutcome Job::RunProcess(const engine::ProcessSpec& spec) {
     return {.exit_code = last_exit_code_, .spawn_error = message};
   }
 
-  live_.emplace(LiveStep{.child = std::move(child->child), .start = absl::Now()});
+  live_.emplace(LiveStep{.child = std::move(child->child)});
   live_->pipes[0].emplace(OutputPipe{std::move(child->stdout_read), logs::StreamMasker(config_.secrets)});
   live_->pipes[1].emplace(OutputPipe{std::move(child->stderr_read), logs::StreamMasker(config_.secrets)});
   live_->path = spec.name;

@@ -151,7 +151,6 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
     bool exit_report_watched = false;     // not yet said, nor closed
     std::string exit_report_text;
     int exit_code = -1;
-    absl::Time start;
     absl::Time deadline = absl::InfiniteFuture();     // the step's own timeout
     absl::Time kill_at = absl::InfiniteFuture();      // SIGKILL, after a SIGTERM it ignores
     absl::Time drain_until = absl::InfiniteFuture();  // once ended: the grace for its pipes
