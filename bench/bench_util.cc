@@ -18,6 +18,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "step-runner/base/files.h"
+#include "step-runner/base/status_macros.h"
 #include "step-runner/base/unique_fd.h"
 
 namespace step_runner::bench {
@@ -197,8 +198,8 @@ std::string FilesystemType(const std::string& path) {
   }
 }
 
-absl::StatusOr<int64_t> DrainToEof(const std::vector<int>& fds, size_t buffer_bytes) {
-  // One buffer for the whole run: a fresh 256 KiB allocation per call would be an mmap/munmap
+absl::StatusOr<int64_t> DrainToEof(const std::vector<int>& fds, size_t buffer_bytes, int sink) {
+  // One buffer for the whole run: a fresh allocation of this size per call would be an mmap/munmap
   // pair per spawn, which the daemon (thread_local buffer) does not pay either.
   static thread_local std::string buffer;
   if (buffer.size() < buffer_bytes) buffer.resize(buffer_bytes);
@@ -218,6 +219,7 @@ absl::StatusOr<int64_t> DrainToEof(const std::vector<int>& fds, size_t buffer_by
         ssize_t n = ::read(p.fd, buffer.data(), buffer_bytes);
         if (n > 0) {
           total += n;
+          if (sink >= 0) SR_RETURN_IF_ERROR(WriteAll(sink, absl::string_view(buffer.data(), static_cast<size_t>(n))));
           continue;
         }
         if (n < 0 && errno == EINTR) continue;

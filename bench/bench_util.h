@@ -102,9 +102,9 @@ Summary Summarize(std::vector<double> sample);
 // depends on it (every job creates, renames and deletes files in its state dir).
 std::string FilesystemType(const std::string& path);
 
-// Reads `fds` (non-blocking read ends) to EOF, discarding the bytes; returns how many there
-// were. Polls instead of spinning, as the daemon's event loop does.
-absl::StatusOr<int64_t> DrainToEof(const std::vector<int>& fds, size_t buffer_bytes);
+// Reads `fds` (non-blocking read ends) to EOF, discarding the bytes, or writing them to `sink`
+// if it is an fd; returns how many there were. Polls instead of spinning, as the daemon does.
+absl::StatusOr<int64_t> DrainToEof(const std::vector<int>& fds, size_t buffer_bytes, int sink = -1);
 
 // The environment the daemon gives steps (main.cc keeps these names of its own environment),
 // for raw baselines that must see an equally small environment.

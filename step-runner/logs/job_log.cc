@@ -109,38 +109,47 @@ absl::StatusOr<UniqueFd> JobLog::OpenReader() const {
   return fd;
 }
 
-absl::StatusOr<size_t> JobLog::Read(int reader_fd, int64_t offset, size_t max_bytes,
-                                    Chunk* chunk) const {
-  int64_t end;
-  Stream stream = Stream::kStdout;
-  {
-    absl::MutexLock lock(&mu_);
-    if (offset < 0 || offset > size_) {
-      return absl::OutOfRangeError(
-          absl::StrCat("offset ", offset, " is outside the log, which has ", size_, " bytes"));
-    }
-    end = size_;
-    auto next = switches_.upper_bound(offset);
-    if (next != switches_.end()) end = std::min(end, next->first);
-    if (next != switches_.begin()) stream = std::prev(next)->second;
+absl::StatusOr<JobLog::Extent> JobLog::Locate(int64_t offset, size_t max_bytes) const {
+  absl::MutexLock lock(&mu_);
+  if (offset < 0 || offset > size_) {
+    return absl::OutOfRangeError(
+        absl::StrCat("offset ", offset, " is outside the log, which has ", size_, " bytes"));
   }
-  size_t want = static_cast<size_t>(std::min<int64_t>(end - offset, static_cast<int64_t>(max_bytes)));
-  chunk->offset = offset;
-  chunk->stream = stream;
-  chunk->data.resize(want);
+  int64_t end = size_;
+  Extent extent{.offset = offset};
+  auto next = switches_.upper_bound(offset);
+  if (next != switches_.end()) end = std::min(end, next->first);
+  if (next != switches_.begin()) extent.stream = std::prev(next)->second;
+  extent.length = static_cast<size_t>(std::min<int64_t>(end - offset, static_cast<int64_t>(max_bytes)));
+  return extent;
+}
+
+absl::Status JobLog::ReadExtent(int reader_fd, const Extent& extent, char* dest) const {
   size_t got = 0;
-  while (got < want) {
-    ssize_t n = ::pread(reader_fd, chunk->data.data() + got, want - got,
-                        static_cast<off_t>(offset + got));
+  while (got < extent.length) {
+    ssize_t n = ::pread(reader_fd, dest + got, extent.length - got, static_cast<off_t>(extent.offset) +
+                                                                        static_cast<off_t>(got));
     if (n < 0) {
       if (errno == EINTR) continue;
       return ErrnoStatus(errno, "pread(log)");
     }
-    if (n == 0) break;  // cannot happen for bytes below size_, but never loop forever
+    // Bytes below size() are on disk: a short file means someone truncated it.
+    if (n == 0) return absl::DataLossError(absl::StrCat("the log ends at ", extent.offset + got, ", before ",
+                                                        extent.offset + extent.length, " bytes"));
     got += static_cast<size_t>(n);
   }
-  chunk->data.resize(got);
-  return got;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<size_t> JobLog::Read(int reader_fd, int64_t offset, size_t max_bytes,
+                                    Chunk* chunk) const {
+  absl::StatusOr<Extent> extent = Locate(offset, max_bytes);
+  if (!extent.ok()) return extent.status();
+  chunk->offset = offset;
+  chunk->stream = extent->stream;
+  chunk->data.resize(extent->length);
+  if (absl::Status s = ReadExtent(reader_fd, *extent, chunk->data.data()); !s.ok()) return s;
+  return extent->length;
 }
 
 std::optional<JobLog::WaiterId> JobLog::WaitForData(int64_t offset, std::function<void()> wake) {

@@ -45,6 +45,17 @@ class JobLog {
   // the job is closed and its files are deleted.
   absl::StatusOr<UniqueFd> OpenReader() const;
 
+  // Where a read at `offset` may go: at most `max_bytes`, stopping where the stream switches
+  // and at the end of what was appended. OUT_OF_RANGE if offset is negative or past the end.
+  struct Extent {
+    int64_t offset = 0;
+    size_t length = 0;  // 0 at the end
+    Stream stream = Stream::kStdout;
+  };
+  absl::StatusOr<Extent> Locate(int64_t offset, size_t max_bytes) const;
+  // Reads the bytes of `extent` (from Locate) into `dest`, which has room for them all.
+  absl::Status ReadExtent(int reader_fd, const Extent& extent, char* dest) const;
+
   struct Chunk {
     int64_t offset = 0;
     Stream stream = Stream::kStdout;

@@ -22,9 +22,11 @@ namespace {
 
 using ::google::protobuf::util::TimeUtil;
 
-// Big reads keep the loop's wake-ups few when a step writes fast; the cap per wake-up keeps
-// one chatty step from starving the others.
-constexpr size_t kReadChunk = 256 << 10;
+// A whole pipe (1 MiB, process/subprocess.cc) per read: a step that writes fast then costs one
+// read, one log append and at most one follower message per MiB (256 KiB reads made four of
+// each, and the follower's share of gRPC's per-message work showed; BENCHMARKS.md, seventh
+// session). The cap per wake-up keeps a chatty stdout from starving stderr and cancel.
+constexpr size_t kReadChunk = 1 << 20;
 constexpr int kMaxReadsPerWakeup = 16;
 
 google::protobuf::Timestamp ToProto(absl::Time t) {
@@ -514,12 +516,13 @@ void Job::AppendOutput(int stream_index, absl::string_view data) {
 
 void Job::OnOutput(int stream_index) {
   if (!live_ || !live_->pipes[stream_index]) return;
-  static thread_local std::string buffer(kReadChunk, '\0');
+  // Not zeroed (a string's would be): a quiet step's thread only touches the pages it reads into.
+  static thread_local std::unique_ptr<char[]> buffer(new char[kReadChunk]);
   int fd = live_->pipes[stream_index]->fd.get();
   for (int i = 0; i < kMaxReadsPerWakeup; ++i) {
-    ssize_t n = ::read(fd, buffer.data(), buffer.size());
+    ssize_t n = ::read(fd, buffer.get(), kReadChunk);
     if (n > 0) {
-      AppendOutput(stream_index, absl::string_view(buffer.data(), static_cast<size_t>(n)));
+      AppendOutput(stream_index, absl::string_view(buffer.get(), static_cast<size_t>(n)));
       continue;
     }
     if (n < 0 && errno == EINTR) continue;

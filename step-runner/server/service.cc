@@ -8,6 +8,7 @@
 #include "step-runner/base/logging.h"
 #include "google/rpc/status.pb.h"
 #include "step-runner/logs/job_log.h"
+#include "step-runner/server/log_wire.h"
 #include "step-runner/steps/step_file.h"
 
 namespace step_runner::server {
@@ -22,9 +23,13 @@ grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* context, cons
   return reactor;
 }
 
-proto::FollowLogsResponse::Stream ToProto(logs::Stream s) {
-  return s == logs::Stream::kStderr ? proto::FollowLogsResponse::STREAM_STDERR
-                                    : proto::FollowLogsResponse::STREAM_STDOUT;
+// A raw method's request, parsed as gRPC would have.
+template <typename Message>
+absl::Status ParseRequest(const grpc::ByteBuffer& raw, Message* message) {
+  grpc::ByteBuffer buffer(raw);  // shares the slices; Deserialize empties the buffer it reads
+  grpc::Status s = grpc::SerializationTraits<Message>::Deserialize(&buffer, message);
+  if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat("the request does not parse: ", s.error_message()));
+  return absl::OkStatus();
 }
 
 // A server stream that replays a growing source from a position, then follows it live, and
@@ -188,24 +193,26 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
 };
 
 // FollowLogs: a job's log from a byte offset, in chunks that never mix stdout and stderr.
-class LogTailReactor final : public TailReactor<proto::FollowLogsResponse> {
+class LogTailReactor final : public TailReactor<grpc::ByteBuffer> {
  public:
   using StatusSource = std::function<proto::Status()>;
-  LogTailReactor(std::shared_ptr<logs::JobLog> log, UniqueFd reader, int64_t offset, StatusSource final_status,
-                 SerialExecutor* pump)
+  LogTailReactor(std::shared_ptr<logs::JobLog> log, UniqueFd reader, int64_t offset,
+                 StatusSource final_status, SerialExecutor* pump)
       : TailReactor(pump), log_(std::move(log)), reader_(std::move(reader)),
         final_status_(std::move(final_status)), offset_(offset) {}
 
  private:
-  absl::StatusOr<bool> FillNext(proto::FollowLogsResponse* response) override {
-    logs::JobLog::Chunk chunk;
-    absl::StatusOr<size_t> n = log_->Read(reader_.get(), offset_, kChunkBytes, &chunk);
-    if (!n.ok()) return n.status();
-    if (*n == 0) return false;
-    response->set_data(std::move(chunk.data));
-    response->set_offset(chunk.offset);
-    response->set_stream(ToProto(chunk.stream));
-    offset_ += static_cast<int64_t>(*n);
+  absl::StatusOr<bool> FillNext(grpc::ByteBuffer* response) override {
+    absl::StatusOr<logs::JobLog::Extent> extent = log_->Locate(offset_, kChunkBytes);
+    if (!extent.ok()) return extent.status();
+    if (extent->length == 0) return false;
+    // Read straight into the buffer gRPC will send from (not zeroed first, as a string's would
+    // be); it goes back to the heap once the bytes are on the socket.
+    std::shared_ptr<char[]> buffer(new char[extent->length]);
+    if (absl::Status s = log_->ReadExtent(reader_.get(), *extent, buffer.get()); !s.ok()) return s;
+    *response = EncodeLogChunk({.offset = extent->offset, .stream = extent->stream,
+                                .data = absl::string_view(buffer.get(), extent->length), .owner = buffer});
+    offset_ += static_cast<int64_t>(extent->length);
     return true;
   }
   bool SourceFinished() const override { return log_->finished(); }
@@ -216,10 +223,16 @@ class LogTailReactor final : public TailReactor<proto::FollowLogsResponse> {
   void CancelWait(WaiterId id) override { log_->CancelWait(id); }
   // The job's final status rides on the last message, so the client needs no Status call after
   // the stream (which also works when the daemon is gone right after, as at shutdown).
-  bool FillFinal(proto::FollowLogsResponse* response) override {
-    response->Clear();
-    response->set_offset(offset_);
-    *response->mutable_job_status() = final_status_();
+  bool FillFinal(grpc::ByteBuffer* response) override {
+    proto::FollowLogsResponse last;
+    last.set_offset(offset_);
+    *last.mutable_job_status() = final_status_();
+    absl::StatusOr<grpc::ByteBuffer> encoded = EncodeLogMessage(last);
+    if (!encoded.ok()) {
+      SR_LOG(ERROR) << encoded.status();
+      return false;  // the stream still ends; the client asks Status
+    }
+    *response = *std::move(encoded);
     return true;
   }
 
@@ -337,27 +350,33 @@ grpc::ServerUnaryReactor* StepRunnerService::Status(grpc::CallbackServerContext*
   return FinishUnary(context, jobs.status());
 }
 
-grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::FollowLogs(
-    grpc::CallbackServerContext* context, const proto::FollowLogsRequest* request) {
-  return TailLog(context, "FollowLogs", request->id(), request->offset(), /*announce=*/false);
+grpc::ServerWriteReactor<grpc::ByteBuffer>* StepRunnerService::FollowLogs(grpc::CallbackServerContext* context,
+                                                                        const grpc::ByteBuffer* raw_request) {
+  proto::FollowLogsRequest request;
+  if (absl::Status s = ParseRequest(*raw_request, &request); !s.ok()) {
+    Audit(context, "FollowLogs", "", s);
+    return new ErrorReactor<grpc::ByteBuffer>(s);
+  }
+  return TailLog(context, "FollowLogs", request.id(), request.offset(), /*announce=*/false);
 }
 
-grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::RunAndFollow(
-    grpc::CallbackServerContext* context, const proto::RunRequest* request) {
-  absl::Status result = runner_->Run(*request);
+grpc::ServerWriteReactor<grpc::ByteBuffer>* StepRunnerService::RunAndFollow(grpc::CallbackServerContext* context,
+                                                                          const grpc::ByteBuffer* raw_request) {
+  proto::RunRequest request;
+  absl::Status result = ParseRequest(*raw_request, &request);
+  if (result.ok()) result = runner_->Run(request);
   if (!result.ok()) {
-    Audit(context, "RunAndFollow", request->id(), result);
-    return new ErrorReactor<proto::FollowLogsResponse>(result);
+    Audit(context, "RunAndFollow", request.id(), result);
+    return new ErrorReactor<grpc::ByteBuffer>(result);
   }
   context->AddInitialMetadata("step-runner-job", "accepted");
-  return TailLog(context, "RunAndFollow", request->id(), 0, /*announce=*/true);
+  return TailLog(context, "RunAndFollow", request.id(), 0, /*announce=*/true);
 }
 
-grpc::ServerWriteReactor<proto::FollowLogsResponse>* StepRunnerService::TailLog(grpc::CallbackServerContext* context,
-                                                                              absl::string_view method,
-                                                                              const std::string& id, int64_t offset,
-                                                                              bool announce) {
-  using Error = ErrorReactor<proto::FollowLogsResponse>;
+grpc::ServerWriteReactor<grpc::ByteBuffer>* StepRunnerService::TailLog(grpc::CallbackServerContext* context,
+                                                                     absl::string_view method, const std::string& id,
+                                                                     int64_t offset, bool announce) {
+  using Error = ErrorReactor<grpc::ByteBuffer>;
   absl::StatusOr<std::shared_ptr<const runner::Job>> job = runner_->GetJob(id);
   Audit(context, method, id, job.status());
   if (!job.ok()) return new Error(job.status());

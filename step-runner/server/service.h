@@ -19,7 +19,16 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 // Translates the StepRunner RPCs into calls on the Runner; holds no job state of its own.
 // FollowLogs streams through a write reactor that keeps at most one write in flight, so a slow
 // follower costs one chunk of memory and never slows the job or other followers.
-class StepRunnerService final : public proto::StepRunner::CallbackService {
+//
+// FollowLogs and RunAndFollow are raw methods (grpc::ByteBuffer in and out), so that a log's
+// bytes reach gRPC without being copied (log_wire.h); the others use the generated messages.
+using StepRunnerBase = proto::StepRunner::WithCallbackMethod_Run<
+    proto::StepRunner::WithCallbackMethod_Close<proto::StepRunner::WithRawCallbackMethod_FollowLogs<
+        proto::StepRunner::WithCallbackMethod_Status<proto::StepRunner::WithCallbackMethod_Cancel<
+            proto::StepRunner::WithCallbackMethod_FollowSteps<
+                proto::StepRunner::WithRawCallbackMethod_RunAndFollow<proto::StepRunner::Service>>>>>>>;
+
+class StepRunnerService final : public StepRunnerBase {
  public:
   // Each RPC is recorded in `audit` (when given), with its caller from `peers`.
   explicit StepRunnerService(runner::Runner* runner, audit::AuditLog* audit = nullptr,
@@ -34,18 +43,19 @@ class StepRunnerService final : public proto::StepRunner::CallbackService {
                                    proto::CancelResponse* response) override;
   grpc::ServerUnaryReactor* Status(grpc::CallbackServerContext* context, const proto::StatusRequest* request,
                                    proto::StatusResponse* response) override;
-  grpc::ServerWriteReactor<proto::FollowLogsResponse>* FollowLogs(
-      grpc::CallbackServerContext* context, const proto::FollowLogsRequest* request) override;
+  // request: a FollowLogsRequest; responses: FollowLogsResponse messages.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* FollowLogs(grpc::CallbackServerContext* context,
+                                                         const grpc::ByteBuffer* request) override;
   grpc::ServerWriteReactor<proto::FollowStepsResponse>* FollowSteps(
       grpc::CallbackServerContext* context, const proto::FollowStepsRequest* request) override;
-  grpc::ServerWriteReactor<proto::FollowLogsResponse>* RunAndFollow(grpc::CallbackServerContext* context,
-                                                                    const proto::RunRequest* request) override;
+  // request: a RunRequest; responses: FollowLogsResponse messages.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* RunAndFollow(grpc::CallbackServerContext* context,
+                                                           const grpc::ByteBuffer* request) override;
 
  private:
   // The log of job `id` from `offset`, live; `announce` sends the initial metadata at once.
-  grpc::ServerWriteReactor<proto::FollowLogsResponse>* TailLog(grpc::CallbackServerContext* context,
-                                                               absl::string_view method, const std::string& id,
-                                                               int64_t offset, bool announce);
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* TailLog(grpc::CallbackServerContext* context, absl::string_view method,
+                                                      const std::string& id, int64_t offset, bool announce);
   void Audit(grpc::CallbackServerContext* context, absl::string_view method, const std::string& job_id,
              const absl::Status& result);
 
