@@ -54,6 +54,8 @@ class TailReactor : public grpc::ServerWriteReactor<Response> {
   void OnWriteDone(bool ok) override {
     absl::MutexLock lock(&mu_);
     write_pending_ = false;
+    // gRPC is done with it: a follower that now waits for more holds no chunk (up to 1 MiB).
+    response_ = Response();
     if (!ok) {
       FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "the stream broke"));
       return;

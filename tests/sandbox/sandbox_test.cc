@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <map>
 #include <thread>
@@ -22,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/ascii.h"
 #include "gmock/gmock.h"
 #include "nlohmann/json.hpp"
 #include "gtest/gtest.h"
@@ -631,6 +633,37 @@ std::vector<pid_t> ChildrenOf(pid_t parent) {
   return children;
 }
 
+// For a job that never ended (seen twice in full ctest -j2 runs, never alone): where each of
+// the daemon's threads waits in the kernel, and the processes under it, so that the next time
+// the failure says which side is stuck.
+std::string DescribeStall(pid_t daemon) {
+  std::string out = "daemon threads (comm: wchan / kernel stack):\n";
+  DIR* tasks = ::opendir(absl::StrCat("/proc/", daemon, "/task").c_str());
+  while (struct dirent* e = tasks ? ::readdir(tasks) : nullptr) {
+    if (e->d_name[0] == '.') continue;
+    const std::string task = absl::StrCat("/proc/", daemon, "/task/", e->d_name);
+    absl::StrAppend(&out, "  ", e->d_name, " ", absl::StripAsciiWhitespace(ReadFile(task + "/comm").value_or("?")),
+                    ": ", ReadFile(task + "/wchan").value_or("?"), "\n",
+                    ReadFile(task + "/stack").value_or(""));
+  }
+  if (tasks) ::closedir(tasks);
+  std::vector<pid_t> level = {daemon};
+  for (int depth = 1; depth <= 4 && !level.empty(); ++depth) {
+    std::vector<pid_t> next;
+    for (pid_t parent : level) {
+      for (pid_t child : ChildrenOf(parent)) {
+        std::string cmdline = ReadFile(absl::StrCat("/proc/", child, "/cmdline")).value_or("");
+        std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
+        absl::StrAppend(&out, std::string(2 * depth, ' '), child, " (parent ", parent, ", ",
+                        ReadFile(absl::StrCat("/proc/", child, "/wchan")).value_or("?"), "): ", cmdline, "\n");
+        next.push_back(child);
+      }
+    }
+    level = std::move(next);
+  }
+  return out;
+}
+
 // Steps back to back, each job closed the moment it ends: the sandbox a step used (whose
 // teardown can outlast the job) is reaped, nothing piles up, and the daemon keeps answering.
 TEST_P(SandboxTest, JobsClosedTheMomentTheyEndLeaveNothingBehind) {
@@ -639,7 +672,8 @@ TEST_P(SandboxTest, JobsClosedTheMomentTheyEndLeaveNothingBehind) {
     const std::string id = absl::StrCat("quick-", i);
     SR_ASSERT_OK(client_->Run(Request(id, i % 2 ? "exec:\n  command: [/bin/true]\n" : "run:\n  - name: s\n    script: echo step\n")));
     absl::StatusOr<proto::Status> status = WaitForJob(*client_, id);
-    ASSERT_TRUE(status.ok()) << status.status();
+    ASSERT_TRUE(status.ok()) << status.status() << "\nlog so far: " << ReadLogSoFar(id) << "\n"
+                             << DescribeStall(daemon_->pid());
     EXPECT_EQ(status->status(), proto::StepResult::success) << status->message();
     SR_ASSERT_OK(client_->Close(id));
   }
