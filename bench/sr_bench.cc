@@ -27,6 +27,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -112,6 +113,11 @@ absl::StatusOr<double> RawRunOnce(const Config& config, const std::vector<std::s
                                   const std::string& work_dir, int64_t* bytes, const std::string& sink_path = "") {
   const Clock::time_point start = Clock::now();
   UniqueFd sink;
+  // Deleted once timed (or on an error): freeing its pages is not what is measured, as the
+  // daemon's Close of its log is not.
+  absl::Cleanup remove_sink = [&sink_path] {
+    if (!sink_path.empty()) ::unlink(sink_path.c_str());
+  };
   if (!sink_path.empty()) {
     sink = UniqueFd(::open(sink_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600));
     if (!sink) return ErrnoStatus(errno, absl::StrCat("open(", sink_path, ")"));
@@ -131,7 +137,6 @@ absl::StatusOr<double> RawRunOnce(const Config& config, const std::vector<std::s
   SR_ASSIGN_OR_RETURN(int code, child.Reap());
   if (sink && !sink.Close()) return ErrnoStatus(errno, absl::StrCat("close(", sink_path, ")"));
   const double micros = MicrosSince(start);
-  if (!sink_path.empty()) ::unlink(sink_path.c_str());
   if (code != 0) return absl::InternalError(absl::StrCat(argv[0], " exited with ", code));
   if (bytes) *bytes = n;
   return micros;

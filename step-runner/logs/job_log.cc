@@ -127,8 +127,8 @@ absl::StatusOr<JobLog::Extent> JobLog::Locate(int64_t offset, size_t max_bytes) 
 absl::Status JobLog::ReadExtent(int reader_fd, const Extent& extent, char* dest) const {
   size_t got = 0;
   while (got < extent.length) {
-    ssize_t n = ::pread(reader_fd, dest + got, extent.length - got, static_cast<off_t>(extent.offset) +
-                                                                        static_cast<off_t>(got));
+    const auto at = static_cast<off_t>(extent.offset + static_cast<int64_t>(got));
+    ssize_t n = ::pread(reader_fd, dest + got, extent.length - got, at);
     if (n < 0) {
       if (errno == EINTR) continue;
       return ErrnoStatus(errno, "pread(log)");

@@ -25,9 +25,10 @@ using ::google::protobuf::util::TimeUtil;
 // A whole pipe (1 MiB, process/subprocess.cc) per read: a step that writes fast then costs one
 // read, one log append and at most one follower message per MiB (256 KiB reads made four of
 // each, and the follower's share of gRPC's per-message work showed; BENCHMARKS.md, seventh
-// session). The cap per wake-up keeps a chatty stdout from starving stderr and cancel.
+// session). The cap per wake-up (4 MiB, as with 16 reads of 256 KiB before) keeps a chatty
+// stdout from starving stderr and cancel.
 constexpr size_t kReadChunk = 1 << 20;
-constexpr int kMaxReadsPerWakeup = 16;
+constexpr int kMaxReadsPerWakeup = 4;
 
 google::protobuf::Timestamp ToProto(absl::Time t) {
   return TimeUtil::NanosecondsToTimestamp(absl::ToUnixNanos(t));

@@ -24,22 +24,23 @@ proto::FollowLogsResponse::Stream ToProto(logs::Stream stream) {
                                          : proto::FollowLogsResponse::STREAM_STDOUT;
 }
 
-grpc::ByteBuffer EncodeLogChunk(const LogBytes& span) {
+grpc::ByteBuffer EncodeLogChunk(const LogBytes& bytes) {
   // Field 1 (data) first, as protobuf writes it: its tag and length, the bytes, then the
   // other fields, which protobuf serialises itself.
   uint8_t head[1 + 10];
   uint8_t* end = WireFormatLite::WriteTagToArray(proto::FollowLogsResponse::kDataFieldNumber,
                                                  WireFormatLite::WIRETYPE_LENGTH_DELIMITED, head);
-  end = google::protobuf::io::CodedOutputStream::WriteVarint64ToArray(span.data.size(), end);
+  end = google::protobuf::io::CodedOutputStream::WriteVarint64ToArray(bytes.data.size(), end);
   proto::FollowLogsResponse rest;
-  rest.set_offset(span.offset);
-  rest.set_stream(ToProto(span.stream));
+  rest.set_offset(bytes.offset);
+  rest.set_stream(ToProto(bytes.stream));
   const std::string tail = rest.SerializeAsString();
 
   grpc::Slice slices[3] = {
       grpc::Slice(head, static_cast<size_t>(end - head)),
-      grpc::Slice(const_cast<char*>(span.data.data()), span.data.size(), &ReleaseOwner,
-                  new std::shared_ptr<const void>(span.owner)),
+      // gRPC only reads a slice it sends; the cast is its constructor's want of a `void*`.
+      grpc::Slice(const_cast<char*>(bytes.data.data()), bytes.data.size(), &ReleaseOwner,
+                  new std::shared_ptr<const void>(bytes.owner)),
       grpc::Slice(tail),
   };
   return grpc::ByteBuffer(slices, 3);

@@ -1,13 +1,13 @@
 #ifndef STEP_RUNNER_SERVER_LOG_WIRE_H_
 #define STEP_RUNNER_SERVER_LOG_WIRE_H_
 
-#include "absl/status/statusor.h"
-#include "grpcpp/support/byte_buffer.h"
-#include "proto/step_runner.pb.h"
 #include <cstdint>
 #include <memory>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "grpcpp/support/byte_buffer.h"
+#include "proto/step_runner.pb.h"
 #include "step-runner/logs/job_log.h"
 
 namespace step_runner::server {
