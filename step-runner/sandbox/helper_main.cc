@@ -301,7 +301,15 @@ class Helper {
     bool reported_by_stub = false;
     Clock::time_point next_check = Clock::now() + std::chrono::milliseconds(100);
     Clock::time_point drain_until = Clock::time_point::max();
-    while (streams_[0] || streams_[1] || !exited) {
+    // The stub may have reported before the claim was read to its end (a short step, and a
+    // helper that waited for a CPU): its report is then in stub_said_ already, and the stub,
+    // which keeps its end open until we are gone, sends nothing more.
+    if (std::optional<int> code = StubStatusSaid()) {
+      status = *code;
+      reported_by_stub = true;
+      DrainStreams();
+    }
+    while (!reported_by_stub && (streams_[0] || streams_[1] || !exited)) {
       std::vector<pollfd> fds;
       for (const UniqueFd& s : streams_) fds.push_back({.fd = s ? s.get() : -1, .events = POLLIN});
       fds.push_back({.fd = exited ? -1 : pidfd_.get(), .events = POLLIN});
@@ -347,10 +355,7 @@ class Helper {
           // kernel) then happens after the step's result is out, not before.
           status = *code;
           reported_by_stub = true;
-          for (int i = 0; i < 2; ++i) {
-            while (streams_[i] && Pump(i)) {
-            }
-          }
+          DrainStreams();
           break;
         }
       }
@@ -483,15 +488,28 @@ class Helper {
 
   // The stub's "<exit code>\n" once the step has ended (a warm sandbox); nullopt until then,
   // and for good when the stub is gone without saying (bwrap's own exit then tells).
+  // What the step printed and is still in the pipes (all of it, once the stub has reported).
+  void DrainStreams() {
+    for (int i = 0; i < 2; ++i) {
+      while (streams_[i] && Pump(i)) {
+      }
+    }
+  }
+
   std::optional<int> ReadStubStatus() {
     char buffer[32];
     ssize_t n = ::read(stub_status_.get(), buffer, sizeof buffer);
     if (n < 0 && (errno == EINTR || errno == EAGAIN)) return std::nullopt;
     if (n <= 0) {
       stub_status_.Reset();
-      return std::nullopt;
+      return StubStatusSaid();
     }
     stub_said_.append(buffer, static_cast<size_t>(n));
+    return StubStatusSaid();
+  }
+
+  // The step's exit code, once the stub's report line is whole in stub_said_.
+  std::optional<int> StubStatusSaid() {
     if (stub_said_.rfind(kReady, 0) == 0) stub_said_.erase(0, sizeof kReady - 1);  // said before the claim came
     size_t newline = stub_said_.find('\n');
     if (newline == std::string::npos) {

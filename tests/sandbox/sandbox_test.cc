@@ -6,6 +6,7 @@
 // sandbox are skipped with the daemon's reason rather than passing vacuously.
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -30,6 +31,9 @@
 #include "step-runner/audit/audit_log.h"
 #include "step-runner/base/files.h"
 #include "step-runner/base/testing.h"
+#include "step-runner/process/subprocess.h"
+#include "step-runner/sandbox/helper_plan.h"
+#include "step-runner/sandbox/policy.h"
 #include "tests/integration/daemon_fixture.h"
 
 namespace step_runner::testing {
@@ -631,6 +635,72 @@ std::vector<pid_t> ChildrenOf(pid_t parent) {
   }
   ::closedir(proc);
   return children;
+}
+
+// A warm sandbox's helper whose stub reports the step's exit before the helper has read the
+// whole claim (a short step, and a helper that waited for a CPU: seen under ctest -j2) still
+// answers at once. It used to keep that early report unread until the stub gave up on it after
+// 30 s, and the job stayed running that long.
+TEST(WarmHelperTest, AReportThatCameBeforeTheClaimWasReadIsAnsweredAtOnce) {
+  const std::string helper = SR_BINARY_DIR "/step-runner/step-runner-sandbox";
+  if (::access("/usr/bin/bwrap", X_OK) != 0) GTEST_SKIP() << "no /usr/bin/bwrap";
+  sandbox::HelperPlan plan;
+  plan.warm = true;
+  plan.warnings_fd3 = true;
+  int claim[2], spec[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, claim), 0);
+  ASSERT_EQ(::pipe2(spec, O_CLOEXEC), 0);
+  UniqueFd claim_read(claim[0]), claim_write(claim[1]), spec_read(spec[0]), spec_write(spec[1]);
+  SR_ASSERT_OK_AND_ASSIGN(process::OutputPipe out, process::MakeOutputPipe());
+  SR_ASSERT_OK_AND_ASSIGN(process::OutputPipe err, process::MakeOutputPipe());
+  SR_ASSERT_OK_AND_ASSIGN(process::OutputPipe warnings, process::MakeOutputPipe());
+  SR_ASSERT_OK_AND_ASSIGN(
+      process::Subprocess child,
+      process::Subprocess::Spawn({.argv = sandbox::HelperArgv(helper, plan,
+                                                               sandbox::WarmBwrapArgv("/usr/bin/bwrap", helper,
+                                                                                      ::getuid(), ::getgid())),
+                                  .env = {},
+                                  .work_dir = "/",
+                                  .stdout_fd = out.write_end.get(),
+                                  .stderr_fd = err.write_end.get(),
+                                  .stdin_fd = claim_read.get(),
+                                  .fd3 = warnings.write_end.get(),
+                                  .fd4 = spec_read.get()}));
+  claim_read.Close();
+  spec_read.Close();
+  out.write_end.Close();
+  err.write_end.Close();
+  warnings.write_end.Close();
+  auto read_claim_channel = [&](absl::Duration within) {
+    std::string said;
+    const absl::Time until = absl::Now() + within;
+    while (absl::Now() < until && said.find('\n') == std::string::npos && said != "R") {
+      pollfd ready{.fd = claim_write.get(), .events = POLLIN};
+      if (::poll(&ready, 1, 50) <= 0) continue;
+      char buffer[64];
+      ssize_t n = ::recv(claim_write.get(), buffer, sizeof buffer, 0);
+      if (n <= 0) break;
+      said.append(buffer, static_cast<size_t>(n));
+    }
+    return said;
+  };
+  if (read_claim_channel(absl::Seconds(10)) != "R") {
+    (void)child.SignalGroup(SIGKILL);
+    (void)child.Reap();
+    GTEST_SKIP() << "bwrap cannot make a sandbox here";
+  }
+  // The step first, and time for it to run and for the stub to report; the claim after.
+  SR_ASSERT_OK(WriteAll(spec_write.get(), sandbox::EncodeStubSpec({.cwd = "/", .argv = {"/bin/true"}})));
+  spec_write.Close();
+  absl::SleepFor(absl::Milliseconds(500));
+  SR_ASSERT_OK(WriteAll(claim_write.get(), sandbox::EncodeClaim(sandbox::WarmClaim{})));
+  ASSERT_EQ(::shutdown(claim_write.get(), SHUT_WR), 0);
+  const absl::Time claimed = absl::Now();
+  EXPECT_EQ(read_claim_channel(absl::Seconds(10)), "0\n");
+  EXPECT_LT(absl::Now() - claimed, absl::Seconds(10));
+  claim_write.Close();  // lets the helper go, and the sandbox with it
+  SR_ASSERT_OK_AND_ASSIGN(int code, child.Reap());
+  EXPECT_EQ(code, 0);
 }
 
 // For a job that never ended (seen twice in full ctest -j2 runs, never alone): where each of
