@@ -486,8 +486,6 @@ class Helper {
     return true;
   }
 
-  // The stub's "<exit code>\n" once the step has ended (a warm sandbox); nullopt until then,
-  // and for good when the stub is gone without saying (bwrap's own exit then tells).
   // What the step printed and is still in the pipes (all of it, once the stub has reported).
   void DrainStreams() {
     for (int i = 0; i < 2; ++i) {
@@ -496,6 +494,8 @@ class Helper {
     }
   }
 
+  // The stub's "<exit code>\n" once the step has ended (a warm sandbox); nullopt until then,
+  // and for good when the stub is gone without saying (bwrap's own exit then tells).
   std::optional<int> ReadStubStatus() {
     char buffer[32];
     ssize_t n = ::read(stub_status_.get(), buffer, sizeof buffer);
