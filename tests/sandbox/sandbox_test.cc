@@ -321,11 +321,14 @@ std::vector<pid_t> FindProcesses(const std::vector<std::string>& argv) {
 
 TEST_P(SandboxTest, CannotSeeOrSignalTheDaemonOrAnotherJob) {
   START_OR_SKIP();
-  SR_ASSERT_OK(client_->Run(Request("victim", "exec:\n  command: [sleep, \"3001\"]\n")));
+  // A duration of its own: the Warm and Cold runs of this test may run at once (ctest -j2), and
+  // each must find its own victim, not the other's (which its test cancels).
+  const std::string duration = absl::StrCat("3001.", ::getpid());
+  SR_ASSERT_OK(client_->Run(Request("victim", absl::StrCat("exec:\n  command: [sleep, \"", duration, "\"]\n"))));
   std::vector<pid_t> victim;
   for (absl::Time until = absl::Now() + absl::Seconds(30); victim.empty() && absl::Now() < until;) {
-    victim = FindProcesses({"/usr/bin/sleep", "3001"});
-    if (victim.empty()) victim = FindProcesses({"/bin/sleep", "3001"});
+    victim = FindProcesses({"/usr/bin/sleep", duration});
+    if (victim.empty()) victim = FindProcesses({"/bin/sleep", duration});
     absl::SleepFor(absl::Milliseconds(20));
   }
   ASSERT_EQ(victim.size(), 1u);
