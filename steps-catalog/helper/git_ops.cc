@@ -14,6 +14,7 @@
 #include "step-runner/base/status_macros.h"
 #include "steps-catalog/helper/fresh_checkout.h"
 #include "steps-catalog/helper/git_util.h"
+#include "steps-catalog/helper/shallow.h"
 
 namespace step_runner::catalog {
 namespace {
@@ -109,10 +110,14 @@ absl::StatusOr<std::string> HeadSha(const std::string& dir) {
 absl::StatusOr<CloneResult> Clone(const CloneRequest& request) {
   EnsureLibgit2();
   SR_RETURN_IF_ERROR(RejectCredentialsInUrl(request.url));
-  if (request.depth > 0) {
-    std::cerr << "clone: libgit2 1.5 cannot clone shallow; fetching the full history (depth "
-              << request.depth << " ignored)\n";
+  if (request.depth < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("depth must be 0 (the whole history) or more, not ", request.depth));
   }
+  const bool over_http = IsSmartHttpUrl(request.url);
+  if (request.depth > 0 && !over_http) {
+    std::cerr << "clone: depth applies to http(s) URLs; fetching the whole history of " << request.url << "\n";
+  }
+  const SmartHttpRemote smart{.url = request.url, .token = request.token};
   TransferState state{.token = request.token};
   struct stat st;
   if (::stat((request.dir + "/.git").c_str(), &st) == 0) {
@@ -126,29 +131,54 @@ absl::StatusOr<CloneResult> Clone(const CloneRequest& request) {
       return absl::FailedPreconditionError(
           absl::StrCat(request.dir, " already holds a clone of another repository (", git_remote_url(remote.get()), ")"));
     }
-    git_fetch_options fetch = GIT_FETCH_OPTIONS_INIT;
-    fetch.callbacks = Callbacks(&state);
-    if (int rc = git_remote_fetch(remote.get(), nullptr, &fetch, nullptr); rc < 0) {
-      return TransferError(rc, absl::StrCat("fetch ", request.url), state);
+    if (git_repository_is_shallow(repo.get()) == 1) {
+      // libgit2 1.5's fetch negotiation walks the history and fails at the cut.
+      if (!over_http) {
+        return absl::FailedPreconditionError(absl::StrCat(request.dir, " is a shallow clone, which only an http(s) URL can fetch into"));
+      }
+      if (absl::Status fetched = FetchIntoShallow(repo.get(), smart, request.depth); !fetched.ok()) {
+        return absl::Status(fetched.code(), absl::StrCat("fetch ", request.url, ": ", fetched.message()));
+      }
+    } else {
+      git_fetch_options fetch = GIT_FETCH_OPTIONS_INIT;
+      fetch.callbacks = Callbacks(&state);
+      if (int rc = git_remote_fetch(remote.get(), nullptr, &fetch, nullptr); rc < 0) {
+        return TransferError(rc, absl::StrCat("fetch ", request.url), state);
+      }
     }
     SR_ASSIGN_OR_RETURN(std::string sha, Head(repo.get()));
     std::cerr << "clone: " << request.dir << " already holds " << request.url << "; fetched\n";
     return CloneResult{sha, true};
   }
-  git_clone_options options = GIT_CLONE_OPTIONS_INIT;
-  options.fetch_opts.callbacks = Callbacks(&state);
-  if (!request.ref.empty()) options.checkout_branch = request.ref.c_str();
-  // The files are written below, by CheckoutFreshClone where it can.
-  options.checkout_opts.checkout_strategy = GIT_CHECKOUT_NONE;
-  git_repository* raw_repo = nullptr;
-  if (int rc = git_clone(&raw_repo, request.url.c_str(), request.dir.c_str(), &options); rc < 0) {
-    absl::Status status = TransferError(rc, absl::StrCat("clone ", request.url), state);
-    if (rc == GIT_ENOTFOUND && !request.ref.empty()) {
-      return absl::NotFoundError(absl::StrCat("clone ", request.url, ": no branch ", request.ref, " (", status.message(), ")"));
+  RepositoryPtr repo;
+  if (request.depth > 0 && over_http) {
+    absl::StatusOr<std::optional<RepositoryPtr>> shallow = CloneShallow(smart, request.ref, request.dir, request.depth);
+    if (!shallow.ok()) {
+      if (absl::IsNotFound(shallow.status())) return shallow.status();
+      return absl::Status(shallow.status().code(), absl::StrCat("clone ", request.url, ": ", shallow.status().message()));
     }
-    return status;
+    if (*shallow) {
+      repo = std::move(**shallow);
+    } else {
+      std::cerr << "clone: " << request.url << " is empty; nothing to cut at depth " << request.depth << "\n";
+    }
   }
-  RepositoryPtr repo(raw_repo);
+  if (!repo) {
+    git_clone_options options = GIT_CLONE_OPTIONS_INIT;
+    options.fetch_opts.callbacks = Callbacks(&state);
+    if (!request.ref.empty()) options.checkout_branch = request.ref.c_str();
+    // The files are written below, by CheckoutFreshClone where it can.
+    options.checkout_opts.checkout_strategy = GIT_CHECKOUT_NONE;
+    git_repository* raw_repo = nullptr;
+    if (int rc = git_clone(&raw_repo, request.url.c_str(), request.dir.c_str(), &options); rc < 0) {
+      absl::Status status = TransferError(rc, absl::StrCat("clone ", request.url), state);
+      if (rc == GIT_ENOTFOUND && !request.ref.empty()) {
+        return absl::NotFoundError(absl::StrCat("clone ", request.url, ": no branch ", request.ref, " (", status.message(), ")"));
+      }
+      return status;
+    }
+    repo.reset(raw_repo);
+  }
   // Two threads were ~5% faster than one on tmpfs and as fast on a (churned) ext4, where they
   // took twice the CPU in the kernel's inode allocation; more were not measured.
   const int threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 2u));
@@ -289,19 +319,29 @@ absl::Status Push(const std::string& dir, const std::string& branch, const std::
   if (int rc = git_remote_lookup(&raw_remote, repo.get(), "origin"); rc < 0) return GitErrorToStatus(rc, "origin");
   RemotePtr remote(raw_remote);
   TransferState state{.token = token};
-  git_push_options options = GIT_PUSH_OPTIONS_INIT;
-  options.callbacks = Callbacks(&state);
-  std::string refspec = absl::StrCat("refs/heads/", branch, ":refs/heads/", branch);
-  char* specs[] = {refspec.data()};
-  git_strarray refspecs = {specs, 1};
-  if (int rc = git_remote_push(remote.get(), &refspecs, &options); rc < 0) {
-    if (rc == GIT_ENONFASTFORWARD) {
-      // libgit2 refuses before sending anything, as `git push` does without --force.
-      return absl::FailedPreconditionError(absl::StrCat(
-          "the push of ", branch, " was refused: not a fast-forward (origin's ", branch,
-          " has commits this clone does not have)"));
+  if (git_repository_is_shallow(repo.get()) == 1) {
+    // libgit2 1.5's push walks the history to choose what to send, and fails at the cut.
+    const std::string url = git_remote_url(remote.get());
+    if (!IsSmartHttpUrl(url)) {
+      return absl::FailedPreconditionError(absl::StrCat(dir, " is a shallow clone, which can push only to an http(s) URL"));
     }
-    return TransferError(rc, absl::StrCat("push ", branch), state);
+    absl::StatusOr<PushReport> report = PushFromShallow(repo.get(), {.url = url, .token = token}, branch);
+    if (absl::IsFailedPrecondition(report.status())) return report.status();
+    if (!report.ok()) {
+      return absl::Status(report.status().code(), absl::StrCat("push ", branch, ": ", report.status().message()));
+    }
+    state.rejected = std::move(report->rejected);
+    state.remote_messages = std::move(report->remote_messages);
+  } else {
+    git_push_options options = GIT_PUSH_OPTIONS_INIT;
+    options.callbacks = Callbacks(&state);
+    std::string refspec = absl::StrCat("refs/heads/", branch, ":refs/heads/", branch);
+    char* specs[] = {refspec.data()};
+    git_strarray refspecs = {specs, 1};
+    if (int rc = git_remote_push(remote.get(), &refspecs, &options); rc < 0) {
+      if (rc == GIT_ENONFASTFORWARD) return NotFastForward(branch);
+      return TransferError(rc, absl::StrCat("push ", branch), state);
+    }
   }
   if (!state.rejected.empty()) {
     std::string remote_said(absl::StripAsciiWhitespace(state.remote_messages));

@@ -5,16 +5,19 @@
 
 #include "absl/status/statusor.h"
 
-// The catalog's git steps, through libgit2 only (never the git CLI). Over HTTP(S) the token is
+// The catalog's git steps, through libgit2 (never the git CLI). Over HTTP(S) the token is
 // handed to libgit2's credential callback (Basic, as GitLab accepts: user "oauth2", the token as
-// password), so it is never written into .git/config, a remote URL or a log.
+// password), so it is never written into .git/config, a remote URL or a log. Shallow clones
+// (depth) go through shallow.h, which sends the token in the same Basic header.
 namespace step_runner::catalog {
 
 struct CloneRequest {
   std::string url;  // must not carry credentials
   std::string ref;  // a branch; empty: the remote's default
   std::string dir;
-  int depth = 0;  // libgit2 1.5 cannot clone shallow: a depth > 0 is reported and ignored
+  // > 0: only the last `depth` commits of the one branch (git's --depth, which implies
+  // --single-branch); over http(s) only (see shallow.h), other URLs get the whole history.
+  int depth = 0;
   std::string token;
 };
 struct CloneResult {

@@ -6,14 +6,30 @@
 #include <mutex>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
 namespace step_runner::catalog {
 namespace {
 
-size_t AppendBody(char* data, size_t size, size_t n, void* out) {
-  static_cast<std::string*>(out)->append(data, size * n);
+struct BodyTarget {
+  CURL* curl;
+  const HttpRequest* request;
+  HttpResponse* response;
+  absl::Status sink_status;
+};
+
+size_t TakeBody(char* data, size_t size, size_t n, void* payload) {
+  auto* target = static_cast<BodyTarget*>(payload);
+  long status = 0;
+  curl_easy_getinfo(target->curl, CURLINFO_RESPONSE_CODE, &status);
+  if (target->request->body_sink && status >= 200 && status < 300) {
+    target->sink_status = target->request->body_sink(absl::string_view(data, size * n));
+    if (!target->sink_status.ok()) return 0;  // curl ends the transfer with CURLE_WRITE_ERROR
+  } else {
+    target->response->body.append(data, size * n);
+  }
   return size * n;
 }
 
@@ -22,6 +38,9 @@ size_t AppendBody(char* data, size_t size, size_t n, void* out) {
 std::vector<HttpHeader> AuthHeaders(AuthScheme scheme, absl::string_view token) {
   if (token.empty()) return {};
   if (scheme == AuthScheme::kPrivateToken) return {{"PRIVATE-TOKEN", std::string(token)}};
+  if (scheme == AuthScheme::kGitBasic) {
+    return {{"Authorization", absl::StrCat("Basic ", absl::Base64Escape(absl::StrCat("oauth2:", token)))}};
+  }
   return {{"Authorization", absl::StrCat("Bearer ", token)}};
 }
 
@@ -46,7 +65,9 @@ absl::StatusOr<HttpResponse> Fetch(const HttpRequest& request) {
   for (const auto& [name, value] : request.headers) {
     raw_headers = curl_slist_append(raw_headers, absl::StrCat(name, ": ", value).c_str());
   }
-  if (!request.body.empty()) raw_headers = curl_slist_append(raw_headers, "Content-Type: application/json");
+  if (!request.body.empty()) {
+    raw_headers = curl_slist_append(raw_headers, absl::StrCat("Content-Type: ", request.content_type).c_str());
+  }
   std::unique_ptr<curl_slist, void (*)(curl_slist*)> headers(raw_headers, curl_slist_free_all);
   HttpResponse response;
   CURL* c = curl.get();
@@ -57,8 +78,9 @@ absl::StatusOr<HttpResponse> Fetch(const HttpRequest& request) {
     curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(request.body.size()));
   }
   curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers.get());
-  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, AppendBody);
-  curl_easy_setopt(c, CURLOPT_WRITEDATA, &response.body);
+  BodyTarget target{.curl = c, .request = &request, .response = &response};
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, TakeBody);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &target);
   curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(absl::ToInt64Milliseconds(request.timeout)));
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS,
                    static_cast<long>(absl::ToInt64Milliseconds(request.connect_timeout)));
@@ -70,6 +92,7 @@ absl::StatusOr<HttpResponse> Fetch(const HttpRequest& request) {
   char error[CURL_ERROR_SIZE] = {0};
   curl_easy_setopt(c, CURLOPT_ERRORBUFFER, error);
   CURLcode rc = curl_easy_perform(c);
+  if (!target.sink_status.ok()) return target.sink_status;
   if (rc == CURLE_OPERATION_TIMEDOUT) {
     return absl::DeadlineExceededError(absl::StrCat(request.method, " ", request.url, ": no answer within ",
                                                     absl::FormatDuration(request.timeout)));

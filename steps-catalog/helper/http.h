@@ -1,6 +1,7 @@
 #ifndef STEP_RUNNER_STEPS_CATALOG_HELPER_HTTP_H_
 #define STEP_RUNNER_STEPS_CATALOG_HELPER_HTTP_H_
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,8 +15,9 @@ namespace step_runner::catalog {
 using HttpHeader = std::pair<std::string, std::string>;
 
 // GitLab takes a personal token as PRIVATE-TOKEN or as a Bearer token; OpenAI-compatible
-// endpoints take a Bearer key.
-enum class AuthScheme { kPrivateToken, kBearer };
+// endpoints take a Bearer key; git over HTTP takes Basic with user "oauth2" and the token as the
+// password (what the libgit2 credential callback sends too).
+enum class AuthScheme { kPrivateToken, kBearer, kGitBasic };
 // The header carrying `token`; an empty token gives no header (nothing to send).
 std::vector<HttpHeader> AuthHeaders(AuthScheme scheme, absl::string_view token);
 
@@ -23,9 +25,14 @@ struct HttpRequest {
   std::string method = "GET";
   std::string url;
   std::vector<HttpHeader> headers;
-  std::string body;  // sent as application/json when non-empty
+  std::string body;
+  std::string content_type = "application/json";  // of a non-empty body
   absl::Duration timeout = absl::Seconds(30);
   absl::Duration connect_timeout = absl::Seconds(10);
+  // When set, a 2xx response's body is handed over piece by piece as it arrives (a git pack may
+  // not fit in memory) instead of being kept in HttpResponse::body; an error from it ends the
+  // transfer and is what Fetch returns. Other statuses keep their body as usual.
+  std::function<absl::Status(absl::string_view)> body_sink;
 };
 
 struct HttpResponse {

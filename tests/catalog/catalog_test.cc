@@ -9,7 +9,9 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "step-runner/base/files.h"
@@ -174,6 +176,129 @@ TEST_F(CatalogTest, RefusedPushesAreClearErrors) {
   EXPECT_EQ(wrong.exit_code, 1);
   EXPECT_THAT(wrong.err, HasSubstr("rejected the token"));
   EXPECT_THAT(wrong.err, Not(HasSubstr("wrong-token")));
+}
+
+// git/clone's depth over HTTP (libgit2 1.5 cannot clone shallow; see steps-catalog/helper/shallow.h):
+// the clone holds only the last commits, and branch, commit, push and a later clone into the same
+// folder all still work in it.
+TEST_F(CatalogTest, ShallowCloneHoldsTheLastCommitsAndBranchCommitPushStillWork) {
+  // Runs git in `dir` (a check from outside: git reads .git/shallow the way a user's tools do).
+  auto git = [&](const std::string& dir, std::vector<std::string> args) {
+    args.insert(args.begin(), {"git", "-C", absl::StrCat(work_, "/", dir)});
+    absl::StatusOr<CommandResult> result = RunCommand(args, absl::Seconds(60));
+    EXPECT_TRUE(result.ok() && result->exit_code == 0)
+        << absl::StrJoin(args, " ") << ": " << (result.ok() ? result->err : result.status().ToString());
+    return result.ok() ? std::string(absl::StripTrailingAsciiWhitespace(result->out)) : "";
+  };
+  auto commit = [&](const std::string& dir, const std::string& file) {
+    EXPECT_TRUE(WriteFileAtomically(absl::StrCat(work_, "/", dir, "/", file), file + "\n", 0644).ok());
+    CatalogRun run = Catalog({"commit", "--dir", dir, "--message", "add " + file, "--author-name", "A", "--author-email", "a@x"});
+    EXPECT_EQ(run.exit_code, 0) << run.err;
+    return run.outputs["sha"].get<std::string>();
+  };
+  auto push = [&](const std::string& dir, const std::string& branch) {
+    return Catalog({"push", "--dir", dir, "--branch", branch});
+  };
+  // Three commits on topic, from a full clone.
+  ASSERT_NO_FATAL_FAILURE(CloneAndBranch("topic"));
+  std::vector<std::string> topic;
+  for (const char* file : {"one.txt", "two.txt", "three.txt"}) topic.push_back(commit("repo", file));
+  ASSERT_EQ(push("repo", "topic").exit_code, 0);
+
+  CatalogRun clone = Catalog({"clone", "--url", forge_->clone_url(), "--dir", "shallow", "--ref", "topic", "--depth", "2"});
+  ASSERT_EQ(clone.exit_code, 0) << clone.err;
+  EXPECT_EQ(clone.outputs["sha"], topic[2]);
+  EXPECT_EQ(clone.outputs["reused"], false);
+  EXPECT_EQ(git("shallow", {"rev-list", "--count", "HEAD"}), "2");
+  EXPECT_EQ(ReadFile(work_ + "/shallow/.git/shallow").value_or(""), topic[1] + "\n");
+  EXPECT_EQ(git("shallow", {"rev-parse", "--abbrev-ref", "HEAD"}), "topic");
+  EXPECT_EQ(git("shallow", {"rev-parse", "--abbrev-ref", "topic@{upstream}"}), "origin/topic");
+  git("shallow", {"fsck", "--no-progress", "--strict"});  // every object down to the cut is there
+  EXPECT_EQ(git("shallow", {"status", "--porcelain"}), "");
+  EXPECT_EQ(ReadFile(work_ + "/shallow/three.txt").value_or(""), "three.txt\n");
+
+  // topic moves on; a clone into the same folder fetches it and keeps the depth.
+  topic.push_back(commit("repo", "four.txt"));
+  ASSERT_EQ(push("repo", "topic").exit_code, 0);
+  CatalogRun again = Catalog({"clone", "--url", forge_->clone_url(), "--dir", "shallow", "--ref", "topic", "--depth", "2"});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(again.outputs["reused"], true);
+  EXPECT_EQ(git("shallow", {"rev-parse", "origin/topic"}), topic[3]);
+  EXPECT_EQ(git("shallow", {"rev-list", "--count", "origin/topic"}), "2");
+  git("shallow", {"fsck", "--no-progress", "--strict"});
+
+  // New work on a new branch is pushed; the forge's receive-pack checks the objects are whole.
+  ASSERT_EQ(Catalog({"branch", "--dir", "shallow", "--name", "feature/shallow", "--base", "topic"}).exit_code, 0);
+  std::string work = commit("shallow", "five.txt");
+  CatalogRun pushed = push("shallow", "feature/shallow");
+  ASSERT_EQ(pushed.exit_code, 0) << pushed.err;
+  EXPECT_THAT(pushed.err, HasSubstr("push: 1 commits"));
+  SR_ASSERT_OK_AND_ASSIGN(json branch, forge_->Api("GET", "/api/v4/projects/1/repository/branches/feature%2Fshallow"));
+  EXPECT_EQ(branch["commit"]["id"], work);
+  EXPECT_EQ(git("shallow", {"rev-parse", "origin/feature/shallow"}), work);
+  // Pushed again with nothing new: nothing to do.
+  EXPECT_EQ(push("shallow", "feature/shallow").exit_code, 0);
+
+  // topic here is behind origin's and has diverged: refused before anything is sent.
+  ASSERT_EQ(Catalog({"branch", "--dir", "shallow", "--name", "topic"}).exit_code, 0);
+  commit("shallow", "six.txt");
+  CatalogRun diverged = push("shallow", "topic");
+  EXPECT_EQ(diverged.exit_code, 1);
+  EXPECT_THAT(diverged.err, HasSubstr("the push of topic was refused: not a fast-forward"));
+  // main is protected on the forge: its refusal and the hook's words come back.
+  ASSERT_EQ(Catalog({"clone", "--url", forge_->clone_url(), "--dir", "main", "--depth", "1"}).exit_code, 0);
+  commit("main", "seven.txt");
+  CatalogRun to_main = push("main", "main");
+  EXPECT_EQ(to_main.exit_code, 1);
+  EXPECT_THAT(to_main.err, HasSubstr("the push of main was refused by the forge"));
+  EXPECT_THAT(to_main.err, HasSubstr("not allowed to push code to protected branches"));
+  SR_ASSERT_OK_AND_ASSIGN(json forge_topic, forge_->Api("GET", "/api/v4/projects/1/repository/branches/topic"));
+  EXPECT_EQ(forge_topic["commit"]["id"], topic[3]);
+  ExpectNoSecretsOnDisk();
+}
+
+TEST_F(CatalogTest, ShallowCloneFaultsAreClearErrorsAndLeaveNothingBehind) {
+  auto clone = [&](const std::string& dir, std::vector<std::string> extra, std::vector<std::string> env = {}) {
+    std::vector<std::string> args = {"clone", "--url", forge_->clone_url(), "--dir", dir};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return Catalog(args, env);
+  };
+  CatalogRun negative = clone("negative", {"--depth", "-1"});
+  EXPECT_EQ(negative.exit_code, 1);
+  EXPECT_THAT(negative.err, HasSubstr("depth must be 0 (the whole history) or more, not -1"));
+
+  CatalogRun wrong = clone("denied", {"--depth", "1"}, {"SR_GIT_TOKEN=not-the-token"});
+  EXPECT_EQ(wrong.exit_code, 1);
+  EXPECT_THAT(wrong.err, HasSubstr("rejected the token"));
+  EXPECT_THAT(wrong.err, Not(HasSubstr("not-the-token")));
+  CatalogRun none = clone("anonymous", {"--depth", "1"}, {"SR_MODEL_KEY=x"});
+  EXPECT_EQ(none.exit_code, 1);
+  EXPECT_THAT(none.err, HasSubstr("no token was given"));
+
+  CatalogRun missing = clone("nobranch", {"--depth", "1", "--ref", "no-such-branch"});
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_THAT(missing.err, HasSubstr("no branch no-such-branch"));
+  CatalogRun elsewhere = Catalog({"clone", "--url", forge_->url() + "/demo/nothing-here.git", "--dir", "nothere", "--depth", "1"});
+  EXPECT_EQ(elsewhere.exit_code, 1);
+  EXPECT_THAT(elsewhere.err, HasSubstr("404"));
+  // An empty folder given to clone into stays, empty.
+  ASSERT_TRUE(MakeDirs(work_ + "/empty", 0755).ok());
+  EXPECT_EQ(clone("empty", {"--depth", "1", "--ref", "no-such-branch"}).exit_code, 1);
+  for (const char* dir : {"negative", "denied", "anonymous", "nobranch", "nothere"}) {
+    struct stat st;
+    EXPECT_NE(::stat(absl::StrCat(work_, "/", dir).c_str(), &st), 0) << dir << " was left behind";
+  }
+  struct stat st;
+  EXPECT_NE(::stat((work_ + "/empty/.git").c_str(), &st), 0);
+  EXPECT_EQ(::stat((work_ + "/empty").c_str(), &st), 0);
+
+  // A folder with other files in it is refused, and they stay.
+  ASSERT_TRUE(MakeDirs(work_ + "/busy", 0755).ok());
+  ASSERT_TRUE(WriteFileAtomically(work_ + "/busy/keep.txt", "keep\n", 0644).ok());
+  CatalogRun busy = clone("busy", {"--depth", "1"});
+  EXPECT_EQ(busy.exit_code, 1);
+  EXPECT_THAT(busy.err, HasSubstr("exists and is not an empty directory"));
+  EXPECT_EQ(ReadFile(work_ + "/busy/keep.txt").value_or(""), "keep\n");
 }
 
 TEST_F(CatalogTest, MergeRequestAndCommentAreIdempotent) {
