@@ -152,6 +152,42 @@ TEST_F(WorkflowTest, AMissingIssueFailsClearlyAndTouchesNothing) {
   EXPECT_THAT(mrs, IsEmpty());
 }
 
+// dist://git/clone with a depth, through the step language (the number input reaches
+// sr-catalog as --depth N): the clone holds only that many commits.
+TEST_F(ForgeTestBase, TheCloneStepCutsTheHistoryAtItsDepth) {
+  SR_ASSERT_OK(forge_->Api("POST", "/api/v4/projects", {{"path", "demo/deep"}}).status());
+  const std::string source = tmp_.path() + "/deep-source";
+  SR_ASSERT_OK(MakeDirs(source, 0700));
+  const std::string push_url =
+      absl::StrReplaceAll(forge_->url(), {{"http://", absl::StrCat("http://agent:", forge_->token(), "@")}}) + "/demo/deep.git";
+  std::vector<std::vector<std::string>> setup = {{"git", "-C", source, "init", "-q", "-b", "main"}};
+  for (const char* file : {"a", "b", "c", "d"}) {
+    setup.push_back({"sh", "-c", absl::StrCat("echo ", file, " > ", source, "/", file)});
+    setup.push_back({"git", "-C", source, "add", "-A"});
+    setup.push_back({"git", "-C", source, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", file});
+  }
+  setup.push_back({"git", "-C", source, "push", "-q", push_url, "main"});
+  for (const std::vector<std::string>& command : setup) {
+    SR_ASSERT_OK_AND_ASSIGN(CommandResult r, RunCommand(command, absl::Seconds(60)));
+    ASSERT_EQ(r.exit_code, 0) << absl::StrJoin(command, " ") << ": " << r.err;
+  }
+  const std::string work = tmp_.path() + "/deep-work";
+  SR_ASSERT_OK(MakeDirs(work, 0700));
+  SR_ASSERT_OK_AND_ASSIGN(
+      CommandResult run,
+      RunCommand({StepRunnerBinary(), "exec", kCatalog + "/git/clone/step.yml", "--catalog", kCatalog, "--work-dir", work,
+                  "--input", "url=" + forge_->url() + "/demo/deep.git", "--input", "depth=2", "--input", "token=" + forge_->token()},
+                 absl::Seconds(120), {absl::StrCat("PATH=", CatalogBinaryDir(), ":", std::getenv("PATH"))}));
+  ASSERT_EQ(run.exit_code, 0) << run.out << run.err;
+  EXPECT_THAT(run.out + run.err, HasSubstr("(the last 2 commits)"));
+  EXPECT_THAT(run.out + run.err, Not(HasSubstr(forge_->token())));
+  SR_ASSERT_OK_AND_ASSIGN(CommandResult count, RunCommand({"git", "-C", work + "/repo", "rev-list", "--count", "HEAD"},
+                                                          absl::Seconds(60)));
+  EXPECT_EQ(count.out, "2\n") << count.err;
+  SR_ASSERT_OK_AND_ASSIGN(CommandResult log, RunCommand({"git", "-C", work + "/repo", "log", "--format=%s"}, absl::Seconds(60)));
+  EXPECT_EQ(log.out, "d\nc\n");
+}
+
 // Git step references over smart HTTP (libgit2 against the forge's `git http-backend`), by tag
 // and by branch; a revision that does not exist is a clear error that names it, and nothing runs.
 TEST_F(ForgeTestBase, GitStepReferencesOverHttp) {
