@@ -326,7 +326,7 @@ absl::Status Push(const std::string& dir, const std::string& branch, const std::
       return absl::FailedPreconditionError(absl::StrCat(dir, " is a shallow clone, which can push only to an http(s) URL"));
     }
     absl::StatusOr<PushReport> report = PushFromShallow(repo.get(), {.url = url, .token = token}, branch);
-    if (absl::IsFailedPrecondition(report.status())) return report.status();
+    if (report.status() == NotFastForward(branch)) return report.status();  // it names the push already
     if (!report.ok()) {
       return absl::Status(report.status().code(), absl::StrCat("push ", branch, ": ", report.status().message()));
     }
