@@ -207,18 +207,21 @@ int HandleKeyExchange(ssh_session session, int fd, absl::Time deadline) {
   return rc;
 }
 
-const char* ChannelTypeName(int subtype) {
+// The SSH name of a channel type; libssh 0.10 reports every type it does not parse as unknown,
+// so for those the name comes from its log (`logged`, see OnLibsshLog).
+std::string ChannelTypeName(int subtype, const std::string& logged) {
   switch (subtype) {
     case SSH_CHANNEL_SESSION: return "session";
     case SSH_CHANNEL_DIRECT_TCPIP: return "direct-tcpip";
     case SSH_CHANNEL_FORWARDED_TCPIP: return "forwarded-tcpip";
     case SSH_CHANNEL_X11: return "x11";
     case SSH_CHANNEL_AUTH_AGENT: return "auth-agent";
-    // libssh 0.10 reports every other type, direct-streamlocal@openssh.com included, as
-    // unknown, without its socket path (see README.md).
-    default: return "unknown (e.g. direct-streamlocal)";
+    default: return logged.empty() ? "unknown" : logged.substr(0, 64);
   }
 }
+
+// `ssh -L ./local.sock:/remote.sock`: OpenSSH's streamlocal forwarding.
+constexpr char kStreamLocalChannel[] = "direct-streamlocal@openssh.com";
 
 const char* ChannelRequestName(int subtype) {
   switch (subtype) {
@@ -282,16 +285,19 @@ class Connection {
   static int OnSubsystem(ssh_session, ssh_channel, const char* subsystem, void* bridge);
   static int OnShell(ssh_session, ssh_channel, void* bridge);
   static int OnFdEvent(socket_t, int, void*) { return 0; }
+  static void OnLibsshLog(int priority, const char* function, const char* message, void* self);
 
   // Shared by both authentication methods once the credential checked out.
   int Authenticated(const std::string& user, const std::string& method);
   int AuthFailed(const std::string& user, const std::string& why);
   void Banner(const std::string& text);
   void StartBridge(Bridge& bridge, const std::string& kind);
+  int OpenStreamLocal(ssh_message message);
   void Pump(Bridge& bridge);
   void FinishBridge(Bridge& bridge, const std::string& reason, int exit_code);
   void UpdateInterest(Bridge& bridge);
   void AuditBridge(const Bridge& bridge);
+  void AuditRefusedOpen(const std::string& kind, const std::string& why);
   void AuditConnection();
 
   ServerState& state_;
@@ -316,8 +322,25 @@ class Connection {
   int64_t bytes_to_backend_ = 0;
   int64_t bytes_to_client_ = 0;
   int channels_ = 0;
+  // The type of the latest channel open, as libssh logged it (see OnLibsshLog).
+  std::string logged_channel_type_;
   std::vector<std::unique_ptr<Bridge>> bridges_;
 };
+
+// libssh 0.10 parses session, direct-tcpip, forwarded-tcpip, x11 and agent channel opens, and
+// hands every other type over as SSH_CHANNEL_UNKNOWN, without its name or its data: the one place
+// the name shows is the line it logs at packet level ("Clients wants to open a <type> channel"),
+// just before it hands the open over. Its log settings are per thread and this thread serves
+// this connection only, so this connection's opens are told apart by that line (and nothing else
+// from the log is kept). The streamlocal socket path is not seen this way.
+void Connection::OnLibsshLog(int, const char*, const char* message, void* self) {
+  constexpr absl::string_view kOpen = "Clients wants to open a ";
+  absl::string_view text = message;
+  const size_t at = text.find(kOpen);
+  if (at == absl::string_view::npos) return;
+  text.remove_prefix(at + kOpen.size());
+  static_cast<Connection*>(self)->logged_channel_type_ = std::string(absl::StripSuffix(text, " channel"));
+}
 
 void Connection::Banner(const std::string& text) {
   ssh_string banner = ssh_string_from_char(absl::StrCat("workspace-proxy: ", text, "\n").c_str());
@@ -435,20 +458,60 @@ int Connection::OnMessage(ssh_session, ssh_message message, void* self) {
   const int type = ssh_message_type(message);
   const int subtype = ssh_message_subtype(message);
   if (type == SSH_REQUEST_CHANNEL_OPEN && c->authenticated_) {
-    c->state_.audit->Write({{"event", "channel"},
-                            {"connection", c->id_},
-                            {"user", c->user_},
-                            {"workspace", c->user_},
-                            {"source", c->address_},
-                            {"kind", ChannelTypeName(subtype)},
-                            {"time", AuditTime(absl::Now())},
-                            {"end", "refused: channel type not allowed"}});
+    if (subtype == SSH_CHANNEL_UNKNOWN && c->logged_channel_type_ == kStreamLocalChannel) {
+      return c->OpenStreamLocal(message);
+    }
+    c->AuditRefusedOpen(ChannelTypeName(subtype, c->logged_channel_type_), "channel type not allowed");
   } else if (type == SSH_REQUEST_CHANNEL && subtype != SSH_CHANNEL_REQUEST_ENV &&
              subtype != SSH_CHANNEL_REQUEST_WINDOW_CHANGE) {
     SR_LOG(INFO) << "connection " << c->id_ << ": refused channel request "
                  << ChannelRequestName(subtype);
   }
   return 1;  // not handled: libssh sends the protocol's refusal
+}
+
+void Connection::AuditRefusedOpen(const std::string& kind, const std::string& why) {
+  state_.audit->Write({{"event", "channel"},
+                       {"connection", id_},
+                       {"user", user_},
+                       {"workspace", user_},
+                       {"source", address_},
+                       {"kind", kind},
+                       {"time", AuditTime(absl::Now())},
+                       {"end", absl::StrCat("refused: ", why)}});
+}
+
+// A streamlocal forward carries the same bytes as `step-runner proxy` over exec, to the same
+// backend, whatever socket path the client named (libssh does not pass it on; the workspace's
+// step-runner is the only socket the proxy serves). Refusals refuse the open itself: the channel
+// has no stderr to explain on, and OpenSSH shows "open failed".
+int Connection::OpenStreamLocal(ssh_message message) {
+  ++channels_;
+  last_activity_ = absl::Now();
+  auto bridge = std::make_unique<Bridge>();
+  bridge->connection = this;
+  bridge->id = next_bridge_id_++;
+  int open = 0;
+  for (const auto& b : bridges_) open += b->done ? 0 : 1;
+  if (open >= state_.config.limits.max_channels_per_connection) {
+    bridge->refusal = absl::StrCat("too many channels on this connection (limit ",
+                                   state_.config.limits.max_channels_per_connection, ")");
+  }
+  StartBridge(*bridge, "direct-streamlocal");
+  if (!bridge->refusal.empty()) {
+    SR_LOG(INFO) << "connection " << id_ << ": streamlocal forward refused: " << bridge->refusal;
+    AuditRefusedOpen("direct-streamlocal", bridge->refusal);
+    return 1;  // libssh answers with the protocol's refusal
+  }
+  bridge->channel = ssh_message_channel_request_open_reply_accept(message);
+  if (bridge->channel == nullptr) {
+    SR_LOG(WARNING) << "connection " << id_ << ": accepting a streamlocal channel failed: " << ssh_get_error(session_);
+    return 0;
+  }
+  ssh_callbacks_init(&bridge->callbacks);
+  ssh_set_channel_callbacks(bridge->channel, &bridge->callbacks);
+  bridges_.push_back(std::move(bridge));
+  return 0;
 }
 
 int Connection::OnExec(ssh_session, ssh_channel, const char* command, void* self) {
@@ -516,7 +579,8 @@ void Connection::FinishBridge(Bridge& bridge, const std::string& reason, int exi
     bridge.registered_events = 0;
   }
   if (!ssh_channel_is_closed(bridge.channel)) {
-    ssh_channel_request_send_exit_status(bridge.channel, exit_code);
+    // Only a session channel has an exit status; a forward just ends.
+    if (bridge.kind != "direct-streamlocal") ssh_channel_request_send_exit_status(bridge.channel, exit_code);
     ssh_channel_send_eof(bridge.channel);
     ssh_channel_close(bridge.channel);
   }
@@ -681,6 +745,10 @@ void Connection::Serve() {
   ssh_callbacks_init(&server_callbacks_);
   ssh_set_server_callbacks(session_, &server_callbacks_);
   ssh_set_message_callback(session_, OnMessage, this);
+  // Per thread in libssh; this thread is this connection's (see OnLibsshLog).
+  ssh_set_log_userdata(this);
+  ssh_set_log_callback(OnLibsshLog);
+  ssh_set_log_level(SSH_LOG_PACKET);
   long grace = std::max<long>(1, static_cast<long>(absl::ToInt64Seconds(limits.login_grace)));
   ssh_options_set(session_, SSH_OPTIONS_TIMEOUT, &grace);
   const int socket_fd = ssh_get_fd(session_);

@@ -366,11 +366,11 @@ TEST_F(ProxyTest, ForbiddenRequestsAreRefusedWithAMessage) {
   CommandResult shell = Run(SshArgv(proxy_->port(), "ws", alice_.path, {}, {}));
   EXPECT_THAT(shell.err, HasSubstr("step-runner proxy"));  // says what is allowed
 
-  // Streamlocal forwarding: libssh 0.10 cannot accept it (README.md), so the channel is refused
+  // TCP forwarding (here from a local socket, `-L local.sock:host:port`): the channel is refused
   // and a client on the local socket sees the connection close.
   const std::string local = dir_.path() + "/local.sock";
   auto forward = Process::Start(SshArgv(proxy_->port(), "ws", alice_.path,
-                                        {"-N", "-L", absl::StrCat(local, ":/step-runner.sock")}),
+                                        {"-N", "-L", absl::StrCat(local, ":127.0.0.1:22")}),
                                 dir_.path() + "/forward");
   ASSERT_TRUE(forward.ok());
   sockaddr_un addr{.sun_family = AF_UNIX};
@@ -392,8 +392,76 @@ TEST_F(ProxyTest, ForbiddenRequestsAreRefusedWithAMessage) {
   ASSERT_TRUE(PollUntil([&] { return absl::StrContains((*forward)->err(), "administratively prohibited"); },
                         absl::Seconds(30)))
       << (*forward)->err();
-  EXPECT_GE(AwaitAudit({"\"end\":\"refused: channel type not allowed\""}, 1), 1);
+  EXPECT_GE(AwaitAudit({"\"kind\":\"direct-tcpip\"", "\"end\":\"refused: channel type not allowed\""}, 1), 1);
   EXPECT_EQ(AwaitAudit({"\"end\":\"refused: command not allowed: ls /\""}, 1), 1);
+}
+
+// `ssh -N -L ./local.sock:/step-runner.sock ws@proxy`: a local socket that is the workspace's
+// step-runner. The stock CLI talks to it as to a daemon on this machine; the forward is audited
+// and counts against the channel limit like any channel.
+TEST_F(ProxyTest, StreamLocalForwardingReachesTheWorkspace) {
+  StartProxy();
+  const std::string local = dir_.path() + "/local.sock";
+  auto forward = Process::Start(SshArgv(proxy_->port(), "ws", alice_.path,
+                                        {"-N", "-L", absl::StrCat(local, ":/step-runner.sock")}),
+                                dir_.path() + "/forward");
+  ASSERT_TRUE(forward.ok()) << forward.status();
+  ASSERT_TRUE(PollUntil([&] { return ::access(local.c_str(), F_OK) == 0 || (*forward)->Exited(); }, absl::Seconds(30)))
+      << (*forward)->err();
+
+  constexpr int64_t kBytes = 300 << 10;
+  const std::string file = StepFile("local", ShStep(absl::StrCat(PatternWriterBinary(), " ", kBytes)));
+  auto cli = StartCli("local", {"run", file, "--id", "via-streamlocal", "--follow", "--socket", local});
+  ASSERT_NE(cli, nullptr);
+  SR_ASSERT_OK_AND_ASSIGN(int exit_code, cli->Wait(absl::Seconds(60)));
+  EXPECT_EQ(exit_code, 0) << cli->err() << (*forward)->err();
+  const std::string expected = ExpectedPattern(kBytes);
+  EXPECT_TRUE(cli->out() == expected) << Difference(cli->out(), expected);
+  // The job is the workspace's: its daemon has it, and another way in sees it too.
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status status, client_->GetStatus("via-streamlocal"));
+  EXPECT_EQ(status.status(), proto::StepResult::success);
+  CommandResult again = Run({StepRunnerBinary(), "status", "via-streamlocal", "--socket", local});
+  EXPECT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_THAT(again.out, HasSubstr("success"));
+
+  // Each connection to the local socket is one channel; the limit (3) holds for them too.
+  std::vector<UniqueFd> held;
+  sockaddr_un addr{.sun_family = AF_UNIX};
+  ASSERT_LT(local.size(), sizeof addr.sun_path);
+  std::memcpy(addr.sun_path, local.c_str(), local.size() + 1);
+  const int before = ConnectionsTo(daemon_->socket_path());
+  for (int i = 0; i < 3; ++i) {
+    held.emplace_back(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    ASSERT_EQ(::connect(held.back().get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  }
+  ASSERT_TRUE(PollUntil([&] { return ConnectionsTo(daemon_->socket_path()) >= before + 3; }, absl::Seconds(30)));
+  UniqueFd fourth(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_EQ(::connect(fourth.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  pollfd pfd{.fd = fourth.get(), .events = POLLIN};
+  char byte;
+  ASSERT_EQ(::poll(&pfd, 1, 30000), 1);
+  EXPECT_EQ(::read(fourth.get(), &byte, 1), 0);  // refused: closed with nothing behind it
+  ASSERT_TRUE(PollUntil([&] { return absl::StrContains((*forward)->err(), "open failed"); }, absl::Seconds(30)))
+      << (*forward)->err();
+  held.clear();
+
+  (*forward)->Signal(SIGTERM);
+  SR_ASSERT_OK((*forward)->Wait(absl::Seconds(30)).status());
+  EXPECT_GE(AwaitAudit({"\"kind\":\"direct-streamlocal\"", "\"end\":\"refused: too many channels on this connection (limit 3)\""}, 1), 1);
+  bool saw_stream = false;
+  PollUntil(
+      [&] {
+        for (const std::string& line : proxy_->AuditLines()) {
+          auto record = nlohmann::json::parse(line, nullptr, false);
+          if (record.is_object() && record.value("kind", "") == "direct-streamlocal" &&
+              record.value("bytes_to_client", int64_t{0}) > kBytes) {
+            saw_stream = true;
+          }
+        }
+        return saw_stream;
+      },
+      absl::Seconds(20));
+  EXPECT_TRUE(saw_stream) << "no streamlocal channel record carries the streamed log";
 }
 
 // Unknown keys, wrong tokens, unknown workspaces, a handshake flood, a password-guessing address
