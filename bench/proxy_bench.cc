@@ -4,7 +4,8 @@
 //                  (one ssh process carrying gRPC; RunAndFollow to the end) vs
 //                  `ssh host /bin/true` with a fresh connection each time vs the same through
 //                  an OpenSSH ControlMaster connection;
-//   2. throughput: a job's N MiB log followed through the proxy (FollowLogs over ssh) vs
+//   2. throughput: a job's N MiB log followed through the proxy (FollowLogs over ssh; and over a
+//      streamlocal forward, `ssh -N -L`) vs
 //                  `ssh host cat FILE` of the same bytes through sshd, both with one cipher;
 //   3. reconnect:  the ssh under a following client is SIGKILLed; the time from the kill to
 //                  the first byte the client receives again.
@@ -298,10 +299,12 @@ absl::StatusOr<DispatchResult> Dispatch(Setup& s, int runs, int warmup) {
 
 struct ThroughputResult {
   double proxy_mib_s = 0;
+  double streamlocal_mib_s = 0;  // the same FollowLogs through `ssh -N -L local.sock:...`
   double sshd_mib_s = 0;
   // CPU seconds per GiB moved: the proxy process itself, and sshd's per-connection processes
   // (reaped by the listening sshd, so counted in its children's time).
   double proxy_cpu_s_per_gib = 0;
+  double streamlocal_cpu_s_per_gib = 0;
   double sshd_cpu_s_per_gib = 0;
 };
 
@@ -335,24 +338,46 @@ absl::StatusOr<ThroughputResult> Throughput(Setup& s, int64_t mib, int rounds) {
   }
   contents.clear();
   contents.shrink_to_fit();
-  std::vector<double> proxy, sshd;
-  absl::Duration proxy_cpu, sshd_cpu;
+  // The third side: a streamlocal forward of the proxy (one `ssh -N -L` for all rounds).
+  const std::string forwarded = s.dir + "/forwarded.sock";
+  std::vector<std::string> forward_argv = s.SshBase(s.proxy_port);
+  forward_argv.insert(forward_argv.end(), {"-N", "-L", absl::StrCat(forwarded, ":/step-runner.sock"), "ws@127.0.0.1"});
+  Background forward;
+  SR_ASSIGN_OR_RETURN(process::Subprocess forward_ssh, Spawn(forward_argv));
+  forward.child.emplace(std::move(forward_ssh));
+  SR_RETURN_IF_ERROR(WaitForFile(forwarded, absl::Seconds(20)));
+  client::ClientOptions local_options;
+  local_options.endpoint.socket_path = forwarded;
+  local_options.rpc_timeout = absl::Seconds(120);
+  client::Client local_client(local_options);
+
+  std::vector<double> proxy, streamlocal, sshd;
+  absl::Duration proxy_cpu, streamlocal_cpu, sshd_cpu;
   const pid_t proxy_pid = s.proxy.child->pid();
   const pid_t sshd_pid = s.sshd.child->pid();
+  // FollowLogs of the whole log through `via`; its MiB/s, the proxy's CPU added to `cpu`.
+  auto follow = [&](client::Client& via, absl::Duration& cpu) -> absl::StatusOr<double> {
+    int64_t got = 0;
+    SR_ASSIGN_OR_RETURN(CpuTime cpu_before, ReadCpuTime(proxy_pid));
+    const Clock::time_point start = Clock::now();
+    SR_RETURN_IF_ERROR(via.Follow("log", 0, [&](const proto::FollowLogsResponse& c) {
+      got += static_cast<int64_t>(c.data().size());
+    }).status());
+    const double secs = MicrosSince(start) / 1e6;
+    SR_ASSIGN_OR_RETURN(CpuTime cpu_after, ReadCpuTime(proxy_pid));
+    cpu += cpu_after.self - cpu_before.self;
+    if (got != log_bytes) return absl::DataLossError(absl::StrCat("followed ", got, " of ", log_bytes));
+    return static_cast<double>(mib) / secs;
+  };
   for (int r = 0; r < rounds; ++r) {
-    for (int side = 0; side < 2; ++side) {
-      if ((side == 0) == (r % 2 == 0)) {
-        int64_t got = 0;
-        SR_ASSIGN_OR_RETURN(CpuTime cpu_before, ReadCpuTime(proxy_pid));
-        const Clock::time_point start = Clock::now();
-        SR_RETURN_IF_ERROR(client.Follow("log", 0, [&](const proto::FollowLogsResponse& c) {
-          got += static_cast<int64_t>(c.data().size());
-        }).status());
-        const double secs = MicrosSince(start) / 1e6;
-        SR_ASSIGN_OR_RETURN(CpuTime cpu_after, ReadCpuTime(proxy_pid));
-        proxy_cpu += cpu_after.self - cpu_before.self;
-        if (got != log_bytes) return absl::DataLossError(absl::StrCat("followed ", got, " of ", log_bytes));
-        proxy.push_back(static_cast<double>(mib) / secs);
+    for (int step = 0; step < 3; ++step) {
+      const int side = (step + r) % 3;  // each round starts with the next side
+      if (side == 0) {
+        SR_ASSIGN_OR_RETURN(double rate, follow(client, proxy_cpu));
+        proxy.push_back(rate);
+      } else if (side == 1) {
+        SR_ASSIGN_OR_RETURN(double rate, follow(local_client, streamlocal_cpu));
+        streamlocal.push_back(rate);
       } else {
         SR_ASSIGN_OR_RETURN(process::OutputPipe pipe, process::MakeOutputPipe());
         SR_ASSIGN_OR_RETURN(CpuTime cpu_before, ReadCpuTime(sshd_pid));
@@ -373,8 +398,12 @@ absl::StatusOr<ThroughputResult> Throughput(Setup& s, int64_t mib, int rounds) {
   }
   SR_RETURN_IF_ERROR(client.Close("log"));
   const double gib = static_cast<double>(log_bytes) * rounds / (1 << 30);
-  return ThroughputResult{Summarize(proxy).p50, Summarize(sshd).p50,
-                          absl::ToDoubleSeconds(proxy_cpu) / gib, absl::ToDoubleSeconds(sshd_cpu) / gib};
+  return ThroughputResult{.proxy_mib_s = Summarize(proxy).p50,
+                          .streamlocal_mib_s = Summarize(streamlocal).p50,
+                          .sshd_mib_s = Summarize(sshd).p50,
+                          .proxy_cpu_s_per_gib = absl::ToDoubleSeconds(proxy_cpu) / gib,
+                          .streamlocal_cpu_s_per_gib = absl::ToDoubleSeconds(streamlocal_cpu) / gib,
+                          .sshd_cpu_s_per_gib = absl::ToDoubleSeconds(sshd_cpu) / gib};
 }
 
 // Kills the ssh under a following client `kills` times; per kill, the time until the client's
@@ -478,6 +507,8 @@ absl::Status Main() {
   absl::StrAppend(&md, "\n| Log streaming | MiB/s (median) | server CPU s per GiB |\n| --- | --- | --- |\n",
                   absl::StrFormat("| FollowLogs through the proxy (CPU: workspace-proxy) | %.0f | %.2f |\n",
                                   t.proxy_mib_s, t.proxy_cpu_s_per_gib),
+                  absl::StrFormat("| the same through `ssh -N -L local.sock:/step-runner.sock` (streamlocal) | %.0f | %.2f |\n",
+                                  t.streamlocal_mib_s, t.streamlocal_cpu_s_per_gib),
                   absl::StrFormat("| `ssh host cat` through sshd (CPU: sshd sessions) | %.0f | %.2f |\n",
                                   t.sshd_mib_s, t.sshd_cpu_s_per_gib));
   absl::StrAppend(&md, "\n| Reconnect: kill to first resumed byte | p50 | p99 | max |\n| --- | --- | --- | --- |\n",

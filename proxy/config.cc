@@ -49,6 +49,11 @@ absl::StatusOr<std::string> String(absl::string_view file, const YAML::Node& nod
   return node.Scalar();
 }
 
+absl::StatusOr<bool> Boolean(absl::string_view file, const YAML::Node& node, absl::string_view name) {
+  if (node.IsScalar() && (node.Scalar() == "true" || node.Scalar() == "false")) return node.Scalar() == "true";
+  return Invalid(file, node, absl::StrCat(name, ": expected true or false"));
+}
+
 absl::StatusOr<int64_t> Integer(absl::string_view file, const YAML::Node& node,
                                 absl::string_view name, int64_t min) {
   int64_t value;
@@ -138,7 +143,7 @@ absl::StatusOr<Config> ParseConfigNode(const YAML::Node& root, const std::string
   Config config;
   SR_RETURN_IF_ERROR(CheckKeys(kFile, root,
                                {"listen", "host_key", "routing", "routing_poll_interval",
-                                "audit_log", "forge", "limits"}));
+                                "audit_log", "forge", "limits", "streamlocal"}));
   if (const YAML::Node listen = root["listen"]) {
     SR_RETURN_IF_ERROR(CheckKeys(kFile, listen, {"address", "port"}));
     if (listen["address"]) {
@@ -179,6 +184,9 @@ absl::StatusOr<Config> ParseConfigNode(const YAML::Node& root, const std::string
   }
   if (const YAML::Node limits = root["limits"]) {
     SR_RETURN_IF_ERROR(ParseLimits(limits, config.limits));
+  }
+  if (root["streamlocal"]) {
+    SR_ASSIGN_OR_RETURN(config.streamlocal, Boolean(kFile, root["streamlocal"], "streamlocal"));
   }
   return config;
 }

@@ -51,6 +51,10 @@ struct Config {
   std::string audit_log;   // JSON lines; empty: stderr
   std::string forge_url;   // empty: no token authentication
   absl::Duration forge_timeout = absl::Seconds(10);
+  // Accept `ssh -L ./local.sock:/step-runner.sock` (direct-streamlocal@openssh.com). Seeing that
+  // channel type costs libssh's packet-level log formatting (server.cc, OnLibsshLog): about 0.3
+  // CPU seconds per GiB streamed through the proxy (BENCHMARKS.md); false saves it.
+  bool streamlocal = true;
   Limits limits;
 };
 

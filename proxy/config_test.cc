@@ -27,6 +27,11 @@ forge: {url: "http://127.0.0.1:3000/"}
   EXPECT_EQ(config.limits.idle_timeout, absl::Seconds(90));
   EXPECT_EQ(config.limits.channel_buffer, 64 << 10);
   EXPECT_EQ(config.limits.max_auth_tries, 3);  // untouched default
+  EXPECT_TRUE(config.streamlocal);
+  SR_ASSERT_OK_AND_ASSIGN(Config off, ParseConfig("host_key: k\nrouting: r\nstreamlocal: false\n", "/srv"));
+  EXPECT_FALSE(off.streamlocal);
+  absl::StatusOr<Config> bad = ParseConfig("host_key: k\nrouting: r\nstreamlocal: maybe\n", "/srv");
+  EXPECT_THAT(bad.status().message(), HasSubstr("streamlocal: expected true or false"));
 }
 
 TEST(ProxyConfigTest, MistakesAreReportedWithTheirPlace) {

@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <memory>
@@ -298,6 +299,7 @@ class Connection {
   void UpdateInterest(Bridge& bridge);
   void AuditBridge(const Bridge& bridge);
   void AuditRefusedOpen(const std::string& kind, const std::string& why);
+  void UpdateLogLevel();
   void AuditConnection();
 
   ServerState& state_;
@@ -324,6 +326,7 @@ class Connection {
   int channels_ = 0;
   // The type of the latest channel open, as libssh logged it (see OnLibsshLog).
   std::string logged_channel_type_;
+  int log_level_ = -1;  // libssh's, for this thread; -1: not set yet
   std::vector<std::unique_ptr<Bridge>> bridges_;
 };
 
@@ -468,6 +471,22 @@ int Connection::OnMessage(ssh_session, ssh_message message, void* self) {
                  << ChannelRequestName(subtype);
   }
   return 1;  // not handled: libssh sends the protocol's refusal
+}
+
+// Logging at packet level formats a few lines per packet, in libssh, before the callback can
+// drop them: 10-30% more CPU for the proxy while a channel streams (BENCHMARKS.md). So the level
+// is up only while this connection carries no command channel (exec, subsystem): a connection
+// made for forwarding (`ssh -N -L`) recognizes every streamlocal open, one carrying
+// `step-runner proxy` pays nothing, and a forward opened on it meanwhile is refused.
+void Connection::UpdateLogLevel() {
+  const bool carrying_commands = std::any_of(bridges_.begin(), bridges_.end(), [](const auto& b) {
+    return !b->done && !b->kind.empty() && b->kind != "direct-streamlocal";
+  });
+  const int level = carrying_commands ? SSH_LOG_NOLOG : SSH_LOG_PACKET;
+  if (level == log_level_) return;
+  ssh_set_log_level(level);
+  log_level_ = level;
+  if (carrying_commands) logged_channel_type_.clear();
 }
 
 void Connection::AuditRefusedOpen(const std::string& kind, const std::string& why) {
@@ -745,10 +764,12 @@ void Connection::Serve() {
   ssh_callbacks_init(&server_callbacks_);
   ssh_set_server_callbacks(session_, &server_callbacks_);
   ssh_set_message_callback(session_, OnMessage, this);
-  // Per thread in libssh; this thread is this connection's (see OnLibsshLog).
-  ssh_set_log_userdata(this);
-  ssh_set_log_callback(OnLibsshLog);
-  ssh_set_log_level(SSH_LOG_PACKET);
+  if (state_.config.streamlocal) {
+    // Per thread in libssh; this thread is this connection's (see OnLibsshLog).
+    ssh_set_log_userdata(this);
+    ssh_set_log_callback(OnLibsshLog);
+    UpdateLogLevel();
+  }
   long grace = std::max<long>(1, static_cast<long>(absl::ToInt64Seconds(limits.login_grace)));
   ssh_options_set(session_, SSH_OPTIONS_TIMEOUT, &grace);
   const int socket_fd = ssh_get_fd(session_);
@@ -782,6 +803,7 @@ void Connection::Serve() {
         for (size_t i = 0; i < bridges_.size(); ++i) Pump(*bridges_[i]);
         // Finished bridges go; their channels are libssh's to free.
         std::erase_if(bridges_, [](const std::unique_ptr<Bridge>& b) { return b->done; });
+        if (state_.config.streamlocal) UpdateLogLevel();
         // Open channels without a byte in either direction count as idle too.
         if (now - last_activity_ >= limits.idle_timeout) {
           end_reason_ = "idle timeout";

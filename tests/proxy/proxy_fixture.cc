@@ -116,6 +116,7 @@ absl::Status ProxyProcess::Launch() {
                                     "audit_log: ", audit_, "\n");
   if (!options_.forge_url.empty()) absl::StrAppend(&config, "forge: {url: ", options_.forge_url, "}\n");
   if (!options_.limits_yaml.empty()) absl::StrAppend(&config, "limits: {", options_.limits_yaml, "}\n");
+  absl::StrAppend(&config, options_.extra_yaml);
   SR_RETURN_IF_ERROR(WriteFileAtomically(config_, config, 0600));
   ::unlink(ready_.c_str());
   SR_ASSIGN_OR_RETURN(process_, Process::Start({WorkspaceProxyBinary(), "--config", config_,

@@ -63,6 +63,7 @@ class ProxyProcess {
     std::string routing_yaml;
     std::string limits_yaml;  // the inside of the config's `limits:` mapping (flow style)
     std::string forge_url;    // empty: no token auth
+    std::string extra_yaml;   // more top-level config lines, as they are
   };
   static absl::StatusOr<std::unique_ptr<ProxyProcess>> Start(Options options);
   ~ProxyProcess();

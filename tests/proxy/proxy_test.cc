@@ -117,11 +117,13 @@ class ProxyTest : public ::testing::Test {
     SR_ASSERT_OK_AND_ASSIGN(mallory_, MakeClientKey(dir_.path() + "/mallory"));
   }
 
-  void StartProxy(const std::string& limits = kLimits, const std::string& forge_url = "") {
+  void StartProxy(const std::string& limits = kLimits, const std::string& forge_url = "",
+                  const std::string& extra_yaml = "") {
     auto proxy = ProxyProcess::Start({.dir = dir_.path(),
                                       .routing_yaml = Routing({"ws", "ws-cmd", "bob-ws", "limited"}),
                                       .limits_yaml = limits,
-                                      .forge_url = forge_url});
+                                      .forge_url = forge_url,
+                                      .extra_yaml = extra_yaml});
     ASSERT_TRUE(proxy.ok()) << proxy.status();
     proxy_ = *std::move(proxy);
   }
@@ -186,6 +188,54 @@ class ProxyTest : public ::testing::Test {
   // `step-runner status` of job `id` through the proxy as `user`.
   CommandResult StatusVia(const std::string& user, const ClientKey& key, const std::string& id) {
     return Run({StepRunnerBinary(), "status", id, "--via", Ssh(user, key)});
+  }
+
+  // An OpenSSH ControlMaster connection to workspace "ws" with its control socket at `control`.
+  void StartMaster(const std::string& control, std::unique_ptr<Process>* master) {
+    auto started = Process::Start(SshArgv(proxy_->port(), "ws", alice_.path,
+                                          {"-M", "-S", control, "-o", "ControlPersist=no"}, {"-N"}),
+                                  dir_.path() + "/master");
+    ASSERT_TRUE(started.ok()) << started.status();
+    *master = *std::move(started);
+    ASSERT_TRUE(PollUntil([&] { return ::access(control.c_str(), F_OK) == 0 || (*master)->Exited(); },
+                          absl::Seconds(30)))
+        << (*master)->err();
+  }
+
+  // `ssh -N -L local:/step-runner.sock ws@proxy`, once ssh has made the local socket.
+  void StartForward(const std::string& local, std::unique_ptr<Process>* forward) {
+    auto started = Process::Start(SshArgv(proxy_->port(), "ws", alice_.path,
+                                          {"-N", "-L", absl::StrCat(local, ":/step-runner.sock")}),
+                                  dir_.path() + "/forward");
+    ASSERT_TRUE(started.ok()) << started.status();
+    *forward = *std::move(started);
+    ASSERT_TRUE(PollUntil([&] { return ::access(local.c_str(), F_OK) == 0 || (*forward)->Exited(); },
+                          absl::Seconds(30)))
+        << (*forward)->err();
+  }
+
+  // Connects to the unix socket `path` (retrying while ssh has not started listening on it),
+  // and returns the connection.
+  static UniqueFd ConnectTo(const std::string& path) {
+    sockaddr_un addr{.sun_family = AF_UNIX};
+    if (path.size() >= sizeof addr.sun_path) return UniqueFd();
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    UniqueFd fd;
+    PollUntil(
+        [&] {
+          fd = UniqueFd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+          return ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+        },
+        absl::Seconds(30), absl::Milliseconds(10));
+    return fd;
+  }
+  // True when a connection to `path` (an ssh -L socket) is closed from the far side with nothing
+  // sent: the proxy refused the forward's channel.
+  static bool ClosedWithNothing(const std::string& path) {
+    UniqueFd fd = ConnectTo(path);
+    pollfd pfd{.fd = fd.get(), .events = POLLIN};
+    char byte;
+    return fd && ::poll(&pfd, 1, 30000) == 1 && ::read(fd.get(), &byte, 1) == 0;
   }
 
   int CountAudit(const std::vector<std::string>& needles) const {
@@ -276,13 +326,8 @@ int ConnectionsTo(const std::string& path) {
 TEST_F(ProxyTest, SeveralChannelsOverOneConnection) {
   StartProxy();
   const std::string control = dir_.path() + "/ctl";
-  auto master = Process::Start(SshArgv(proxy_->port(), "ws", alice_.path,
-                                       {"-M", "-S", control, "-o", "ControlPersist=no"}, {"-N"}),
-                               dir_.path() + "/master");
-  ASSERT_TRUE(master.ok()) << master.status();
-  ASSERT_TRUE(PollUntil([&] { return ::access(control.c_str(), F_OK) == 0 || (*master)->Exited(); },
-                        absl::Seconds(30)))
-      << (*master)->err();
+  std::unique_ptr<Process> master;
+  ASSERT_NO_FATAL_FAILURE(StartMaster(control, &master));
   const std::vector<std::string> mux = {"-S", control, "-o", "ControlMaster=no"};
 
   // Three channels held open (their stdin stays open), the fourth is one too many.
@@ -308,7 +353,7 @@ TEST_F(ProxyTest, SeveralChannelsOverOneConnection) {
       },
       absl::Seconds(30), absl::Milliseconds(100)))
       << "the fourth channel's stderr: " << fourth_err << "\nthe holders': " << held[0]->err() << " | "
-      << held[1]->err() << " | " << held[2]->err() << "\nthe master's: " << (*master)->err();
+      << held[1]->err() << " | " << held[2]->err() << "\nthe master's: " << master->err();
   held.clear();  // SIGKILLs the holders: their channels close
 
   // Two jobs at once over the one connection, each streaming its own bytes.
@@ -330,8 +375,8 @@ TEST_F(ProxyTest, SeveralChannelsOverOneConnection) {
   EXPECT_TRUE(b->out() == ExpectedPattern(300000)) << Difference(b->out(), ExpectedPattern(300000));
 
   // All of that was one authenticated connection.
-  (*master)->Signal(SIGTERM);
-  SR_ASSERT_OK((*master)->Wait(absl::Seconds(30)).status());
+  master->Signal(SIGTERM);
+  SR_ASSERT_OK(master->Wait(absl::Seconds(30)).status());
   ASSERT_GE(AwaitAudit({"\"event\":\"connection\"", "\"workspace\":\"ws\""}, 1), 1);
   int max_channels = 0;
   for (const std::string& line : proxy_->AuditLines()) {
@@ -373,22 +418,7 @@ TEST_F(ProxyTest, ForbiddenRequestsAreRefusedWithAMessage) {
                                         {"-N", "-L", absl::StrCat(local, ":127.0.0.1:22")}),
                                 dir_.path() + "/forward");
   ASSERT_TRUE(forward.ok());
-  sockaddr_un addr{.sun_family = AF_UNIX};
-  ASSERT_LT(local.size(), sizeof addr.sun_path);
-  std::memcpy(addr.sun_path, local.c_str(), local.size() + 1);
-  // ssh binds the socket before it listens: until then a connect is refused.
-  UniqueFd client;
-  ASSERT_TRUE(PollUntil(
-      [&] {
-        client = UniqueFd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-        return ::connect(client.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-      },
-      absl::Seconds(30), absl::Milliseconds(10)))
-      << "ssh never listened on " << local;
-  pollfd pfd{.fd = client.get(), .events = POLLIN};
-  char byte;
-  ASSERT_EQ(::poll(&pfd, 1, 30000), 1);
-  EXPECT_EQ(::read(client.get(), &byte, 1), 0);  // closed: nothing behind it
+  EXPECT_TRUE(ClosedWithNothing(local)) << (*forward)->err();
   ASSERT_TRUE(PollUntil([&] { return absl::StrContains((*forward)->err(), "administratively prohibited"); },
                         absl::Seconds(30)))
       << (*forward)->err();
@@ -402,19 +432,15 @@ TEST_F(ProxyTest, ForbiddenRequestsAreRefusedWithAMessage) {
 TEST_F(ProxyTest, StreamLocalForwardingReachesTheWorkspace) {
   StartProxy();
   const std::string local = dir_.path() + "/local.sock";
-  auto forward = Process::Start(SshArgv(proxy_->port(), "ws", alice_.path,
-                                        {"-N", "-L", absl::StrCat(local, ":/step-runner.sock")}),
-                                dir_.path() + "/forward");
-  ASSERT_TRUE(forward.ok()) << forward.status();
-  ASSERT_TRUE(PollUntil([&] { return ::access(local.c_str(), F_OK) == 0 || (*forward)->Exited(); }, absl::Seconds(30)))
-      << (*forward)->err();
+  std::unique_ptr<Process> forward;
+  ASSERT_NO_FATAL_FAILURE(StartForward(local, &forward));
 
   constexpr int64_t kBytes = 300 << 10;
   const std::string file = StepFile("local", ShStep(absl::StrCat(PatternWriterBinary(), " ", kBytes)));
   auto cli = StartCli("local", {"run", file, "--id", "via-streamlocal", "--follow", "--socket", local});
   ASSERT_NE(cli, nullptr);
   SR_ASSERT_OK_AND_ASSIGN(int exit_code, cli->Wait(absl::Seconds(60)));
-  EXPECT_EQ(exit_code, 0) << cli->err() << (*forward)->err();
+  EXPECT_EQ(exit_code, 0) << cli->err() << forward->err();
   const std::string expected = ExpectedPattern(kBytes);
   EXPECT_TRUE(cli->out() == expected) << Difference(cli->out(), expected);
   // The job is the workspace's: its daemon has it, and another way in sees it too.
@@ -426,27 +452,19 @@ TEST_F(ProxyTest, StreamLocalForwardingReachesTheWorkspace) {
 
   // Each connection to the local socket is one channel; the limit (3) holds for them too.
   std::vector<UniqueFd> held;
-  sockaddr_un addr{.sun_family = AF_UNIX};
-  ASSERT_LT(local.size(), sizeof addr.sun_path);
-  std::memcpy(addr.sun_path, local.c_str(), local.size() + 1);
   const int before = ConnectionsTo(daemon_->socket_path());
   for (int i = 0; i < 3; ++i) {
-    held.emplace_back(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    ASSERT_EQ(::connect(held.back().get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    held.push_back(ConnectTo(local));
+    ASSERT_TRUE(held.back());
   }
   ASSERT_TRUE(PollUntil([&] { return ConnectionsTo(daemon_->socket_path()) >= before + 3; }, absl::Seconds(30)));
-  UniqueFd fourth(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  ASSERT_EQ(::connect(fourth.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-  pollfd pfd{.fd = fourth.get(), .events = POLLIN};
-  char byte;
-  ASSERT_EQ(::poll(&pfd, 1, 30000), 1);
-  EXPECT_EQ(::read(fourth.get(), &byte, 1), 0);  // refused: closed with nothing behind it
-  ASSERT_TRUE(PollUntil([&] { return absl::StrContains((*forward)->err(), "open failed"); }, absl::Seconds(30)))
-      << (*forward)->err();
+  EXPECT_TRUE(ClosedWithNothing(local));  // the fourth is refused
+  ASSERT_TRUE(PollUntil([&] { return absl::StrContains(forward->err(), "open failed"); }, absl::Seconds(30)))
+      << forward->err();
   held.clear();
 
-  (*forward)->Signal(SIGTERM);
-  SR_ASSERT_OK((*forward)->Wait(absl::Seconds(30)).status());
+  forward->Signal(SIGTERM);
+  SR_ASSERT_OK(forward->Wait(absl::Seconds(30)).status());
   EXPECT_GE(AwaitAudit({"\"kind\":\"direct-streamlocal\"", "\"end\":\"refused: too many channels on this connection (limit 3)\""}, 1), 1);
   bool saw_stream = false;
   PollUntil(
@@ -462,6 +480,54 @@ TEST_F(ProxyTest, StreamLocalForwardingReachesTheWorkspace) {
       },
       absl::Seconds(20));
   EXPECT_TRUE(saw_stream) << "no streamlocal channel record carries the streamed log";
+}
+
+// A forward added to a connection that carries a command channel (ControlMaster's `-O forward`)
+// is refused while the command runs, and accepted once it is gone (proxy/README.md: libssh's
+// packet-level log is off while a command streams).
+TEST_F(ProxyTest, StreamLocalOnAConnectionCarryingACommandWaitsForItToEnd) {
+  StartProxy();
+  const std::string control = dir_.path() + "/ctl";
+  std::unique_ptr<Process> master;
+  ASSERT_NO_FATAL_FAILURE(StartMaster(control, &master));
+  const std::vector<std::string> mux = {"-S", control, "-o", "ControlMaster=no"};
+  const int before = ConnectionsTo(daemon_->socket_path());
+  auto command = Process::Start({"sh", "-c", absl::StrCat("sleep 60 | ", Ssh("ws", alice_, mux))}, dir_.path() + "/held");
+  ASSERT_TRUE(command.ok()) << command.status();
+  ASSERT_TRUE(PollUntil([&] { return ConnectionsTo(daemon_->socket_path()) >= before + 1; }, absl::Seconds(30)));
+
+  const std::string local = dir_.path() + "/added.sock";
+  CommandResult added = Run(SshArgv(proxy_->port(), "ws", alice_.path,
+                                    {"-S", control, "-O", "forward", "-L", absl::StrCat(local, ":/step-runner.sock")}));
+  ASSERT_EQ(added.exit_code, 0) << added.err;
+  EXPECT_TRUE(ClosedWithNothing(local));
+  EXPECT_GE(AwaitAudit({"\"kind\":\"unknown\"", "\"end\":\"refused: channel type not allowed\""}, 1), 1);
+
+  command->reset();  // SIGKILLs the holder: its channel closes
+  ASSERT_TRUE(PollUntil([&] { return ConnectionsTo(daemon_->socket_path()) <= before; }, absl::Seconds(30)));
+  CommandResult status;
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        status = Run({StepRunnerBinary(), "status", "--socket", local});
+        return status.exit_code == 0;
+      },
+      absl::Seconds(30), absl::Milliseconds(200)))
+      << status.err << master->err();
+  master->Signal(SIGTERM);
+  SR_ASSERT_OK(master->Wait(absl::Seconds(30)).status());
+}
+
+// `streamlocal: false` in the proxy's config: the forward's channel is refused, as any other.
+TEST_F(ProxyTest, StreamLocalCanBeTurnedOff) {
+  StartProxy(kLimits, "", "streamlocal: false\n");
+  const std::string local = dir_.path() + "/local.sock";
+  std::unique_ptr<Process> forward;
+  ASSERT_NO_FATAL_FAILURE(StartForward(local, &forward));
+  EXPECT_TRUE(ClosedWithNothing(local));
+  ASSERT_TRUE(PollUntil([&] { return absl::StrContains(forward->err(), "administratively prohibited"); },
+                        absl::Seconds(30)))
+      << forward->err();
+  EXPECT_GE(AwaitAudit({"\"kind\":\"unknown\"", "\"end\":\"refused: channel type not allowed\""}, 1), 1);
 }
 
 // Unknown keys, wrong tokens, unknown workspaces, a handshake flood, a password-guessing address
