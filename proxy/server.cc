@@ -273,6 +273,10 @@ class Connection {
     bridges_.clear();
     if (event_) ssh_event_free(event_);
     ssh_free(session_);
+    // This thread's libssh log hook points here (OnLibsshLog): nothing may log into it after.
+    ssh_set_log_level(SSH_LOG_NOLOG);
+    ssh_set_log_callback(nullptr);
+    ssh_set_log_userdata(nullptr);
   }
 
   void Serve();
