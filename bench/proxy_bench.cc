@@ -3,7 +3,8 @@
 //   1. dispatch:   run-to-completion of `exec: [/bin/true]` through a warm proxy connection
 //                  (one ssh process carrying gRPC; RunAndFollow to the end) vs
 //                  `ssh host /bin/true` with a fresh connection each time vs the same through
-//                  an OpenSSH ControlMaster connection;
+//                  an OpenSSH ControlMaster connection; the bwrap side also with --gap_ms
+//                  between commands (the sandbox pool refills in such pauses);
 //   2. throughput: a job's N MiB log followed through the proxy (FollowLogs over ssh; and over a
 //      streamlocal forward, `ssh -N -L`) vs
 //                  `ssh host cat FILE` of the same bytes through sshd, both with one cipher;
@@ -52,6 +53,7 @@
 ABSL_FLAG(bool, quick, false, "smoke-test sizes (CTest): a few runs, 16 MiB, 3 reconnects");
 ABSL_FLAG(int, runs, 200, "timed dispatch runs per side");
 ABSL_FLAG(int, warmup, 10, "untimed dispatch runs per side first");
+ABSL_FLAG(int, gap_ms, 50, "untimed pause before each command of the paced bwrap dispatch side");
 ABSL_FLAG(int64_t, log_mib, 1024, "MiB of log streamed per throughput round");
 ABSL_FLAG(int, throughput_rounds, 3, "throughput rounds per side (alternating); medians reported");
 ABSL_FLAG(int, reconnects, 30, "killed connections for the reconnect figure");
@@ -237,6 +239,7 @@ absl::Status RunOnce(client::Client& client, const std::string& id, const std::s
 
 struct DispatchResult {
   Summary proxy, proxy_none, fresh, mux, direct, direct_none;
+  Summary proxy_paced;  // bwrap, with --gap_ms before each command
 };
 
 absl::StatusOr<DispatchResult> Dispatch(Setup& s, int runs, int warmup) {
@@ -259,6 +262,14 @@ absl::StatusOr<DispatchResult> Dispatch(Setup& s, int runs, int warmup) {
       return micros;
     };
   };
+  // The same, after an untimed pause: commands as an agent sends them (a result read, a model
+  // call, the next command), where the sandbox pool refills between steps.
+  auto paced_side = [&](client::Client& c, absl::Duration gap) {
+    return [run = daemon_side(c), gap]() -> absl::StatusOr<double> {
+      absl::SleepFor(gap);
+      return run();
+    };
+  };
   auto ssh_side = [&](bool multiplexed) {
     std::vector<std::string> extra;
     if (multiplexed) extra = {"-S", s.dir + "/ctl", "-o", "ControlMaster=no"};
@@ -276,7 +287,8 @@ absl::StatusOr<DispatchResult> Dispatch(Setup& s, int runs, int warmup) {
   // Order: the result fields below.
   std::vector<Side> sides = {{daemon_side(proxy_bwrap), {}}, {daemon_side(proxy_none), {}},
                              {ssh_side(false), {}},           {ssh_side(true), {}},
-                             {daemon_side(direct_bwrap), {}}, {daemon_side(direct_none), {}}};
+                             {daemon_side(direct_bwrap), {}}, {daemon_side(direct_none), {}},
+                             {paced_side(proxy_bwrap, absl::Milliseconds(absl::GetFlag(FLAGS_gap_ms))), {}}};
   for (int i = 0; i < warmup; ++i) {
     for (Side& side : sides) SR_RETURN_IF_ERROR(side.run().status());
   }
@@ -294,7 +306,8 @@ absl::StatusOr<DispatchResult> Dispatch(Setup& s, int runs, int warmup) {
   }
   return DispatchResult{Summarize(sides[0].micros), Summarize(sides[1].micros),
                         Summarize(sides[2].micros), Summarize(sides[3].micros),
-                        Summarize(sides[4].micros), Summarize(sides[5].micros)};
+                        Summarize(sides[4].micros), Summarize(sides[5].micros),
+                        Summarize(sides[6].micros)};
 }
 
 struct ThroughputResult {
@@ -500,6 +513,9 @@ absl::Status Main() {
   };
   row("warm proxy connection, daemon --sandbox=none", d.proxy_none);
   row("warm proxy connection, daemon default (bwrap)", d.proxy);
+  const std::string paced = absl::StrCat("the same, ", absl::GetFlag(FLAGS_gap_ms),
+                                         " ms between commands (as an agent sends them)");
+  row(paced.c_str(), d.proxy_paced);
   row("`ssh host /bin/true`, fresh connection", d.fresh);
   row("`ssh host /bin/true`, ControlMaster", d.mux);
   row("(reference: daemon socket, --sandbox=none)", d.direct_none);
