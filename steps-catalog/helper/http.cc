@@ -84,6 +84,10 @@ absl::StatusOr<HttpResponse> Fetch(const HttpRequest& request) {
   curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(absl::ToInt64Milliseconds(request.timeout)));
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS,
                    static_cast<long>(absl::ToInt64Milliseconds(request.connect_timeout)));
+  if (request.stall_timeout > absl::ZeroDuration()) {
+    curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, 1L);
+    curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, static_cast<long>(absl::ToInt64Seconds(request.stall_timeout)));
+  }
   // No signals from curl's resolver timeouts in a process that may run threads.
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
@@ -94,8 +98,11 @@ absl::StatusOr<HttpResponse> Fetch(const HttpRequest& request) {
   CURLcode rc = curl_easy_perform(c);
   if (!target.sink_status.ok()) return target.sink_status;
   if (rc == CURLE_OPERATION_TIMEDOUT) {
-    return absl::DeadlineExceededError(absl::StrCat(request.method, " ", request.url, ": no answer within ",
-                                                    absl::FormatDuration(request.timeout)));
+    return absl::DeadlineExceededError(absl::StrCat(
+        request.method, " ", request.url, ": no answer within ", absl::FormatDuration(request.timeout),
+        request.stall_timeout > absl::ZeroDuration()
+            ? absl::StrCat(", or nothing received for ", absl::FormatDuration(request.stall_timeout))
+            : ""));
   }
   if (rc != CURLE_OK) {
     return absl::UnavailableError(absl::StrCat(request.method, " ", request.url, ": ",

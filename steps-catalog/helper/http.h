@@ -29,6 +29,9 @@ struct HttpRequest {
   std::string content_type = "application/json";  // of a non-empty body
   absl::Duration timeout = absl::Seconds(30);
   absl::Duration connect_timeout = absl::Seconds(10);
+  // > 0: also give up when no byte arrives for this long (a long transfer's `timeout` is large,
+  // and a stalled server must not hold a step for all of it).
+  absl::Duration stall_timeout = absl::ZeroDuration();
   // When set, a 2xx response's body is handed over piece by piece as it arrives (a git pack may
   // not fit in memory) instead of being kept in HttpResponse::body; an error from it ends the
   // transfer and is what Fetch returns. Other statuses keep their body as usual.

@@ -52,7 +52,10 @@ absl::Status PostToService(const SmartHttpRemote& remote, absl::string_view serv
                    .body = std::move(body),
                    .content_type = absl::StrCat("application/x-", service, "-request"),
                    // A large repository over a slow link; the forge's own limits apply first.
+                   // git's server sends progress while it counts and compresses, so a silence
+                   // this long is a stall.
                    .timeout = absl::Hours(1),
+                   .stall_timeout = absl::Minutes(2),
                    .body_sink = sink};
   http.headers.emplace_back("Accept", absl::StrCat("application/x-", service, "-result"));
   SR_ASSIGN_OR_RETURN(HttpResponse response, Fetch(http));
