@@ -370,7 +370,8 @@ absl::StatusOr<PushReport> PushFromShallow(git_repository* repo, const SmartHttp
   git_buf bytes = GIT_BUF_INIT;
   absl::Cleanup dispose = [&bytes] { git_buf_dispose(&bytes); };
   if (int rc = git_packbuilder_write_buf(&bytes, pack.get()); rc < 0) return GitErrorToStatus(rc, "write the pack");
-  std::cerr << "push: " << new_commits.size() << " commits, " << git_packbuilder_object_count(pack.get())
+  std::cerr << "push: " << new_commits.size() << (new_commits.size() == 1 ? " commit, " : " commits, ")
+            << git_packbuilder_object_count(pack.get())
             << " objects (" << bytes.size << " bytes) to " << remote.url << "\n";
   SR_ASSIGN_OR_RETURN(PushReport report, SendPack(remote, refs, {.old_sha = old_sha, .new_sha = new_sha, .ref = ref},
                                                   absl::string_view(bytes.ptr, bytes.size)));
