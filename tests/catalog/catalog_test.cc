@@ -5,10 +5,15 @@
 #include <dirent.h>
 #include <sys/stat.h>
 
+#include <httplib.h>
 #include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -45,6 +50,44 @@ void FilesContaining(const std::string& dir, const std::string& needle, std::vec
   }
   ::closedir(d);
 }
+
+// A git smart HTTP server whose upload-pack answer stops after the pack's header: a clone
+// fails after the repository was made.
+class BrokenPackServer {
+ public:
+  BrokenPackServer() {
+    const std::string sha(40, 'a');
+    auto pkt = [](const std::string& payload) { return absl::StrFormat("%04x", payload.size() + 4) + payload; };
+    server_.Get("/broken.git/info/refs", [=](const httplib::Request&, httplib::Response& response) {
+      response.set_content(pkt("# service=git-upload-pack\n") + "0000" +
+                               pkt(sha + " HEAD" + std::string(1, '\0') +
+                                   "shallow side-band-64k ofs-delta symref=HEAD:refs/heads/main agent=git/2\n") +
+                               pkt(sha + " refs/heads/main\n") + "0000",
+                           "application/x-git-upload-pack-advertisement");
+    });
+    server_.Post("/broken.git/git-upload-pack", [=, this](const httplib::Request&, httplib::Response& response) {
+      served_pack_ = true;
+      // A pack of 5 objects, cut after its 12-byte header.
+      response.set_content(pkt("shallow " + sha + "\n") + "0000" + pkt("NAK\n") +
+                               pkt(std::string("\x01PACK\0\0\0\x02\0\0\0\x05", 13)) + "0000",
+                           "application/x-git-upload-pack-result");
+    });
+    port_ = server_.bind_to_any_port("127.0.0.1");
+    thread_ = std::thread([this] { server_.listen_after_bind(); });
+  }
+  ~BrokenPackServer() {
+    server_.stop();
+    thread_.join();
+  }
+  std::string url() const { return absl::StrCat("http://127.0.0.1:", port_); }
+  bool served_pack() const { return served_pack_; }
+
+ private:
+  httplib::Server server_;
+  int port_ = 0;
+  std::thread thread_;
+  std::atomic<bool> served_pack_{false};
+};
 
 struct CatalogRun {
   int exit_code = -1;
@@ -291,6 +334,19 @@ TEST_F(CatalogTest, ShallowCloneFaultsAreClearErrorsAndLeaveNothingBehind) {
   }
   struct stat st;
   EXPECT_NE(::stat((work_ + "/empty/.git").c_str(), &st), 0);
+  EXPECT_EQ(::stat((work_ + "/empty").c_str(), &st), 0);
+
+  // A forge that fails mid-clone (its pack ends after the header): the repository was made by
+  // then, and goes again; an empty folder given to clone into stays, empty.
+  BrokenPackServer broken;
+  for (const char* dir : {"halfway", "empty"}) {
+    CatalogRun cut = Catalog({"clone", "--url", broken.url() + "/broken.git", "--dir", dir, "--depth", "1"});
+    EXPECT_EQ(cut.exit_code, 1) << dir;
+    EXPECT_THAT(cut.err, HasSubstr("clone " + broken.url() + "/broken.git: ")) << dir;
+  }
+  EXPECT_TRUE(broken.served_pack());
+  EXPECT_NE(::stat((work_ + "/halfway").c_str(), &st), 0) << "a half-made clone was left behind";
+  EXPECT_NE(::stat((work_ + "/empty/.git").c_str(), &st), 0) << "a half-made clone was left behind";
   EXPECT_EQ(::stat((work_ + "/empty").c_str(), &st), 0);
 
   // A folder with other files in it is refused, and they stay.
