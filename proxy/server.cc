@@ -298,6 +298,7 @@ class Connection {
   void Banner(const std::string& text);
   void StartBridge(Bridge& bridge, const std::string& kind);
   int OpenStreamLocal(ssh_message message);
+  void NewBridge(Bridge& bridge);
   void Pump(Bridge& bridge);
   void FinishBridge(Bridge& bridge, const std::string& reason, int exit_code);
   void UpdateInterest(Bridge& bridge);
@@ -437,15 +438,9 @@ ssh_channel Connection::OnChannelOpen(ssh_session session, void* self) {
   bridge->id = c->next_bridge_id_++;
   bridge->channel = ssh_channel_new(session);
   if (bridge->channel == nullptr) return nullptr;
-  ++c->channels_;
-  c->last_activity_ = absl::Now();
-  int open = 0;
-  for (const auto& b : c->bridges_) open += b->done ? 0 : 1;
-  if (open >= c->state_.config.limits.max_channels_per_connection) {
-    // Accepted only to say why on the client's stderr; the first request gets the refusal.
-    bridge->refusal = absl::StrCat("too many channels on this connection (limit ",
-                                   c->state_.config.limits.max_channels_per_connection, ")");
-  }
+  // Accepted even when over the limit, only to say why on the client's stderr; the first
+  // request gets the refusal.
+  c->NewBridge(*bridge);
   ssh_channel_callbacks_struct& cb = bridge->callbacks;
   cb.userdata = bridge.get();
   cb.channel_exec_request_function = OnExec;
@@ -493,6 +488,18 @@ void Connection::UpdateLogLevel() {
   if (carrying_commands) logged_channel_type_.clear();
 }
 
+// Counts a new channel, and refuses it (bridge.refusal) when the connection has its limit of
+// open ones already.
+void Connection::NewBridge(Bridge& bridge) {
+  ++channels_;
+  last_activity_ = absl::Now();
+  const auto open = std::count_if(bridges_.begin(), bridges_.end(), [](const auto& b) { return !b->done; });
+  if (open >= state_.config.limits.max_channels_per_connection) {
+    bridge.refusal = absl::StrCat("too many channels on this connection (limit ",
+                                  state_.config.limits.max_channels_per_connection, ")");
+  }
+}
+
 void Connection::AuditRefusedOpen(const std::string& kind, const std::string& why) {
   state_.audit->Write({{"event", "channel"},
                        {"connection", id_},
@@ -509,17 +516,10 @@ void Connection::AuditRefusedOpen(const std::string& kind, const std::string& wh
 // step-runner is the only socket the proxy serves). Refusals refuse the open itself: the channel
 // has no stderr to explain on, and OpenSSH shows "open failed".
 int Connection::OpenStreamLocal(ssh_message message) {
-  ++channels_;
-  last_activity_ = absl::Now();
   auto bridge = std::make_unique<Bridge>();
   bridge->connection = this;
   bridge->id = next_bridge_id_++;
-  int open = 0;
-  for (const auto& b : bridges_) open += b->done ? 0 : 1;
-  if (open >= state_.config.limits.max_channels_per_connection) {
-    bridge->refusal = absl::StrCat("too many channels on this connection (limit ",
-                                   state_.config.limits.max_channels_per_connection, ")");
-  }
+  NewBridge(*bridge);
   StartBridge(*bridge, "direct-streamlocal");
   if (!bridge->refusal.empty()) {
     SR_LOG(INFO) << "connection " << id_ << ": streamlocal forward refused: " << bridge->refusal;
