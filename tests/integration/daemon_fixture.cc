@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <limits.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -192,15 +193,35 @@ absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv, a
   return result;
 }
 
-int CountOpenFds(pid_t pid) {
-  DIR* dir = ::opendir(absl::StrCat("/proc/", pid, "/fd").c_str());
-  if (dir == nullptr) return -1;
-  int count = 0;
+std::vector<std::string> OpenFds(pid_t pid) {
+  const std::string fd_dir = absl::StrCat("/proc/", pid, "/fd");
+  std::vector<std::pair<int, std::string>> fds;
+  DIR* dir = ::opendir(fd_dir.c_str());
+  if (dir == nullptr) return {};
   while (struct dirent* entry = ::readdir(dir)) {
-    if (entry->d_name[0] != '.') ++count;
+    if (entry->d_name[0] == '.') continue;
+    char target[PATH_MAX];
+    ssize_t length = ::readlink(absl::StrCat(fd_dir, "/", entry->d_name).c_str(), target, sizeof target);
+    fds.emplace_back(std::atoi(entry->d_name), length < 0 ? "?" : std::string(target, length));
   }
   ::closedir(dir);
-  return count;
+  std::sort(fds.begin(), fds.end());
+  std::vector<std::string> listed;
+  for (const auto& [fd, target] : fds) listed.push_back(absl::StrCat(fd, " -> ", target));
+  return listed;
+}
+
+std::vector<std::string> SettledOpenFds(pid_t pid) {
+  std::vector<std::string> fds = OpenFds(pid);
+  for (absl::Time settled = absl::Now() + absl::Milliseconds(200), until = absl::Now() + absl::Seconds(10);
+       absl::Now() < settled && absl::Now() < until;) {
+    absl::SleepFor(absl::Milliseconds(20));
+    if (std::vector<std::string> now = OpenFds(pid); now.size() != fds.size()) {
+      fds = std::move(now);
+      settled = absl::Now() + absl::Milliseconds(200);
+    }
+  }
+  return fds;
 }
 
 std::vector<std::string> EnvironmentWith(const std::vector<std::string>& overrides) {

@@ -121,8 +121,12 @@ absl::StatusOr<CommandResult> RunCommand(const std::vector<std::string>& argv,
                                          const std::vector<std::string>& env = {},
                                          const std::string& input = "");
 
-// Open fds of a process, from /proc/<pid>/fd.
-int CountOpenFds(pid_t pid);
+// Open fds of a process, from /proc/<pid>/fd, each as "N -> target" (sorted by N), so that a
+// failing count says what is open.
+std::vector<std::string> OpenFds(pid_t pid);
+// OpenFds once their number has not changed for 200 ms (at most 10 s of waiting): what a process
+// holds at rest, not the files it opens and closes as it finishes its work.
+std::vector<std::string> SettledOpenFds(pid_t pid);
 
 }  // namespace step_runner::testing
 
