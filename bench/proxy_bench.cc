@@ -8,8 +8,10 @@
 //   2. throughput: a job's N MiB log followed through the proxy (FollowLogs over ssh; and over a
 //      streamlocal forward, `ssh -N -L`) vs
 //                  `ssh host cat FILE` of the same bytes through sshd, both with one cipher;
-//   3. reconnect:  the ssh under a following client is SIGKILLed; the time from the kill to
-//                  the first byte the client receives again.
+//   3. reconnect:  the connection under a following client is cut (`--via 'ssh ...'`: the ssh
+//                  process SIGKILLed; the built-in `--ssh` client: its TCP connection shut
+//                  down by a relay in between); the time from the cut to the first byte the
+//                  client receives again.
 //
 // The bench starts its own sshd (temporary config and host key, 127.0.0.1, an unused port; as
 // root it creates /run/sshd, sshd's privilege-separation directory, when missing), its own
@@ -19,6 +21,8 @@
 //   proxy_bench [--quick] [--runs N] [--log_mib N] [--reconnects N] [--cipher C] [--markdown F]
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -29,6 +33,7 @@
 #include <functional>
 #include <cerrno>
 #include <iostream>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -109,6 +114,104 @@ absl::StatusOr<int> UnusedPort() {
   }
   return ntohs(addr.sin_port);
 }
+
+// A TCP hop between a client and the proxy that the bench can cut, as a dropped network
+// connection is cut: the current connection's two sockets are shut down at once, so both ends
+// see it end. Each accepted connection gets a thread copying both ways.
+class TcpRelay {
+ public:
+  static absl::StatusOr<std::unique_ptr<TcpRelay>> Start(int target_port) {
+    UniqueFd listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in addr{.sin_family = AF_INET, .sin_port = 0, .sin_addr = {htonl(INADDR_LOOPBACK)}};
+    socklen_t len = sizeof addr;
+    if (!listener || ::bind(listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+        ::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
+        ::listen(listener.get(), 16) != 0) {
+      return ErrnoStatus(errno, "relay: listen");
+    }
+    std::unique_ptr<TcpRelay> relay(new TcpRelay(std::move(listener), ntohs(addr.sin_port), target_port));
+    relay->acceptor_ = std::thread([r = relay.get()] { r->AcceptLoop(); });
+    return relay;
+  }
+
+  ~TcpRelay() {
+    stopping_ = true;
+    ::shutdown(listener_.get(), SHUT_RDWR);  // wakes accept()
+    acceptor_.join();
+    Cut();
+    for (std::thread& t : bridges_) t.join();
+  }
+
+  int port() const { return port_; }
+  int64_t connections() const { return connections_; }
+
+  // Ends the newest connection, both ways.
+  void Cut() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int fd : current_) ::shutdown(fd, SHUT_RDWR);
+  }
+
+ private:
+  TcpRelay(UniqueFd listener, int port, int target_port)
+      : listener_(std::move(listener)), port_(port), target_port_(target_port) {}
+
+  void AcceptLoop() {
+    while (!stopping_) {
+      UniqueFd client(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (!client) {
+        if (stopping_ || (errno != EINTR && errno != ECONNABORTED)) return;
+        continue;
+      }
+      UniqueFd server(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      sockaddr_in addr{.sin_family = AF_INET, .sin_port = htons(static_cast<uint16_t>(target_port_)),
+                       .sin_addr = {htonl(INADDR_LOOPBACK)}};
+      if (::connect(server.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) continue;
+      for (int fd : {client.get(), server.get()}) {
+        int one = 1;
+        ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        current_ = {client.get(), server.get()};
+      }
+      ++connections_;
+      bridges_.emplace_back([this, c = std::make_shared<UniqueFd>(std::move(client)),
+                             p = std::make_shared<UniqueFd>(std::move(server))] { Bridge(c->get(), p->get()); });
+    }
+  }
+
+  void Bridge(int a, int b) {
+    char buffer[64 << 10];
+    for (;;) {
+      pollfd fds[2] = {{.fd = a, .events = POLLIN}, {.fd = b, .events = POLLIN}};
+      if (::poll(fds, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        break;
+      }
+      bool ended = false;
+      for (int i = 0; i < 2 && !ended; ++i) {
+        if (!fds[i].revents) continue;
+        const ssize_t n = ::read(fds[i].fd, buffer, sizeof buffer);
+        ended = n <= 0 || !WriteAll(fds[1 - i].fd, absl::string_view(buffer, static_cast<size_t>(n))).ok();
+      }
+      if (ended) break;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    ::shutdown(a, SHUT_RDWR);
+    ::shutdown(b, SHUT_RDWR);
+    if (current_ == std::vector<int>{a, b}) current_.clear();  // the fds close as this returns
+  }
+
+  const UniqueFd listener_;
+  const int port_;
+  const int target_port_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<int64_t> connections_{0};
+  std::mutex mu_;
+  std::vector<int> current_;  // guarded by mu_
+  std::thread acceptor_;
+  std::vector<std::thread> bridges_;  // only the acceptor adds, only the destructor joins
+};
 
 // A background process that is SIGTERMed, then reaped, when it goes out of scope.
 struct Background {
@@ -419,59 +522,112 @@ absl::StatusOr<ThroughputResult> Throughput(Setup& s, int64_t mib, int rounds) {
                           .sshd_cpu_s_per_gib = absl::ToDoubleSeconds(sshd_cpu) / gib};
 }
 
-// Kills the ssh under a following client `kills` times; per kill, the time until the client's
-// sink gets a byte again, with the client library's defaults (a connection that was delivering
-// is redialled at once).
-absl::StatusOr<Summary> Reconnect(Setup& s, int kills) {
+// A way to reach the proxy whose connection the bench can cut: how many connections it has
+// made so far, and how to cut the newest.
+struct Cuttable {
+  client::ClientOptions options;
+  std::function<int64_t()> connections;
+  std::function<absl::Status()> cut;
+};
+
+// `--via 'ssh ...'`: each dial's ssh writes its pid to a file; the cut SIGKILLs the newest.
+Cuttable ViaSshKilled(const Setup& s) {
   const std::string pids = absl::StrCat(s.dir, "/via.pids");
-  client::ClientOptions options = s.ProxyClientOptions();
-  options.endpoint.via_command = absl::StrCat("echo $$ >> ", pids, "; exec ", s.ViaProxy());
-  client::Client client(options);
-  const std::string id = "tick";
+  auto newest = [pids]() -> std::vector<std::string> {
+    return absl::StrSplit(ReadFile(pids).value_or(""), '\n', absl::SkipEmpty());
+  };
+  Cuttable c{.options = s.ProxyClientOptions()};
+  c.options.endpoint.via_command = absl::StrCat("echo $$ >> ", pids, "; exec ", s.ViaProxy());
+  c.connections = [newest] { return static_cast<int64_t>(newest().size()); };
+  c.cut = [newest]() -> absl::Status {
+    pid_t pid = 0;
+    std::vector<std::string> lines = newest();
+    if (lines.empty() || !absl::SimpleAtoi(lines.back(), &pid)) return absl::InternalError("no ssh pid");
+    if (::kill(pid, SIGKILL) != 0) return ErrnoStatus(errno, "kill(ssh)");
+    return absl::OkStatus();
+  };
+  return c;
+}
+
+// The client's built-in SSH client (`--ssh ws@host:port`, libssh) through a TCP relay whose
+// connection is cut, as a network drop cuts it.
+absl::StatusOr<Cuttable> BuiltInSshThroughRelay(const Setup& s, TcpRelay& relay) {
+  UniqueFd public_key(::open((s.dir + "/proxy_host.pub").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!public_key) return ErrnoStatus(errno, "open(proxy_host.pub)");
+  SR_ASSIGN_OR_RETURN(process::Subprocess keygen,
+                      Spawn({"ssh-keygen", "-y", "-f", s.dir + "/proxy_host"}, public_key.get()));
+  SR_ASSIGN_OR_RETURN(int code, keygen.Reap());
+  SR_ASSIGN_OR_RETURN(std::string host_key, ReadFile(s.dir + "/proxy_host.pub"));
+  if (code != 0 || host_key.empty()) return absl::InternalError("ssh-keygen -y of the proxy's host key failed");
+  const std::string known_hosts = s.dir + "/known_hosts";
+  SR_RETURN_IF_ERROR(WriteFileAtomically(
+      known_hosts, absl::StrCat("[127.0.0.1]:", relay.port(), " ", host_key), 0600));
+  Cuttable c{.options = s.ProxyClientOptions()};
+  c.options.endpoint = {.ssh_target = absl::StrCat("ws@127.0.0.1:", relay.port()),
+                        .ssh_key = s.key,
+                        .ssh_known_hosts = known_hosts};
+  c.connections = [&relay] { return relay.connections(); };
+  c.cut = [&relay] {
+    relay.Cut();
+    return absl::OkStatus();
+  };
+  return c;
+}
+
+// Cuts the connection under a following client `kills` times; per cut, the time until the
+// client's sink gets a byte again, with the client library's defaults (a connection that was
+// delivering is redialled at once).
+absl::StatusOr<Summary> Reconnect(const Cuttable& way, int kills, const std::string& id) {
+  client::Client client(way.options);
   proto::RunRequest request;
   request.set_id(id);
   // A line every ~2 ms, so a resumed stream has bytes waiting at once.
   request.set_steps(StepFile("exec: {command: [sh, -c, \"while :; do echo tick; sleep 0.002; done\"]}\n"));
   SR_RETURN_IF_ERROR(client.Run(request));
-  std::atomic<int64_t> last_chunk_ns{0};
   std::atomic<int64_t> chunks{0};
+  // The first chunk that came over a connection made after the cut (bytes of the cut one may
+  // still arrive just after the cut: they were on their way).
+  std::atomic<int64_t> connections_at_cut{std::numeric_limits<int64_t>::max()};
+  std::atomic<int64_t> resumed_ns{0};
   std::thread follower([&] {
-    client::Client follow_client(options);
+    client::Client follow_client(way.options);
     (void)follow_client.Follow(id, 0, [&](const proto::FollowLogsResponse&) {
-      last_chunk_ns = absl::GetCurrentTimeNanos();
+      const int64_t now = absl::GetCurrentTimeNanos();
       ++chunks;
+      if (resumed_ns == 0 && way.connections() > connections_at_cut) resumed_ns = now;
     });
   });
   std::vector<double> latencies;
   absl::Status status;
-  size_t seen = 0;
+  int64_t seen = way.connections();
   for (int k = 0; k < kills && status.ok(); ++k) {
     // Wait for a fresh connection that delivers, then cut it.
     const absl::Time until = absl::Now() + absl::Seconds(30);
-    std::vector<std::string> lines;
+    int64_t connections = 0;
     for (;;) {
-      lines = absl::StrSplit(ReadFile(pids).value_or(""), '\n', absl::SkipEmpty());
+      connections = way.connections();
       const int64_t before = chunks;
       absl::SleepFor(absl::Milliseconds(50));
-      if (lines.size() > seen && chunks > before) break;
+      if (connections > seen && chunks > before) break;
       if (absl::Now() > until) {
         status = absl::DeadlineExceededError("no reconnect within 30s");
         break;
       }
     }
     if (!status.ok()) break;
-    seen = lines.size();
-    pid_t pid = 0;
-    if (!absl::SimpleAtoi(lines.back(), &pid)) continue;
+    seen = connections;
+    resumed_ns = 0;
+    connections_at_cut = connections;
     const int64_t killed_at = absl::GetCurrentTimeNanos();
-    if (::kill(pid, SIGKILL) != 0) continue;
+    if (!way.cut().ok()) continue;
     const absl::Time deadline = absl::Now() + absl::Seconds(30);
-    while (last_chunk_ns <= killed_at && absl::Now() < deadline) absl::SleepFor(absl::Microseconds(200));
-    if (last_chunk_ns <= killed_at) {
-      status = absl::DeadlineExceededError("no byte after a kill within 30s");
+    while (resumed_ns == 0 && absl::Now() < deadline) absl::SleepFor(absl::Microseconds(200));
+    if (resumed_ns == 0) {
+      status = absl::DeadlineExceededError("no byte after a cut within 30s");
       break;
     }
-    latencies.push_back(static_cast<double>(last_chunk_ns - killed_at) / 1e3);
+    latencies.push_back(static_cast<double>(resumed_ns - killed_at) / 1e3);
+    connections_at_cut = std::numeric_limits<int64_t>::max();
   }
   (void)client.Cancel(id);
   follower.join();
@@ -497,7 +653,10 @@ absl::Status Main() {
 
   SR_ASSIGN_OR_RETURN(DispatchResult d, Dispatch(s, runs, warmup));
   SR_ASSIGN_OR_RETURN(ThroughputResult t, Throughput(s, mib, rounds));
-  SR_ASSIGN_OR_RETURN(Summary r_default, Reconnect(s, reconnects));
+  SR_ASSIGN_OR_RETURN(Summary r_via, Reconnect(ViaSshKilled(s), reconnects, "tick-via"));
+  SR_ASSIGN_OR_RETURN(std::unique_ptr<TcpRelay> relay, TcpRelay::Start(s.proxy_port));
+  SR_ASSIGN_OR_RETURN(Cuttable built_in, BuiltInSshThroughRelay(s, *relay));
+  SR_ASSIGN_OR_RETURN(Summary r_built_in, Reconnect(built_in, reconnects, "tick-built-in"));
 
   utsname uts{};
   ::uname(&uts);
@@ -527,9 +686,11 @@ absl::Status Main() {
                                   t.streamlocal_mib_s, t.streamlocal_cpu_s_per_gib),
                   absl::StrFormat("| `ssh host cat` through sshd (CPU: sshd sessions) | %.0f | %.2f |\n",
                                   t.sshd_mib_s, t.sshd_cpu_s_per_gib));
-  absl::StrAppend(&md, "\n| Reconnect: kill to first resumed byte | p50 | p99 | max |\n| --- | --- | --- | --- |\n",
-                  "| `--via 'ssh ... step-runner proxy'`, client defaults | ", Ms(r_default.p50), " | ",
-                  Ms(r_default.p99), " | ", Ms(r_default.max), " |\n");
+  absl::StrAppend(&md, "\n| Reconnect: cut to first resumed byte (client defaults) | p50 | p99 | max |\n| --- | --- | --- | --- |\n",
+                  "| `--via 'ssh ... step-runner proxy'`, the ssh process killed | ", Ms(r_via.p50), " | ",
+                  Ms(r_via.p99), " | ", Ms(r_via.max), " |\n",
+                  "| built-in `--ssh ws@host:port` (libssh), its TCP connection cut | ", Ms(r_built_in.p50),
+                  " | ", Ms(r_built_in.p99), " | ", Ms(r_built_in.max), " |\n");
   std::cout << md;
   if (const std::string path = absl::GetFlag(FLAGS_markdown); !path.empty()) {
     SR_RETURN_IF_ERROR(WriteFileAtomically(path, md, 0644));
