@@ -3,8 +3,9 @@
 //   1. dispatch:   run-to-completion of `exec: [/bin/true]` through a warm proxy connection
 //                  (one ssh process carrying gRPC; RunAndFollow to the end) vs
 //                  `ssh host /bin/true` with a fresh connection each time vs the same through
-//                  an OpenSSH ControlMaster connection; the bwrap side also with --gap_ms
-//                  between commands (the sandbox pool refills in such pauses);
+//                  an OpenSSH ControlMaster connection; the bwrap side also with pauses
+//                  between commands (--gap_ms, 50 and 250 ms: the sandbox pool refills in
+//                  such pauses; an agent's model call takes longer);
 //   2. throughput: a job's N MiB log followed through the proxy (FollowLogs over ssh; and over a
 //      streamlocal forward, `ssh -N -L`) vs
 //                  `ssh host cat FILE` of the same bytes through sshd, both with one cipher;
@@ -37,6 +38,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -58,7 +60,8 @@
 ABSL_FLAG(bool, quick, false, "smoke-test sizes (CTest): a few runs, 16 MiB, 3 reconnects");
 ABSL_FLAG(int, runs, 200, "timed dispatch runs per side");
 ABSL_FLAG(int, warmup, 10, "untimed dispatch runs per side first");
-ABSL_FLAG(int, gap_ms, 50, "untimed pause before each command of the paced bwrap dispatch side");
+ABSL_FLAG(std::vector<std::string>, gap_ms, std::vector<std::string>({"50", "250"}),
+          "untimed pauses before each command of the paced bwrap dispatch sides (ms), one side each");
 ABSL_FLAG(int64_t, log_mib, 1024, "MiB of log streamed per throughput round");
 ABSL_FLAG(int, throughput_rounds, 3, "throughput rounds per side (alternating); medians reported");
 ABSL_FLAG(int, reconnects, 30, "killed connections for the reconnect figure");
@@ -342,10 +345,16 @@ absl::Status RunOnce(client::Client& client, const std::string& id, const std::s
 
 struct DispatchResult {
   Summary proxy, proxy_none, fresh, mux, direct, direct_none;
-  Summary proxy_paced;  // bwrap, with --gap_ms before each command
+  std::vector<std::pair<int, Summary>> proxy_paced;  // bwrap, with each --gap_ms before each command
 };
 
 absl::StatusOr<DispatchResult> Dispatch(Setup& s, int runs, int warmup) {
+  std::vector<int> gaps;
+  for (const std::string& gap : absl::GetFlag(FLAGS_gap_ms)) {
+    if (!absl::SimpleAtoi(gap, &gaps.emplace_back()) || gaps.back() < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--gap_ms: not a number of milliseconds: ", gap));
+    }
+  }
   // Through the proxy to each daemon, and the same calls on each daemon's socket: what the proxy
   // adds on top of the daemon, with and without the daemon's step isolation.
   client::Client proxy_bwrap(s.ProxyClientOptions("ws"));
@@ -390,8 +399,8 @@ absl::StatusOr<DispatchResult> Dispatch(Setup& s, int runs, int warmup) {
   // Order: the result fields below.
   std::vector<Side> sides = {{daemon_side(proxy_bwrap), {}}, {daemon_side(proxy_none), {}},
                              {ssh_side(false), {}},           {ssh_side(true), {}},
-                             {daemon_side(direct_bwrap), {}}, {daemon_side(direct_none), {}},
-                             {paced_side(proxy_bwrap, absl::Milliseconds(absl::GetFlag(FLAGS_gap_ms))), {}}};
+                             {daemon_side(direct_bwrap), {}}, {daemon_side(direct_none), {}}};
+  for (int gap : gaps) sides.push_back({paced_side(proxy_bwrap, absl::Milliseconds(gap)), {}});
   for (int i = 0; i < warmup; ++i) {
     for (Side& side : sides) SR_RETURN_IF_ERROR(side.run().status());
   }
@@ -407,10 +416,11 @@ absl::StatusOr<DispatchResult> Dispatch(Setup& s, int runs, int warmup) {
       }
     }
   }
-  return DispatchResult{Summarize(sides[0].micros), Summarize(sides[1].micros),
+  DispatchResult result{Summarize(sides[0].micros), Summarize(sides[1].micros),
                         Summarize(sides[2].micros), Summarize(sides[3].micros),
-                        Summarize(sides[4].micros), Summarize(sides[5].micros),
-                        Summarize(sides[6].micros)};
+                        Summarize(sides[4].micros), Summarize(sides[5].micros)};
+  for (size_t i = 0; i < gaps.size(); ++i) result.proxy_paced.emplace_back(gaps[i], Summarize(sides[6 + i].micros));
+  return result;
 }
 
 struct ThroughputResult {
@@ -672,9 +682,10 @@ absl::Status Main() {
   };
   row("warm proxy connection, daemon --sandbox=none", d.proxy_none);
   row("warm proxy connection, daemon default (bwrap)", d.proxy);
-  const std::string paced = absl::StrCat("the same, ", absl::GetFlag(FLAGS_gap_ms),
-                                         " ms between commands (as an agent sends them)");
-  row(paced.c_str(), d.proxy_paced);
+  for (const auto& [gap, summary] : d.proxy_paced) {
+    const std::string paced = absl::StrCat("the same, ", gap, " ms between commands (as an agent sends them)");
+    row(paced.c_str(), summary);
+  }
   row("`ssh host /bin/true`, fresh connection", d.fresh);
   row("`ssh host /bin/true`, ControlMaster", d.mux);
   row("(reference: daemon socket, --sandbox=none)", d.direct_none);
