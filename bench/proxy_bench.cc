@@ -22,8 +22,6 @@
 //   proxy_bench [--quick] [--runs N] [--log_mib N] [--reconnects N] [--cipher C] [--markdown F]
 #include <fcntl.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -56,6 +54,7 @@
 #include "step-runner/base/files.h"
 #include "step-runner/base/status_macros.h"
 #include "step-runner/base/unique_fd.h"
+#include "tests/helpers/tcp_relay.h"
 
 ABSL_FLAG(bool, quick, false, "smoke-test sizes (CTest): a few runs, 16 MiB, 3 reconnects");
 ABSL_FLAG(int, runs, 200, "timed dispatch runs per side");
@@ -71,6 +70,8 @@ ABSL_FLAG(std::string, tmp_dir, "/tmp", "where sockets, keys, state and the log 
 
 namespace step_runner::bench {
 namespace {
+
+using testing::TcpRelay;
 
 std::string ProxyBinary() { return SR_BINARY_DIR "/proxy/workspace-proxy"; }
 
@@ -117,104 +118,6 @@ absl::StatusOr<int> UnusedPort() {
   }
   return ntohs(addr.sin_port);
 }
-
-// A TCP hop between a client and the proxy that the bench can cut, as a dropped network
-// connection is cut: the current connection's two sockets are shut down at once, so both ends
-// see it end. Each accepted connection gets a thread copying both ways.
-class TcpRelay {
- public:
-  static absl::StatusOr<std::unique_ptr<TcpRelay>> Start(int target_port) {
-    UniqueFd listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    sockaddr_in addr{.sin_family = AF_INET, .sin_port = 0, .sin_addr = {htonl(INADDR_LOOPBACK)}};
-    socklen_t len = sizeof addr;
-    if (!listener || ::bind(listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-        ::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
-        ::listen(listener.get(), 16) != 0) {
-      return ErrnoStatus(errno, "relay: listen");
-    }
-    std::unique_ptr<TcpRelay> relay(new TcpRelay(std::move(listener), ntohs(addr.sin_port), target_port));
-    relay->acceptor_ = std::thread([r = relay.get()] { r->AcceptLoop(); });
-    return relay;
-  }
-
-  ~TcpRelay() {
-    stopping_ = true;
-    ::shutdown(listener_.get(), SHUT_RDWR);  // wakes accept()
-    acceptor_.join();
-    Cut();
-    for (std::thread& t : bridges_) t.join();
-  }
-
-  int port() const { return port_; }
-  int64_t connections() const { return connections_; }
-
-  // Ends the newest connection, both ways.
-  void Cut() {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (int fd : current_) ::shutdown(fd, SHUT_RDWR);
-  }
-
- private:
-  TcpRelay(UniqueFd listener, int port, int target_port)
-      : listener_(std::move(listener)), port_(port), target_port_(target_port) {}
-
-  void AcceptLoop() {
-    while (!stopping_) {
-      UniqueFd client(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-      if (!client) {
-        if (stopping_ || (errno != EINTR && errno != ECONNABORTED)) return;
-        continue;
-      }
-      UniqueFd server(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-      sockaddr_in addr{.sin_family = AF_INET, .sin_port = htons(static_cast<uint16_t>(target_port_)),
-                       .sin_addr = {htonl(INADDR_LOOPBACK)}};
-      if (::connect(server.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) continue;
-      for (int fd : {client.get(), server.get()}) {
-        int one = 1;
-        ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-      }
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        current_ = {client.get(), server.get()};
-      }
-      ++connections_;
-      bridges_.emplace_back([this, c = std::make_shared<UniqueFd>(std::move(client)),
-                             p = std::make_shared<UniqueFd>(std::move(server))] { Bridge(c->get(), p->get()); });
-    }
-  }
-
-  void Bridge(int a, int b) {
-    char buffer[64 << 10];
-    for (;;) {
-      pollfd fds[2] = {{.fd = a, .events = POLLIN}, {.fd = b, .events = POLLIN}};
-      if (::poll(fds, 2, -1) < 0) {
-        if (errno == EINTR) continue;
-        break;
-      }
-      bool ended = false;
-      for (int i = 0; i < 2 && !ended; ++i) {
-        if (!fds[i].revents) continue;
-        const ssize_t n = ::read(fds[i].fd, buffer, sizeof buffer);
-        ended = n <= 0 || !WriteAll(fds[1 - i].fd, absl::string_view(buffer, static_cast<size_t>(n))).ok();
-      }
-      if (ended) break;
-    }
-    std::lock_guard<std::mutex> lock(mu_);
-    ::shutdown(a, SHUT_RDWR);
-    ::shutdown(b, SHUT_RDWR);
-    if (current_ == std::vector<int>{a, b}) current_.clear();  // the fds close as this returns
-  }
-
-  const UniqueFd listener_;
-  const int port_;
-  const int target_port_;
-  std::atomic<bool> stopping_{false};
-  std::atomic<int64_t> connections_{0};
-  std::mutex mu_;
-  std::vector<int> current_;  // guarded by mu_
-  std::thread acceptor_;
-  std::vector<std::thread> bridges_;  // only the acceptor adds, only the destructor joins
-};
 
 // A background process that is SIGTERMed, then reaped, when it goes out of scope.
 struct Background {

@@ -3,7 +3,7 @@
 add_executable(proxy_bench ${CMAKE_CURRENT_LIST_DIR}/proxy_bench.cc ${CMAKE_CURRENT_LIST_DIR}/bench_util.cc)
 target_include_directories(proxy_bench PRIVATE ${PROJECT_SOURCE_DIR})
 target_link_libraries(proxy_bench PRIVATE
-  sr::client sr::process sr::base sr::proto
+  sr::client sr::process sr::base sr::proto sr::tcp_relay
   absl::flags absl::flags_parse absl::flags_usage absl::status absl::statusor absl::strings
   absl::str_format absl::time)
 target_compile_definitions(proxy_bench PRIVATE SR_BINARY_DIR="${PROJECT_BINARY_DIR}")

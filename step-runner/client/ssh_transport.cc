@@ -72,6 +72,11 @@ absl::StatusOr<std::unique_ptr<SshTransport>> SshTransport::Start(const SshTarge
   }
   const int auth = ssh_userauth_publickey(t->session_, nullptr, key);
   ssh_key_free(key);
+  if (auth == SSH_AUTH_ERROR) {
+    // The connection failed during the authentication (dropped, timed out): worth a redial,
+    // unlike a refusal.
+    return absl::UnavailableError(absl::StrCat("ssh ", where, ": ", ssh_get_error(t->session_)));
+  }
   if (auth != SSH_AUTH_SUCCESS) {
     return absl::InvalidArgumentError(absl::StrCat("ssh ", where, ": the key was refused"));
   }
