@@ -47,7 +47,7 @@ absl::StatusOr<std::unique_ptr<SshTransport>> SshTransport::Start(const SshTarge
   // gRPC's requests are small writes that wait for an answer: with Nagle on, the second of two
   // writes in a row waits for the peer's delayed ACK of the first (40 ms on Linux), in the key
   // exchange and in every RPC. Through a TCP hop in between (a relay, a load balancer), which the
-  // proxy's own quick ACKs do not reach, a reconnect took ~100 ms instead of ~20.
+  // proxy's own quick ACKs do not reach, a reconnect took ~100 ms instead of ~11 (BENCHMARKS.md).
   const int no_delay = 1;
   ssh_options_set(t->session_, SSH_OPTIONS_NODELAY, &no_delay);
   if (!target.known_hosts.empty()) {

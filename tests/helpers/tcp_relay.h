@@ -15,7 +15,7 @@
 namespace step_runner::testing {
 
 // A TCP hop on 127.0.0.1 in front of a port, that a test or a benchmark can cut as a dropped
-// network connection is cut: both sockets of the newest connection are shut down at once, so
+// network connection is cut: both sockets of a connection are shut down at once, so
 // each end sees its connection end (a client, as behind a NAT or a load balancer that went
 // away; the server, as the proxy sees a vanished client). Each connection gets a thread
 // copying both ways.
@@ -29,7 +29,7 @@ class TcpRelay {
   int port() const { return port_; }
   // Connections accepted (and connected onwards) so far.
   int64_t connections() const { return connections_; }
-  // Ends the newest connection, both ways; nothing if it already ended.
+  // Ends the newest of the open connections, both ways; nothing if none is open.
   void Cut();
 
  private:
