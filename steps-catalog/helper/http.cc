@@ -2,6 +2,7 @@
 
 #include <curl/curl.h>
 
+#include <algorithm>
 #include <memory>
 #include <mutex>
 
@@ -86,7 +87,9 @@ absl::StatusOr<HttpResponse> Fetch(const HttpRequest& request) {
                    static_cast<long>(absl::ToInt64Milliseconds(request.connect_timeout)));
   if (request.stall_timeout > absl::ZeroDuration()) {
     curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, 1L);
-    curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, static_cast<long>(absl::ToInt64Seconds(request.stall_timeout)));
+    // Whole seconds for curl, at least one (0 would turn the check off).
+    const int64_t stall_seconds = std::max<int64_t>(1, absl::ToInt64Seconds(absl::Ceil(request.stall_timeout, absl::Seconds(1))));
+    curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, static_cast<long>(stall_seconds));
   }
   // No signals from curl's resolver timeouts in a process that may run threads.
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
