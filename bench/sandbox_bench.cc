@@ -18,15 +18,22 @@
 // sends the next would; 0 is back to back, the hardest case for a pool that is refilled behind
 // the steps.
 //
-//   sandbox_bench [--quick] [--runs N] [--batch N] [--gap_ms N] [--markdown FILE]
+// Then, by itself: raw bwrap sandboxes made 1, 2, 4 at a time (--concurrency), sandboxes a
+// second against /bin/true the same way: whether parallel making lifts the ceiling on steps that
+// come back to back, each in its own fresh sandbox.
+//
+//   sandbox_bench [--quick] [--runs N] [--batch N] [--gap_ms N] [--concurrency 1,2,4] [--markdown FILE]
 #include <unistd.h>
 
 #include <fstream>
 #include <iostream>
+#include <thread>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "bench/bench_util.h"
 #include "step-runner/base/files.h"
@@ -41,6 +48,11 @@ ABSL_FLAG(int, gap_ms, 0, "untimed pause between runs");
 ABSL_FLAG(bool, print_samples, false, "print every run's time (side, batch, ms) to stderr");
 ABSL_FLAG(std::string, markdown, "", "also write the table as markdown to this file");
 ABSL_FLAG(std::string, tmp_dir, "/tmp", "where the daemons' sockets and state go");
+ABSL_FLAG(std::vector<std::string>, concurrency, std::vector<std::string>({"1", "2", "4"}),
+          "after the table: raw bwrap sandboxes made this many at a time (comma-separated; empty: "
+          "skip), to see whether making sandboxes in parallel raises how many a second this "
+          "machine can make: the ceiling for steps that come back to back, each in a fresh sandbox");
+ABSL_FLAG(int, concurrency_runs, 120, "sandboxes (and /bin/true runs) per concurrency level");
 
 namespace step_runner::bench {
 namespace {
@@ -73,6 +85,45 @@ absl::StatusOr<double> RawOnce(const std::vector<std::string>& argv) {
 }
 
 std::string Ms(double micros) { return absl::StrFormat("%.2f ms", micros / 1000); }
+
+// `total` runs of `argv`, `parallel` at a time (each of `parallel` threads runs its share back to
+// back); the wall time in microseconds.
+absl::StatusOr<double> RawInParallel(const std::vector<std::string>& argv, int parallel, int total) {
+  std::vector<absl::Status> results(parallel);
+  std::vector<std::thread> threads;
+  const Clock::time_point start = Clock::now();
+  for (int t = 0; t < parallel; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = t; i < total && results[t].ok(); i += parallel) results[t] = RawOnce(argv).status();
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  const double micros = MicrosSince(start);
+  for (const absl::Status& s : results) SR_RETURN_IF_ERROR(s);
+  return micros;
+}
+
+// How many fresh sandboxes a second this machine makes, k at a time, against /bin/true the same
+// way. A sandbox per step is the design (a step never shares one), so for steps that come back
+// to back faster than the pool refills, this rate is the ceiling, whatever the daemon does.
+absl::StatusOr<std::string> ConcurrencyTable(const std::vector<std::string>& bwrap, int total) {
+  std::string table = absl::StrFormat(
+      "\n| at a time (%d runs each: bwrap, then /bin/true) | raw bwrap /bin/true: per second | wall per sandbox | "
+      "raw /bin/true: per second | wall per run |\n|---|---|---|---|---|\n",
+      total);
+  for (const std::string& level : absl::GetFlag(FLAGS_concurrency)) {
+    int parallel = 0;
+    if (!absl::SimpleAtoi(level, &parallel) || parallel < 1 || parallel > 64) {
+      return absl::InvalidArgumentError(absl::StrCat("--concurrency: expected numbers from 1 to 64, got \"", level, "\""));
+    }
+    SR_ASSIGN_OR_RETURN(double sandboxes, RawInParallel(bwrap, parallel, total));
+    SR_ASSIGN_OR_RETURN(double plain, RawInParallel({"/bin/true"}, parallel, total));
+    absl::StrAppend(&table, "| ", parallel, " | ", absl::StrFormat("%.0f", total / (sandboxes / 1e6)), " | ",
+                    Ms(sandboxes / total), " | ", absl::StrFormat("%.0f", total / (plain / 1e6)), " | ",
+                    Ms(plain / total), " |\n");
+  }
+  return table;
+}
 
 absl::Status Main() {
   const bool quick = absl::GetFlag(FLAGS_quick);
@@ -155,6 +206,10 @@ absl::Status Main() {
                   Ms(s[kCold].mean - s[kNone].mean), " |\n");
   absl::StrAppend(&table, "\nPaired per-batch difference of medians (bwrap - none): p50 ",
                   Ms(Summarize(paired).p50), ", over ", paired.size(), " batches. Goal: < 5 ms at p50.\n");
+  if (!absl::GetFlag(FLAGS_concurrency).empty()) {
+    SR_ASSIGN_OR_RETURN(std::string concurrency, ConcurrencyTable(bwrap, quick ? 8 : absl::GetFlag(FLAGS_concurrency_runs)));
+    absl::StrAppend(&table, concurrency);
+  }
   std::cout << table;
   if (const std::string path = absl::GetFlag(FLAGS_markdown); !path.empty()) std::ofstream(path) << table;
   SR_RETURN_IF_ERROR(plain->Stop());
