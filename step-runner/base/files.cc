@@ -17,21 +17,47 @@ absl::Status ErrnoStatus(int err, absl::string_view what) {
   return absl::ErrnoToStatus(err, what);
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return ErrnoStatus(errno, absl::StrCat("open(", path, ")"));
+namespace {
+
+// Reads `fd` to its end; past `max_bytes`, INVALID_ARGUMENT naming it `what`.
+absl::StatusOr<std::string> ReadToEnd(int fd, size_t max_bytes, absl::string_view what) {
   std::string out;
   char buf[65536];
   for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    ssize_t n = ::read(fd, buf, sizeof buf);
     if (n < 0) {
       if (errno == EINTR) continue;
-      return ErrnoStatus(errno, absl::StrCat("read(", path, ")"));
+      return ErrnoStatus(errno, absl::StrCat("read(", what, ")"));
     }
-    if (n == 0) break;
+    if (n == 0) return out;
     out.append(buf, static_cast<size_t>(n));
+    if (out.size() > max_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " is over the limit of ", max_bytes, " bytes"));
+    }
   }
-  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return ErrnoStatus(errno, absl::StrCat("open(", path, ")"));
+  return ReadToEnd(fd.get(), std::string().max_size(), path);
+}
+
+absl::StatusOr<std::string> ReadRegularFile(const std::string& path, size_t max_bytes, bool follow_links,
+                                            absl::string_view what) {
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | (follow_links ? 0 : O_NOFOLLOW)));
+  if (!fd && errno == ELOOP && !follow_links) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " is a symbolic link, which is not followed"));
+  }
+  if (!fd && errno == ENOENT) return absl::NotFoundError(absl::StrCat(what, ": no file ", path));
+  if (!fd) return ErrnoStatus(errno, absl::StrCat("open(", path, ")"));
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) return ErrnoStatus(errno, absl::StrCat("fstat(", path, ")"));
+  if (!S_ISREG(st.st_mode)) return absl::InvalidArgumentError(absl::StrCat(what, " is not a regular file"));
+  return ReadToEnd(fd.get(), max_bytes, what);
 }
 
 absl::Status WriteAll(int fd, absl::string_view data) {

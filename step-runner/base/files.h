@@ -15,6 +15,12 @@ namespace step_runner {
 absl::Status ErrnoStatus(int err, absl::string_view what);
 
 absl::StatusOr<std::string> ReadFile(const std::string& path);
+// Reads a file that someone else (a step's code) may have made or replaced: NOT_FOUND if there is
+// none; INVALID_ARGUMENT, naming it `what`, if it is not a regular file (a FIFO or device would
+// block or never end), if it is a symbolic link and `follow_links` is false, or if it holds more
+// than `max_bytes` (however big it says it is, no more than that is read).
+absl::StatusOr<std::string> ReadRegularFile(const std::string& path, size_t max_bytes, bool follow_links,
+                                            absl::string_view what);
 // Writes to a temporary file beside `path`, then renames it over `path`, so readers (and a
 // daemon restarted after SIGKILL) see either the old or the new content, never a torn one.
 absl::Status WriteFileAtomically(const std::string& path, absl::string_view data, mode_t mode);

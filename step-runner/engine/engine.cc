@@ -18,6 +18,7 @@
 #include "step-runner/base/files.h"
 #include "step-runner/base/status_macros.h"
 #include "step-runner/base/unique_fd.h"
+#include "step-runner/logs/masker.h"
 #include "step-runner/process/subprocess.h"
 
 namespace step_runner::engine {
@@ -86,6 +87,11 @@ class JobRun {
     root.sensitive_inputs = job_.sensitive_inputs;
     for (const std::string& name : job_.sensitive_inputs) {
       if (job_.inputs.contains(name)) SecretsOf(job_.inputs[name]);
+    }
+    // Masked job variables are masked in the result tree too (a step may export or output one),
+    // which goes to disk (the job record, step-results.json) and to every Status caller.
+    for (const std::string& name : job_.masked_variables) {
+      if (job_.job_variables.contains(name)) SecretsOf(job_.job_variables[name]);
     }
     const bool root_is_exec = job_.file->definition.exec.has_value();
     if (root_is_exec) {
@@ -263,12 +269,12 @@ class JobRun {
 
   // Reads a JSON Lines file of {"name": ..., "value": ...} records.
   absl::StatusOr<std::vector<std::pair<std::string, Json>>> ReadRecords(const std::string& path, absl::string_view what) {
-    struct stat st;
-    if (::stat(path.c_str(), &st) != 0) return std::vector<std::pair<std::string, Json>>{};
-    if (static_cast<size_t>(st.st_size) > kMaxOutputFileBytes) {
-      return absl::InvalidArgumentError(absl::StrCat(what, " is ", st.st_size, " bytes; the limit is ", kMaxOutputFileBytes));
-    }
-    SR_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+    // The step's code may have replaced the file: a link to /dev/zero or another job's log, a
+    // FIFO that would hold the job forever. None of that is read.
+    absl::StatusOr<std::string> read = ReadRegularFile(path, kMaxOutputFileBytes, /*follow_links=*/false, what);
+    if (absl::IsNotFound(read.status())) return std::vector<std::pair<std::string, Json>>{};
+    if (!read.ok()) return read.status();
+    const std::string& text = *read;
     std::vector<std::pair<std::string, Json>> records;
     int line_number = 0;
     for (absl::string_view line : absl::StrSplit(text, '\n')) {
@@ -367,7 +373,6 @@ class JobRun {
   // Secrets found late (an output) also appear in what was recorded earlier (a command line
   // that carried the value): every string of the tree is masked again before it leaves.
   void MaskTree(proto::StepResult& r) const {
-    if (secrets_.empty()) return;
     for (std::string& arg : *r.mutable_exec_result()->mutable_command()) arg = MaskText(arg);
     r.set_message(MaskText(r.message()));
     for (auto& [k, v] : *r.mutable_exports()) v = MaskText(v);
@@ -388,13 +393,10 @@ class JobRun {
     host_.Publish(tree, shown, path, finished);
   }
 
-  std::string MaskText(std::string text) const {
-    for (const std::string& s : secrets_) {
-      for (size_t at = text.find(s); at != std::string::npos; at = text.find(s, at + sizeof(kMasked) - 1)) {
-        text.replace(at, s.size(), kMasked);
-      }
-    }
-    return text;
+  // The log's rules: the secrets, and tokens with a well-known prefix (glpat-...) whether or not
+  // anyone declared them.
+  std::string MaskText(const std::string& text) const {
+    return text.empty() ? text : logs::MaskSecrets(text, secrets_);
   }
 
   absl::Status Fail(proto::StatusError::Kind kind, int exit_code, std::string message) {

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
@@ -16,6 +17,7 @@ namespace {
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 // Runs processes for real, one at a time, their output into one file.
 class TestHost : public Host {
@@ -68,18 +70,21 @@ class EngineTest : public ::testing::Test {
   }
 
   JobOutcome Run(const std::string& text, Json inputs = Json::object()) {
+    return RunWith(text, [&](JobSpec& job) { job.inputs = std::move(inputs); });
+  }
+  JobOutcome RunWith(const std::string& text, const std::function<void(JobSpec&)>& adjust) {
     absl::StatusOr<steps::StepFile> file = steps::ParseStepFile(text, "job.yml");
     EXPECT_TRUE(file.ok()) << file.status();
     if (!file.ok()) return {};
     JobSpec job;
     job.file = std::make_shared<steps::StepFile>(*file);
     job.file_dir = dir_;
-    job.inputs = std::move(inputs);
     job.env = {{"PATH", "/usr/bin:/bin"}};
     job.work_dir = dir_;
     job.io_root = dir_ + "/io";
     job.shell = {"bash", "--noprofile", "--norc", "-e", "-o", "pipefail", "-c"};
     job.loader = loader_.get();
+    adjust(job);
     host_ = std::make_unique<TestHost>(dir_ + "/log");
     return RunJob(job, *host_);
   }
@@ -170,6 +175,45 @@ env:
 )");
   EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
   EXPECT_EQ(Log(), "blue invocation\n");
+}
+
+// The result tree goes to disk (the job record, step-results.json) and to every Status caller:
+// a masked variable a step exports is masked there as in the log, and so is a known token.
+TEST_F(EngineTest, MaskedVariablesAndTokensAreMaskedInTheResultTree) {
+  JobOutcome out = RunWith(R"(spec: {}
+---
+run:
+  - name: leak
+    script: |
+      printf '{"name":"LEAK","value":"%s"}\n' "$TOKEN" >> "${{ export_file }}"
+      printf '{"name":"PAT","value":"glpat-abcdefghij0123"}\n' >> "${{ export_file }}"
+)", [](JobSpec& job) {
+    job.env["TOKEN"] = "s3cr3t-masked-value-42";
+    job.job_variables["TOKEN"] = "s3cr3t-masked-value-42";
+    job.masked_variables.insert("TOKEN");
+  });
+  EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
+  ASSERT_EQ(out.result.sub_step_results_size(), 1);
+  const auto& exports = out.result.sub_step_results(0).exports();
+  ASSERT_TRUE(exports.contains("LEAK"));
+  EXPECT_EQ(exports.at("LEAK"), "[MASKED]");
+  EXPECT_EQ(exports.at("PAT"), "[MASKED]");
+  EXPECT_THAT(out.result.DebugString(), Not(HasSubstr("s3cr3t-masked-value-42")));
+}
+
+// The output and export files are the step's to replace: a FIFO there must not hold the job
+// forever, nor a link to /dev/zero take the daemon's memory. Each fails the step, saying why.
+TEST_F(EngineTest, AReplacedOutputOrExportFileFailsTheStepAndHoldsNothing) {
+  for (const auto& [how, expected] : std::vector<std::pair<std::string, std::string>>{
+           {"rm -f \"$F\"; mkfifo \"$F\"", "is not a regular file"},
+           {"rm -f \"$F\"; ln -s /dev/zero \"$F\"", "is a symbolic link"},
+           {"head -c 17000000 /dev/zero | tr '\\0' ' ' > \"$F\"", "over the limit of 16777216 bytes"}}) {
+    JobOutcome out = RunWith(
+        absl::StrCat("spec: {}\n---\nrun:\n  - name: swap\n    script: |\n      F=\"${{ export_file }}\"\n      ", how, "\n"),
+        [&, n = expected.size()](JobSpec& job) { job.io_root = absl::StrCat(dir_, "/io-", n); });
+    EXPECT_EQ(out.status, proto::StepResult::failure) << how;
+    EXPECT_THAT(out.message, HasSubstr(expected)) << how;
+  }
 }
 
 TEST_F(EngineTest, MissingAndMistypedOutputsFailTheStep) {

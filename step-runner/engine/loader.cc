@@ -52,7 +52,10 @@ absl::StatusOr<LoadedStep> StepLoader::LoadFile(const std::string& path, const s
     return absl::InvalidArgumentError(absl::StrCat("step ", source, ": ", path, " is ", st.st_size,
                                                    " bytes; the limit is ", steps::kMaxStepFileBytes));
   }
-  SR_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  // Step files in a work tree are the steps' to change while the job runs: a FIFO must not hold
+  // the job, nor a file that grows while it is read take the daemon's memory.
+  SR_ASSIGN_OR_RETURN(std::string text, ReadRegularFile(path, steps::kMaxStepFileBytes, /*follow_links=*/true,
+                                                        absl::StrCat("step ", source, ": ", path)));
   SR_ASSIGN_OR_RETURN(steps::StepFile file, steps::ParseStepFile(text, path));
   char real[PATH_MAX];
   std::string real_path = ::realpath(path.c_str(), real) ? std::string(real) : path;

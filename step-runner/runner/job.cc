@@ -315,7 +315,12 @@ engine::ProcessOutcome Job::RunProcess(const engine::ProcessSpec& spec) {
       .name = spec.name, .argv = spec.argv, .env = spec.env, .work_dir = spec.work_dir, .wants_network = spec.wants_network};
   absl::Status hooked =
       config_.launch_hook
-          ? config_.launch_hook({.job_id = id_, .job_dir = dir_, .job_work_dir = config_.work_dir, .io_dir = spec.io_dir},
+          ? config_.launch_hook({.job_id = id_,
+                                 .job_dir = dir_,
+                                 .job_work_dir = config_.work_dir,
+                                 .io_dir = spec.io_dir,
+                                 .secrets_dir = config_.secrets_dir,
+                                 .job_asks_network = JobAsksNetwork()},
                                 planned)
           : absl::OkStatus();
   absl::StatusOr<PreparedProcess> child = !hooked.ok()        ? absl::StatusOr<PreparedProcess>(hooked)
@@ -500,6 +505,11 @@ void Job::SignalLive(int signo) {
     return;
   }
   live_->kill_at = absl::Now() + config_.graceful_exit_timeout;
+}
+
+bool Job::JobAsksNetwork() const {
+  auto it = config_.spec.env.find("STEP_RUNNER_NETWORK");
+  return it != config_.spec.env.end() && it->second == "1";
 }
 
 void Job::AppendOutput(int stream_index, absl::string_view data) {

@@ -68,6 +68,11 @@ struct LaunchContext {
   // Where the step's ${{ output_file }} and ${{ export_file }} live: the step MUST be able to
   // write here (bind it writable inside the sandbox even though it is under job_dir).
   std::string io_dir;
+  // The job's own file variables (empty: it has none); only these may be shown to its steps.
+  std::string secrets_dir;
+  // The job's request asked for network for all its steps (STEP_RUNNER_NETWORK=1 in its env).
+  // From the request only: a step's own environment can be changed by earlier steps' exports.
+  bool job_asks_network = false;
 };
 // Rewrites a process right before it is spawned: the step sandbox wraps argv here. An error
 // fails the step with the error's message, and nothing is spawned.
@@ -137,6 +142,8 @@ class Job : public std::enable_shared_from_this<Job>, private engine::Host {
   void DeleteWhenFinished();
 
  private:
+  // STEP_RUNNER_NETWORK=1 in the job's own environment (its request), not in a step's.
+  bool JobAsksNetwork() const;
   struct OutputPipe {
     UniqueFd fd;
     logs::StreamMasker masker;

@@ -155,7 +155,13 @@ namespace {
 // Every sandbox starts like this: the system read-only, fresh kernel views, a private /tmp,
 // its own PID, IPC and UTS namespaces.
 std::vector<std::string> FixedPart(const std::string& bwrap) {
-  return {bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+  return {bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+          // Kernel settings read-only: a step of a root daemon is uid 0 (without capabilities),
+          // and uid 0 may write global sysctls (kernel.core_pattern runs a program as host root).
+          // bwrap covers these only for callers that are not root. The bind's source is the
+          // host's /proc, but /proc/sys/net shows the reader's own network namespace.
+          "--ro-bind", "/proc/sys", "/proc/sys", "--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger",
+          "--tmpfs", "/tmp",
           "--unshare-pid", "--unshare-ipc", "--unshare-uts",
           // Every process of the step dies with it: if the helper goes, so does the
           // namespace's init and with it every process inside.

@@ -460,12 +460,38 @@ std::vector<std::string> ToolFoldersUnderTmp(const std::string& program, const s
     if (!absl::StartsWith(dir, "/tmp/") || dir.find("/..") != std::string::npos) continue;
     struct stat st;
     if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) continue;
+    // Bound at its own path, so it must be that path: a link (or /./) could point anywhere.
+    if (Resolved(dir) != dir) continue;
     if (std::find(folders.begin(), folders.end(), dir) == folders.end()) folders.push_back(dir);
   }
   return folders;
 }
 
 }  // namespace
+
+absl::Status Sandbox::CheckTreeAgainstHidden(const std::string& work_tree, const runner::LaunchContext& context) const {
+  // The tree is bound writable after the daemon's folders are hidden, so a tree inside one of
+  // them brings that part back: in the state dir, only the job's own folder may hold its tree
+  // (its default tree is there); nothing in the secrets root or a --hide folder; and not the
+  // socket's folder itself.
+  auto refuse = [&](const std::string& hidden) {
+    return absl::InvalidArgumentError(absl::StrCat("the work tree \"", context.job_work_dir, "\" lies inside \"",
+                                                   hidden, "\", which the sandbox hides from steps"));
+  };
+  std::vector<std::string> inside_refused = {options_.secrets_root};
+  inside_refused.insert(inside_refused.end(), options_.hidden.begin(), options_.hidden.end());
+  for (const std::string& hidden : inside_refused) {
+    if (!hidden.empty() && Within(work_tree, Resolved(hidden))) return refuse(hidden);
+  }
+  if (!options_.state_dir.empty() && Within(work_tree, Resolved(options_.state_dir)) &&
+      !Within(work_tree, Resolved(context.job_dir))) {
+    return refuse(options_.state_dir);
+  }
+  if (!options_.socket_path.empty() && work_tree == Resolved(Dirname(options_.socket_path))) {
+    return refuse(Dirname(options_.socket_path));
+  }
+  return absl::OkStatus();
+}
 
 absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::PlannedStep& step) {
   if (step.argv.empty()) return absl::InvalidArgumentError("empty command");
@@ -476,10 +502,12 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
   // without following links, and a link must not make a system folder look like a job's tree.
   const std::string work_tree = Resolved(context.job_work_dir);
   SR_RETURN_IF_ERROR(CheckWorkTree(work_tree));
+  SR_RETURN_IF_ERROR(CheckTreeAgainstHidden(work_tree, context));
   // A step asks with `network: true` in its step file; a whole job with STEP_RUNNER_NETWORK=1
   // in its env. The daemon's policy decides either way.
-  bool wants = step.wants_network;
-  for (const std::string& entry : step.env) wants = wants || entry == "STEP_RUNNER_NETWORK=1";
+  // The job's wish comes from its request, not from the step's environment: an earlier step's
+  // exports can set anything there, and step code must not grant itself network.
+  const bool wants = step.wants_network || context.job_asks_network;
   const NetworkMode network = wants ? options_.network : NetworkMode::kNone;
 
   JobSlot slot;
@@ -507,7 +535,6 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
   StepView view;
   view.argv = step.argv;
   view.argv[0] = program;
-  view.tool_binds = ToolFoldersUnderTmp(program, step.env);
   view.work_tree = work_tree;
   view.cwd = step.work_dir.empty() ? "" : Resolved(step.work_dir);
   view.network = network;
@@ -517,14 +544,18 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
     if (!Within(work_tree, tree) && !Within(tree, work_tree)) hide.push_back(tree);
   }
   view.hidden = HiddenPaths(hide, work_tree);
-  // The job's own file variables: their paths are in its environment.
-  if (!options_.secrets_root.empty()) {
-    for (const std::string& entry : step.env) {
-      std::string value = entry.substr(entry.find('=') + 1);
-      if (Within(value, options_.secrets_root) && value != options_.secrets_root && Existing(value)) {
-        view.readonly_binds.push_back(value);
-      }
-    }
+  // Tool folders are bound before the hiding, which skips what the fresh /tmp already hides: one
+  // inside a hidden folder would bring that folder's contents back (PATH is the step's to set).
+  for (std::string& tools : ToolFoldersUnderTmp(program, step.env)) {
+    const bool inside_hidden = std::any_of(hide.begin(), hide.end(), [&](const std::string& h) {
+      return !h.empty() && (Within(tools, h) || Within(tools, Resolved(h)));
+    });
+    if (!inside_hidden) view.tool_binds.push_back(std::move(tools));
+  }
+  // The job's own file variables, and nothing else of the secrets root: the folder the runner
+  // made for this job (never a path from the environment, which steps can set).
+  if (!context.secrets_dir.empty() && Existing(context.secrets_dir)) {
+    view.readonly_binds.push_back(Resolved(context.secrets_dir));
   }
   if (network == NetworkMode::kAllow) view.hosts_file = hosts_file_;
   // Only this step's own output folder of the hidden job state, so that it can report outputs.

@@ -90,6 +90,8 @@ class Sandbox {
   // The daemon's own folders (state, socket, secrets, --hide) and, for a step without
   // network, the token stores: hidden from every step.
   std::vector<std::string> DaemonWideHidden(NetworkMode network) const;
+  // INVALID_ARGUMENT if binding `work_tree` would show steps what the daemon hides.
+  absl::Status CheckTreeAgainstHidden(const std::string& work_tree, const runner::LaunchContext& context) const;
 
   absl::StatusOr<WarmSandbox> MakeWarm();
   // Asks for the pool to be topped up to options_.warm in `delay` (from now: a later request

@@ -304,6 +304,77 @@ TEST_P(SandboxTest, ItsOwnFileVariablesAreReadableAndNothingElseOfTheSecretStore
   SR_EXPECT_OK(WaitForJob(*client_, "other").status());
 }
 
+// What a step controls (its environment, its PATH, the exports it hands to later steps) must not
+// widen what the sandbox shows it. Each of these re-exposed the daemon's folders, another job's
+// file variables, or the network before it was fixed.
+TEST_P(SandboxTest, StepCodeCannotWidenItsViewThroughEnvPathOrExports) {
+  START_OR_SKIP({"--network=all"});
+  proto::RunRequest other = Request("other", "exec:\n  command: [sleep, \"3003\"]\n");
+  AddVariable(other, "THEIR_KEY", "THEIR-SECRET", false, true);
+  SR_ASSERT_OK(client_->Run(other));
+  const std::string state = daemon_->state_dir();
+  const std::string secrets_root = absl::StrCat("/dev/shm/step-runner-", ::getuid());
+  // A path that starts with the secrets root and climbs out of it, to the state dir.
+  const std::string climb = absl::StrCat(secrets_root, "/../..", state);
+  const std::string probes = absl::StrCat(
+      // The job's own folder shows (its tree's mount point is made there); another's must not.
+      Probe("saw_state", absl::StrCat("test -s ", state, "/audit.log -o $(ls ", state, "/jobs | wc -l) -gt 1")), "\n",
+      Probe("read_theirs", "grep -rqs THEIR-SECRET /dev/shm " + secrets_root), "\n",
+      // More than loopback in /proc/net/dev: the step has the host's network.
+      Probe("network", "test $(tail -n +3 /proc/net/dev | wc -l) -gt 1"), "\n");
+  proto::RunRequest mine = Request(
+      "mine",
+      absl::StrCat("run:\n"
+                   "  - name: export\n"
+                   "    script: |\n",
+                   Indent(absl::StrCat("printf '{\"name\":\"CLIMB2\",\"value\":\"%s\"}\\n' \"", climb,
+                                       "\" >> \"${{ export_file }}\"\n"
+                                       "printf '{\"name\":\"STEP_RUNNER_NETWORK\",\"value\":\"1\"}\\n' >> "
+                                       "\"${{ export_file }}\"\n"
+                                       "echo first-step-done\n")),
+                   "  - name: probe\n"
+                   "    script: |\n",
+                   Indent(probes)));
+  (*mine.mutable_env())["CLIMB"] = climb;
+  (*mine.mutable_env())["WHOLE_ROOT"] = secrets_root + "/.";  // every job's file variables
+  // PATH is the step's to set, and folders on it under /tmp are bound back into the sandbox.
+  (*mine.mutable_env())["PATH"] = absl::StrCat(state, "/jobs:/usr/bin:/bin");
+  AddVariable(mine, "MY_KEY", "MY-FILE-CONTENT", false, true);
+  Outcome out = Run(mine);
+  EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
+  EXPECT_THAT(out.log, HasSubstr("first-step-done"));
+  for (const char* line : {"saw_state=no", "read_theirs=no", "network=no"}) EXPECT_THAT(out.log, HasSubstr(line));
+  SR_ASSERT_OK(client_->Cancel("other"));
+  SR_EXPECT_OK(WaitForJob(*client_, "other").status());
+}
+
+// A work tree is bound writable after the daemon's folders are hidden: the state dir, or the
+// socket's folder, as a job's tree would hand the step every job's records, or the daemon itself.
+TEST_P(SandboxTest, TheDaemonsOwnFoldersAreRefusedAsWorkTrees) {
+  START_OR_SKIP();
+  const std::string marker = "sr-should-not-exist";
+  for (const std::string& tree : {daemon_->state_dir(), daemon_->state_dir() + "/jobs", dir_.path()}) {
+    proto::RunRequest request =
+        Request(absl::StrCat("tree", tree.size()), "run:\n  - name: probe\n    script: touch " + marker + "\n");
+    request.set_work_dir(tree);
+    Outcome refused = Run(request);
+    EXPECT_EQ(refused.status.status(), proto::StepResult::failure) << tree;
+    EXPECT_THAT(refused.status.message(), HasSubstr("which the sandbox hides from steps")) << tree;
+    EXPECT_NE(::access((tree + "/" + marker).c_str(), F_OK), 0) << tree;
+  }
+}
+
+// A step of a root daemon is uid 0 without capabilities, and uid 0 may write global kernel
+// settings (kernel.core_pattern runs a program as host root): /proc/sys is read-only.
+TEST_P(SandboxTest, KernelSettingsAreReadOnly) {
+  START_OR_SKIP();
+  Outcome out = RunScript("sysctl", absl::StrCat(Probe("read", "cat /proc/sys/vm/swappiness"), "\n",
+                                                 Probe("wrote", "cat /proc/sys/vm/swappiness > /proc/sys/vm/swappiness")));
+  EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
+  EXPECT_THAT(out.log, HasSubstr("read=yes"));
+  EXPECT_THAT(out.log, HasSubstr("wrote=no"));
+}
+
 // Host pids of processes whose command line is exactly `argv`.
 std::vector<pid_t> FindProcesses(const std::vector<std::string>& argv) {
   std::string want;
