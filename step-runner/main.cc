@@ -250,6 +250,64 @@ absl::StatusOr<std::string> ReadStepFileArg(const std::string& file) {
   return ReadFile(file);
 }
 
+// Every string of a request must be UTF-8 (protobuf refuses to send one that is not, with a log
+// line and no reason): said here, with where, before anything is sent.
+absl::Status CheckUtf8(absl::string_view what, absl::string_view text) {
+  int line = 1, column = 1;
+  for (size_t i = 0; i < text.size();) {
+    const auto byte = static_cast<unsigned char>(text[i]);
+    size_t length = byte < 0x80 ? 1 : (byte & 0xE0) == 0xC0 ? 2 : (byte & 0xF0) == 0xE0 ? 3 : (byte & 0xF8) == 0xF0 ? 4 : 0;
+    uint32_t code = length == 1 ? byte : length == 2 ? byte & 0x1F : length == 3 ? byte & 0x0F : byte & 0x07;
+    bool valid = length != 0 && i + length <= text.size();
+    for (size_t k = 1; valid && k < length; ++k) {
+      const auto next = static_cast<unsigned char>(text[i + k]);
+      valid = (next & 0xC0) == 0x80;
+      code = (code << 6) | (next & 0x3F);
+    }
+    // No overlong forms, no surrogates, nothing past U+10FFFF.
+    valid = valid && !(length == 2 && code < 0x80) && !(length == 3 && code < 0x800) &&
+            !(length == 4 && (code < 0x10000 || code > 0x10FFFF)) && !(code >= 0xD800 && code <= 0xDFFF);
+    if (!valid) {
+      return absl::InvalidArgumentError(absl::StrCat(what, absl::StrContains(text, '\n') ? absl::StrCat(":", line, ":", column) : "",
+                                                     ": not valid UTF-8 (byte 0x", absl::Hex(byte), " at offset ", i,
+                                                     "); every string of a request must be UTF-8"));
+    }
+    if (byte == '\n') {
+      ++line;
+      column = 1;
+    } else {
+      ++column;
+    }
+    i += length;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckRequestUtf8(const proto::RunRequest& request) {
+  SR_RETURN_IF_ERROR(CheckUtf8("the step file", request.steps()));
+  SR_RETURN_IF_ERROR(CheckUtf8("--id", request.id()));
+  SR_RETURN_IF_ERROR(CheckUtf8("--work-dir", request.work_dir()));
+  for (const auto& [k, v] : request.env()) {
+    SR_RETURN_IF_ERROR(CheckUtf8("--env", k));
+    SR_RETURN_IF_ERROR(CheckUtf8(absl::StrCat("--env ", k), v));
+  }
+  for (const proto::Variable& var : request.job().variables()) {
+    SR_RETURN_IF_ERROR(CheckUtf8("a variable's name", var.key()));
+    // A masked value is not named in the message (it is a secret).
+    SR_RETURN_IF_ERROR(CheckUtf8(absl::StrCat("the variable ", var.key()), var.value()));
+  }
+  for (const auto& [k, v] : request.inputs()) {
+    SR_RETURN_IF_ERROR(CheckUtf8("--input", k));
+    if (v.has_string_value()) SR_RETURN_IF_ERROR(CheckUtf8(absl::StrCat("--input ", k), v.string_value()));
+  }
+  return absl::OkStatus();
+}
+
+// The job id a command names, if any, checked as CheckUtf8 does.
+absl::Status CheckJobIdArg(const Args& args) {
+  return args.positional.empty() ? absl::OkStatus() : CheckUtf8("the job id", args.positional[0]);
+}
+
 absl::StatusOr<std::pair<std::string, std::string>> SplitKeyValue(const std::string& flag, const std::string& kv) {
   size_t eq = kv.find('=');
   if (eq == std::string::npos || eq == 0) {
@@ -356,6 +414,7 @@ int CmdRun(const Args& args) {
     if (!d.ok()) return Fail(d.status());
     SetDuration(*d, request.mutable_graceful_exit_timeout());
   }
+  if (absl::Status s = CheckRequestUtf8(request); !s.ok()) return Fail(s);
   client::ClientOptions options = ClientOptionsFrom(args);
   client::Client client(options);
   if (args.Has("follow")) {
@@ -368,6 +427,7 @@ int CmdRun(const Args& args) {
 
 int CmdLogs(const Args& args) {
   if (args.positional.size() != 1) throw UsageError{"logs takes one job id"};
+  if (absl::Status s = CheckJobIdArg(args); !s.ok()) return Fail(s);
   std::optional<int64_t> offset;
   if (auto o = args.Get("offset")) {
     int64_t value;
@@ -389,6 +449,7 @@ std::string FormatTime(const google::protobuf::Timestamp& t) {
 
 int CmdStatus(const Args& args) {
   if (args.positional.size() > 1) throw UsageError{"status takes at most one job id"};
+  if (absl::Status s = CheckJobIdArg(args); !s.ok()) return Fail(s);
   client::Client client(ClientOptionsFrom(args));
   std::vector<proto::Status> jobs;
   if (args.positional.empty()) {
@@ -508,6 +569,7 @@ int CmdExec(const Args& args) {
 // Prints a job's step events, one line each, until the job has finished.
 int CmdEvents(const Args& args) {
   if (args.positional.size() != 1) throw UsageError{"events takes one job id"};
+  if (absl::Status s = CheckJobIdArg(args); !s.ok()) return Fail(s);
   int64_t after = 0;
   if (auto a = args.Get("after-seq")) {
     if (!absl::SimpleAtoi(*a, &after) || after < 0) return Fail(absl::InvalidArgumentError("--after-seq: expected a number"));
@@ -527,6 +589,9 @@ int CmdEvents(const Args& args) {
         what = absl::StrCat("job ", StatusName(e.job_status().status()),
                             e.job_status().message().empty() ? "" : ": " + e.job_status().message());
         break;
+      case proto::FollowStepsResponse::WARNING:
+        what = absl::StrCat("warning", e.step_path().empty() ? "" : " (" + e.step_path() + ")", ": ", e.warning());
+        break;
       default:
         what = "unknown event";
     }
@@ -538,6 +603,7 @@ int CmdEvents(const Args& args) {
 
 int CmdCancelOrClose(const Args& args, bool close) {
   if (args.positional.size() != 1) throw UsageError{close ? "close takes one job id" : "cancel takes one job id"};
+  if (absl::Status s = CheckJobIdArg(args); !s.ok()) return Fail(s);
   client::Client client(ClientOptionsFrom(args));
   absl::Status s = close ? client.Close(args.positional[0]) : client.Cancel(args.positional[0]);
   if (!s.ok()) return Fail(s);

@@ -1,11 +1,15 @@
 #include "step-runner/cli/cli.h"
 
+#include <limits.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <iostream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "step-runner/base/files.h"
@@ -114,6 +118,12 @@ int CmdServe(const Args& args) {
   server::DaemonOptions options;
   options.socket_path = args.Get("socket").value_or(DefaultSocket());
   options.runner.state_dir = args.Get("state-dir").value_or(StateHome() + "/daemon");
+  // Jobs, the sandbox's hiding and the work trees name it by path, from other folders than this.
+  if (!absl::StartsWith(options.runner.state_dir, "/")) {
+    char cwd[PATH_MAX];
+    if (::getcwd(cwd, sizeof cwd) == nullptr) return Fail(ErrnoStatus(errno, "getcwd"));
+    options.runner.state_dir = absl::StrCat(cwd, "/", options.runner.state_dir);
+  }
   for (const std::string& uid : args.All("allow-uid")) {
     uint32_t value;
     if (!absl::SimpleAtoi(uid, &value)) return Fail(absl::InvalidArgumentError("--allow-uid: not a uid: " + uid));

@@ -32,7 +32,9 @@ StepView BaseView() {
 
 TEST(BwrapArgvTest, ReadOnlySystemFreshKernelViewsPrivateTmpAndNamespaces) {
   std::string line = absl::StrJoin(BwrapArgv("/usr/bin/bwrap", BaseView()), " ");
-  EXPECT_THAT(line, HasSubstr("/usr/bin/bwrap --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp"));
+  // Kernel settings read-only right after /proc: a root daemon's steps are uid 0.
+  EXPECT_THAT(line, HasSubstr("/usr/bin/bwrap --ro-bind / / --dev /dev --proc /proc --ro-bind /proc/sys /proc/sys "
+                              "--ro-bind-try /proc/sysrq-trigger /proc/sysrq-trigger --tmpfs /tmp"));
   EXPECT_THAT(line, HasSubstr("--unshare-pid --unshare-ipc --unshare-uts --die-with-parent --new-session --cap-drop ALL"));
   EXPECT_THAT(line, HasSubstr("--unshare-net"));
   EXPECT_THAT(line, HasSubstr("--bind /state/jobs/j1/work /state/jobs/j1/work"));

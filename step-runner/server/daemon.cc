@@ -1,6 +1,8 @@
 #include "step-runner/server/daemon.h"
 
 #include <signal.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -57,6 +59,26 @@ void InstallStepHooks(runner::RunnerOptions& options, sandbox::Sandbox* sandbox,
   };
 }
 
+// One daemon per state dir: a second one's recovery would take the first one's running jobs for
+// leftovers of a crash, kill their processes and mark them interrupted.
+absl::StatusOr<UniqueFd> LockStateDir(const std::string& state_dir) {
+  const std::string path = state_dir + "/daemon.lock";
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
+  if (!fd) return ErrnoStatus(errno, absl::StrCat("open(", path, ")"));
+  if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK) return ErrnoStatus(errno, absl::StrCat("flock(", path, ")"));
+    std::string holder = ReadFile(path).value_or("");
+    return absl::FailedPreconditionError(
+        absl::StrCat("another step-runner daemon", holder.empty() ? "" : absl::StrCat(" (pid ", holder, ")"),
+                     " is using the state dir ", state_dir, "; stop it first, or give this one its own --state-dir"));
+  }
+  const std::string pid = absl::StrCat(::getpid());
+  if (::ftruncate(fd.get(), 0) != 0 || ::pwrite(fd.get(), pid.data(), pid.size(), 0) < 0) {
+    return ErrnoStatus(errno, absl::StrCat("writing ", path));
+  }
+  return fd;
+}
+
 }  // namespace
 
 void BlockShutdownSignals() {
@@ -70,9 +92,11 @@ absl::Status Serve(const DaemonOptions& options) {
   std::set<uid_t> allowed = options.extra_allowed_uids;
   allowed.insert(::getuid());
   allowed.insert(0);
+  SR_RETURN_IF_ERROR(MakeDirs(options.runner.state_dir, 0700));
+  // Held until the daemon exits (the kernel lets go of it however the process ends).
+  SR_ASSIGN_OR_RETURN(UniqueFd state_lock, LockStateDir(options.runner.state_dir));
   SR_ASSIGN_OR_RETURN(std::unique_ptr<UnixListener> listener,
                       UnixListener::Bind(options.socket_path, allowed));
-  SR_RETURN_IF_ERROR(MakeDirs(options.runner.state_dir, 0700));
   SR_ASSIGN_OR_RETURN(std::unique_ptr<audit::AuditLog> audit_log,
                       audit::AuditLog::Open(audit::LogPath(options.runner.state_dir)));
   std::unique_ptr<sandbox::Sandbox> sandbox;

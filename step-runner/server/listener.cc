@@ -34,8 +34,8 @@ absl::StatusOr<std::unique_ptr<UnixListener>> UnixListener::Bind(const std::stri
                                                                  std::set<uid_t> allowed_uids) {
   absl::StatusOr<sockaddr_un> addr = Address(path);
   if (!addr.ok()) return addr.status();
-  std::string dir = path.substr(0, path.rfind('/'));
-  if (!dir.empty()) {
+  const std::string dir = Dirname(path);  // "." for a bare name: nothing to make
+  if (dir != ".") {
     if (absl::Status s = MakeDirs(dir, 0700); !s.ok()) return s;
   }
 

@@ -28,7 +28,13 @@ template <typename Message>
 absl::Status ParseRequest(const grpc::ByteBuffer& raw, Message* message) {
   grpc::ByteBuffer buffer(raw);  // shares the slices; Deserialize empties the buffer it reads
   grpc::Status s = grpc::SerializationTraits<Message>::Deserialize(&buffer, message);
-  if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat("the request does not parse: ", s.error_message()));
+  if (!s.ok()) {
+    // gRPC gives no reason; the usual one is a string field that is not UTF-8, which protobuf refuses.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the request does not parse: ",
+        s.error_message().empty() ? "a string field that is not valid UTF-8, or not a request of this method"
+                                  : s.error_message()));
+  }
   return absl::OkStatus();
 }
 

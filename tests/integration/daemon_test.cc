@@ -650,5 +650,24 @@ TEST_F(DaemonTest, SecondDaemonOnTheSameSocketIsRefused) {
   SR_EXPECT_OK(client_->ListJobs().status());  // the first one is unaffected
 }
 
+// A second daemon on the same state dir (another socket) would take the first one's running jobs
+// for a crash's leftovers, kill them and mark them interrupted. It is refused, and they run on.
+TEST_F(DaemonTest, SecondDaemonOnTheSameStateDirIsRefusedAndTheJobsRunOn) {
+  SR_ASSERT_OK(client_->Run(Request("busy", "run:\n  - name: s\n    script: sleep 2; echo still-here\n")));
+  TempDir other;
+  auto second = RunCommand({StepRunnerBinary(), "serve", "--socket", other.path() + "/other.sock", "--state-dir",
+                            daemon_->state_dir(), "--sandbox=none"},
+                           absl::Seconds(20));
+  SR_ASSERT_OK(second.status());
+  EXPECT_NE(second->exit_code, 0);
+  EXPECT_THAT(second->err, HasSubstr(absl::StrCat("another step-runner daemon (pid ", daemon_->pid(),
+                                                  ") is using the state dir ", daemon_->state_dir())));
+  EXPECT_NE(::access((other.path() + "/other.sock").c_str(), F_OK), 0);  // it never listened
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status busy, WaitForJob(*client_, "busy"));
+  EXPECT_EQ(busy.status(), proto::StepResult::success) << busy.message();
+  SR_ASSERT_OK_AND_ASSIGN(std::string log, ReadLog(*client_, "busy"));
+  EXPECT_EQ(log, "still-here\n");
+}
+
 }  // namespace
 }  // namespace step_runner::testing
