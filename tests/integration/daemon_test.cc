@@ -73,6 +73,24 @@ TEST_F(DaemonTest, RunFollowAndStatusThroughTheCli) {
   EXPECT_THAT(status.out, HasSubstr("success"));
 }
 
+// protobuf will not send a string that is not UTF-8, and said so only in a log line: the CLI
+// names the string (and where in the step file), exits 65, and nothing starts.
+TEST_F(DaemonTest, NonUtf8InARequestIsNamedAndNothingStarts) {
+  std::string file = dir_.path() + "/latin1.yml";
+  SR_ASSERT_OK(WriteFileAtomically(file, Steps("exec:\n  command: [echo, \"caf\xe9\"]\n"), 0600));
+  CommandResult r = Cli({"run", file, "--id", "latin1", "--follow"});
+  EXPECT_EQ(r.exit_code, 65) << r.err;
+  EXPECT_THAT(r.err, HasSubstr("the step file:"));
+  EXPECT_THAT(r.err, HasSubstr("not valid UTF-8 (byte 0xe9"));
+  CommandResult env = Cli({"run", dir_.path() + "/latin1.yml", "--env", "NAME=caf\xe9"});
+  EXPECT_EQ(env.exit_code, 65);
+  CommandResult id = Cli({"status", "caf\xe9"});
+  EXPECT_EQ(id.exit_code, 65);
+  EXPECT_THAT(id.err, HasSubstr("the job id: not valid UTF-8"));
+  SR_ASSERT_OK_AND_ASSIGN(std::vector<proto::Status> jobs, client_->ListJobs());
+  EXPECT_TRUE(jobs.empty());
+}
+
 TEST_F(DaemonTest, SocketIsOwnerOnly) {
   struct stat st;
   ASSERT_EQ(::stat(daemon_->socket_path().c_str(), &st), 0);
