@@ -124,10 +124,17 @@ client::ClientOptions ClientOptionsFrom(const Args& args) {
 }
 
 // Where a follower keeps how far it got, so that a killed client started again resumes there.
-// The offset is rewritten in place with one pwrite of a fixed-width number on an fd kept open:
-// between printing a chunk and recording it there are two syscalls, nothing more.
+// The offset is rewritten in place with one pwrite of a fixed-width line on an fd kept open:
+// between printing a chunk and recording it there are two syscalls, nothing more. The line also
+// names the job by its start time: an id can be closed and used again for a new job, whose log
+// must then be shown from its first byte.
 class ResumePoint {
  public:
+  struct Position {
+    int64_t offset = 0;
+    std::string job_start;  // empty: not recorded (a position saved by an older client)
+  };
+
   ResumePoint(const client::Endpoint& endpoint, const std::string& id) {
     uint64_t hash = 1469598103934665603ull;  // FNV-1a over endpoint and id
     const absl::string_view nul("\0", 1);
@@ -139,25 +146,32 @@ class ResumePoint {
     dir_ = StateHome() + "/follow";
     path_ = absl::StrFormat("%s/%016x.offset", dir_, hash);
   }
-  int64_t Load() const {
+  Position Load() const {
     auto text = ReadFile(path_);
-    int64_t offset = 0;
-    if (text.ok() && absl::SimpleAtoi(*text, &offset) && offset > 0) return offset;
-    return 0;
+    if (!text.ok()) return {};
+    std::vector<std::string> fields = absl::StrSplit(absl::StripAsciiWhitespace(*text), ' ');
+    Position position;
+    if (fields.empty() || !absl::SimpleAtoi(fields[0], &position.offset) || position.offset < 0) return {};
+    if (fields.size() > 1) position.job_start = fields[1];
+    return position;
   }
-  void Save(int64_t offset) {
+  // `job_start`: JobStart() of the job the offset is in.
+  void Save(int64_t offset, const std::string& job_start) {
     if (!fd_) {
       if (!MakeDirs(dir_, 0700).ok()) return;
-      fd_.Reset(::open(path_.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
+      fd_.Reset(::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
       if (!fd_) return;
     }
-    std::string text = absl::StrFormat("%020d\n", offset);
+    std::string text = absl::StrFormat("%020d %s\n", offset, job_start);
     ssize_t unused = ::pwrite(fd_.get(), text.data(), text.size(), 0);
     (void)unused;
   }
   void Clear() {
     fd_.Close();
     ::unlink(path_.c_str());
+  }
+  static std::string JobStart(const proto::Status& status) {
+    return absl::StrCat(status.start_time().seconds(), ".", absl::Dec(status.start_time().nanos(), absl::kZeroPad9));
   }
 
  private:
@@ -194,7 +208,25 @@ int FollowToTerminal(client::Client& client, const client::Endpoint& endpoint, c
                      std::optional<int64_t> explicit_offset, bool split_streams, bool follow,
                      const proto::RunRequest* start = nullptr) {
   ResumePoint resume(endpoint, id);
-  int64_t offset = explicit_offset ? *explicit_offset : (follow ? resume.Load() : 0);
+  int64_t offset = 0;
+  std::string job_start;  // of the job being followed, once known
+  if (explicit_offset) {
+    offset = *explicit_offset;
+  } else if (follow) {
+    ResumePoint::Position saved = resume.Load();
+    if (saved.offset > 0) {
+      // Only if it is still the same job: the id may have been closed and used again.
+      absl::StatusOr<proto::Status> now = client.GetStatus(id);
+      if (now.ok()) job_start = ResumePoint::JobStart(*now);
+      if (now.ok() && (saved.job_start.empty() || saved.job_start == job_start)) {
+        offset = saved.offset;
+      } else {
+        if (now.ok()) Notice(absl::StrCat("job ", id, " is not the one followed before (it started later); from its first byte"));
+        resume.Clear();
+        job_start.clear();
+      }
+    }
+  }
   auto started = [&] { Notice(absl::StrCat("job ", id, " started")); };
   if (start && offset > 0) {
     // A killed client started again: the job is there (Run is idempotent); resume where it was.
@@ -217,7 +249,14 @@ int FollowToTerminal(client::Client& client, const client::Endpoint& endpoint, c
       Notice(absl::StrCat("cannot write the output: ", s.message()));
       ::_exit(kExitSoftware);
     }
-    if (follow) resume.Save(chunk.offset() + static_cast<int64_t>(chunk.data().size()));
+    if (follow) {
+      if (job_start.empty()) {
+        // The first output of this follow: which job it is, for a client started again later.
+        absl::StatusOr<proto::Status> now = client.GetStatus(id);
+        if (now.ok()) job_start = ResumePoint::JobStart(*now);
+      }
+      resume.Save(chunk.offset() + static_cast<int64_t>(chunk.data().size()), job_start);
+    }
     g_in_output = 0;
     if (g_deferred_signal) ::_exit(128 + g_deferred_signal);
   };

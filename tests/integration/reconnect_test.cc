@@ -233,10 +233,12 @@ class ReconnectTest : public ::testing::Test {
     if (dir == nullptr) return points;
     while (struct dirent* entry = ::readdir(dir)) {
       if (absl::EndsWith(entry->d_name, ".offset")) {
-        // The file holds the byte offset as a fixed-width decimal number.
+        // The file holds the byte offset as a fixed-width decimal number, then the job's start.
         std::string text = ReadFile(absl::StrCat(folder, "/", entry->d_name)).value_or("");
+        std::vector<std::string> fields = absl::StrSplit(text, ' ');
         int64_t offset;
-        points.push_back(absl::SimpleAtoi(text, &offset) ? absl::StrCat(offset) : "<unreadable>");
+        points.push_back(fields.size() == 2 && absl::SimpleAtoi(fields[0], &offset) ? absl::StrCat(offset)
+                                                                                    : "<unreadable>");
       }
     }
     ::closedir(dir);
@@ -471,6 +473,31 @@ TEST_F(ReconnectTest, KilledClientProcessResumesWhereItStopped) {
 
 // SIGKILL of the daemon while a job runs: the step outlives it (own process group), and the
 // restarted daemon kills it, reports the job interrupted and still serves the finished job.
+// A resume point belongs to one job: when its id is closed and used again for a new job, a
+// client started again shows the new job from its first byte (it used to skip as many bytes as
+// it had shown of the old one).
+TEST_F(ReconnectTest, AResumePointIsNotAppliedToANewJobUnderTheSameId) {
+  const std::string release = dir_.path() + "/release";
+  const std::string old_job = StepFile(
+      "old", ShStep(absl::StrCat("echo old-job-first-part; ", WaitForFileScript(release), "; echo old-job-rest")));
+  auto first = BackgroundCommand::Start(CliArgv({"run", old_job, "--id", "reused", "--follow"}), CliEnvironment());
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(PollUntil([&] { return (*first)->exited() || ResumePoints() == std::vector<std::string>{"19"}; },
+                        absl::Seconds(30)))
+      << "resume points: " << absl::StrJoin(ResumePoints(), ",") << "; stderr: " << (*first)->err();
+  (*first)->Kill();
+  ASSERT_TRUE((*first)->Wait(absl::Seconds(10)).ok());
+  SR_ASSERT_OK(client_->Close("reused"));  // cancels the old job and frees its id
+
+  // Someone else starts the new job; the client started again follows it.
+  SR_ASSERT_OK(client_->Run(Request("reused", ShStep("echo this-is-the-new-job; echo and-all-of-it"))));
+  CommandResult second = Cli({"logs", "reused", "--follow"});
+  EXPECT_EQ(second.exit_code, 0) << second.err;
+  EXPECT_EQ(second.out, "this-is-the-new-job\nand-all-of-it\n");
+  EXPECT_THAT(second.err, HasSubstr("job reused is not the one followed before"));
+  EXPECT_THAT(ResumePoints(), ::testing::IsEmpty());
+}
+
 TEST_F(ReconnectTest, DaemonSigkilledMidJobAndRestarted) {
   SR_ASSERT_OK(
       client_->Run(Request("finished", ShStep("echo finished job; printf %s no-newline"))));
