@@ -167,6 +167,7 @@ absl::Status Client::WithReconnect(const Call& call) {
   absl::Duration delay = options_.initial_backoff;
   absl::Time last_immediate_redial = absl::InfinitePast();
   absl::Status last;
+  bool announced = false;
   for (;;) {
     if (absl::Status s = EnsureConnected(); !s.ok()) {
       // A malformed endpoint will not get better by waiting.
@@ -177,8 +178,14 @@ absl::Status Client::WithReconnect(const Call& call) {
       grpc::Status status = call(connection_->stub(), &progress);
       if (status.ok() || !IsTransportError(status)) return FromGrpcStatus(status);
       last = FromGrpcStatus(status);
-      DropConnection(status.error_message());
+      // "Lost" only for a connection that worked: one that never did is said once, below.
       if (progress) {
+        DropConnection(status.error_message());
+      } else {
+        connection_.reset();
+      }
+      if (progress) {
+        announced = false;  // a new outage gets its own notice
         // The connection worked until it dropped: this is a new outage, not the same one. A
         // dropped hop (a killed ssh, a restarted proxy) is usually dialable at once, so the
         // redial does not wait, unless the last one was moments ago: a hop that answers and
@@ -193,6 +200,13 @@ absl::Status Client::WithReconnect(const Call& call) {
     }
     if (absl::Now() >= give_up_at) {
       return absl::UnavailableError(absl::StrCat("the daemon is unreachable: ", last.message()));
+    }
+    if (!announced && options_.on_notice) {
+      // Otherwise a mistyped socket path looks like a hang for the whole reconnect timeout.
+      announced = true;
+      options_.on_notice(absl::StrCat("cannot reach the daemon (", last.message(), "); retrying for up to ",
+                                      absl::FormatDuration(absl::Seconds(absl::ToInt64Seconds(give_up_at - absl::Now()))),
+                                      " (Ctrl-C to stop)"));
     }
     Backoff(give_up_at, delay);
   }

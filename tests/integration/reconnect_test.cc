@@ -40,6 +40,7 @@ namespace step_runner::testing {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 std::optional<pid_t> ReadPid(const std::string& path) {
   std::vector<pid_t> pids = ReadPids(path);
@@ -496,6 +497,27 @@ TEST_F(ReconnectTest, AResumePointIsNotAppliedToANewJobUnderTheSameId) {
   EXPECT_EQ(second.out, "this-is-the-new-job\nand-all-of-it\n");
   EXPECT_THAT(second.err, HasSubstr("job reused is not the one followed before"));
   EXPECT_THAT(ResumePoints(), ::testing::IsEmpty());
+}
+
+// A mistyped socket path, or a --via command that never connects, looked like a hang for the
+// whole reconnect timeout (5 minutes): the CLI now says at once what it is waiting for, once.
+TEST_F(ReconnectTest, AnUnreachableDaemonIsSaidAtOnceNotAfterTheTimeout) {
+  for (const std::vector<std::string>& where :
+       {std::vector<std::string>{"--socket", dir_.path() + "/no-such.sock"}, std::vector<std::string>{"--via", "false"}}) {
+    std::vector<std::string> argv = {StepRunnerBinary(), "status"};
+    argv.insert(argv.end(), where.begin(), where.end());
+    auto cli = BackgroundCommand::Start(argv, CliEnvironment());
+    ASSERT_TRUE(cli.ok()) << cli.status();
+    EXPECT_TRUE(PollUntil([&] { return (*cli)->err().find("retrying for up to") != std::string::npos; },
+                          absl::Seconds(20)))
+        << where[1] << ": " << (*cli)->err();
+    EXPECT_THAT((*cli)->err(), HasSubstr("cannot reach the daemon ("));
+    absl::SleepFor(absl::Seconds(2));  // several redials meanwhile: still one notice
+    EXPECT_EQ(std::vector<std::string>(absl::StrSplit((*cli)->err(), "cannot reach")).size(), 2u) << (*cli)->err();
+    EXPECT_THAT((*cli)->err(), Not(HasSubstr("connection lost")));
+    (*cli)->Kill();
+    ASSERT_TRUE((*cli)->Wait(absl::Seconds(10)).ok());
+  }
 }
 
 TEST_F(ReconnectTest, DaemonSigkilledMidJobAndRestarted) {
