@@ -24,6 +24,7 @@
 #include <climits>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -31,8 +32,10 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -563,9 +566,32 @@ int CmdExec(const Args& args) {
     if (const char* cache = std::getenv("XDG_CACHE_HOME")) options.step_cache_dir = absl::StrCat(cache, "/step-runner/steps");
     for (char** e = environ; *e; ++e) options.base_env.emplace_back(*e);  // the caller's own environment
     internal::SetMinLogSeverity(internal::Severity::kWarning);
+    // Ctrl-C, SIGTERM and SIGHUP become a cancel: the steps run in sessions of their own, out of
+    // the terminal's reach, so without this they would outlive the CLI (and its temporary state
+    // would stay behind). Blocked before the runner's threads exist, so that only this one takes them.
+    sigset_t signals;
+    sigemptyset(&signals);
+    for (int signo : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&signals, signo);
+    ::pthread_sigmask(SIG_BLOCK, &signals, nullptr);
     auto local = runner::Runner::Create(options);
     if (!local.ok()) return Fail(local.status());
+    std::atomic<bool> done{false};
+    std::atomic<int> interrupted{0};
+    runner::Runner* runner = local->get();
+    std::thread watcher([&] {
+      int signo = 0;
+      if (::sigwait(&signals, &signo) != 0 || done) return;
+      interrupted = signo;
+      Notice(absl::StrCat("interrupted (", strsignal(signo), "): cancelling the steps"));
+      (void)runner->Cancel("exec");
+    });
+    absl::Cleanup stop_watcher = [&] {
+      done = true;
+      ::pthread_kill(watcher.native_handle(), SIGHUP);  // wakes its sigwait; it then does nothing
+      watcher.join();
+    };
     if (absl::Status s = (*local)->Run(request); !s.ok()) {
+      std::move(stop_watcher).Invoke();
       (void)RemoveTree(state);
       return Fail(s);
     }
@@ -599,7 +625,7 @@ int CmdExec(const Args& args) {
     } else {
       std::cerr << json;
     }
-    code = ExitForJob(status);
+    code = interrupted ? 128 + interrupted : ExitForJob(status);
   }
   (void)RemoveTree(state);
   return code;

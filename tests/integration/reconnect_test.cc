@@ -520,6 +520,32 @@ TEST_F(ReconnectTest, AnUnreachableDaemonIsSaidAtOnceNotAfterTheTimeout) {
   }
 }
 
+// `exec` runs its steps in sessions of their own, out of the terminal's reach: Ctrl-C on the
+// CLI used to leave them running (and its temporary state behind). It is now a cancel.
+TEST_F(ReconnectTest, CtrlCOnExecCancelsItsStepsAndLeavesNothing) {
+  const std::string pid_file = dir_.path() + "/background.pid";
+  const std::string file = StepFile(
+      "interrupted", ShStep(absl::StrCat("trap 'echo got-term; exit 3' TERM; sleep 300 & echo $! > ", pid_file,
+                                         "; echo started; wait")));
+  auto cli = BackgroundCommand::Start({StepRunnerBinary(), "exec", file, "--result", dir_.path() + "/result.json"},
+                                      CliEnvironment());
+  ASSERT_TRUE(cli.ok()) << cli.status();
+  ASSERT_TRUE(PollUntil([&] { return (*cli)->out().find("started") != std::string::npos || (*cli)->exited(); },
+                        absl::Seconds(30)));
+  ASSERT_FALSE((*cli)->exited()) << (*cli)->err();
+  pid_t background = 0;
+  ASSERT_TRUE(absl::SimpleAtoi(absl::StripAsciiWhitespace(ReadFile(pid_file).value_or("")), &background));
+  ASSERT_EQ(::kill((*cli)->pid(), SIGINT), 0);
+  auto code = (*cli)->Wait(absl::Seconds(60));
+  ASSERT_TRUE(code.ok()) << code.status();
+  EXPECT_EQ(*code, 128 + SIGINT) << (*cli)->err();
+  EXPECT_THAT((*cli)->out(), HasSubstr("got-term"));  // the step was asked to stop, and could
+  EXPECT_THAT((*cli)->err(), HasSubstr("interrupted"));
+  EXPECT_THAT(ReadFile(dir_.path() + "/result.json").value_or(""), HasSubstr("\"cancelled\""));
+  // Nothing of the step is left: its background process went with its process group.
+  EXPECT_TRUE(PollUntil([&] { return ::kill(background, 0) != 0; }, absl::Seconds(10)));
+}
+
 TEST_F(ReconnectTest, DaemonSigkilledMidJobAndRestarted) {
   SR_ASSERT_OK(
       client_->Run(Request("finished", ShStep("echo finished job; printf %s no-newline"))));
