@@ -84,12 +84,13 @@ class PrefixFinder {
 
 }  // namespace
 
-absl::string_view StreamMasker::Process(absl::string_view data) { return MaskTokens(MaskSecrets(data), false); }
+absl::string_view StreamMasker::Process(absl::string_view data) { return MaskTokens(MaskSecrets(data, false), false); }
 
 std::string StreamMasker::Flush() {
-  // What the secrets pass held back is a proper prefix of a secret, so not a secret.
+  // What the secrets pass held back may hold a whole secret (one that a longer one starts with).
   std::string held = std::exchange(pending_, std::string());
-  std::string tail(MaskTokens(held, false));
+  std::string secrets_masked(MaskSecrets(held, /*final=*/true));
+  std::string tail(MaskTokens(secrets_masked, false));
   absl::string_view last = MaskTokens("", true);
   tail.append(last.data(), last.size());
   return tail;
@@ -145,7 +146,7 @@ absl::string_view StreamMasker::MaskTokens(absl::string_view data, bool final) {
   return tokens_out_;
 }
 
-absl::string_view StreamMasker::MaskSecrets(absl::string_view data) {
+absl::string_view StreamMasker::MaskSecrets(absl::string_view data, bool final) {
   if (secrets_.empty()) return data;
   absl::string_view buffer = data;
   if (!pending_.empty()) {
@@ -160,6 +161,7 @@ absl::string_view StreamMasker::MaskSecrets(absl::string_view data) {
   secrets_out_.clear();
   bool rewritten = false;
   size_t pos = 0;
+  size_t undecided = absl::string_view::npos;  // where a match might still grow into a longer one
   for (;;) {
     size_t best = absl::string_view::npos;
     size_t best_len = 0;
@@ -171,6 +173,13 @@ absl::string_view StreamMasker::MaskSecrets(absl::string_view data) {
       }
     }
     if (best == absl::string_view::npos) break;
+    // "secret" matched at the end of this write, and "secretvalue" may follow in the next: masking
+    // the short one now would let the longer one's tail through. Decide when more comes.
+    const absl::string_view rest = buffer.substr(best);
+    for (size_t i = 0; !final && i < secrets_.size() && secrets_[i].size() > best_len; ++i) {
+      if (rest.size() < secrets_[i].size() && absl::StartsWith(secrets_[i], rest)) undecided = best;
+    }
+    if (undecided != absl::string_view::npos) break;
     secrets_out_.append(buffer.data() + pos, best - pos);
     secrets_out_.append(kMaskedText.data(), kMaskedText.size());
     rewritten = true;
@@ -178,8 +187,8 @@ absl::string_view StreamMasker::MaskSecrets(absl::string_view data) {
   }
   // Hold back the longest tail that is a proper prefix of some secret.
   size_t remaining = buffer.size() - pos;
-  size_t hold = 0;
-  for (const std::string& s : secrets_) {
+  size_t hold = undecided != absl::string_view::npos ? buffer.size() - undecided : 0;
+  for (const std::string& s : final ? std::vector<std::string>() : secrets_) {
     for (size_t len = std::min(remaining, s.size() - 1); len > hold; --len) {
       if (buffer.substr(buffer.size() - len) == absl::string_view(s).substr(0, len)) {
         hold = len;

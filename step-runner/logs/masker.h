@@ -35,7 +35,8 @@ class StreamMasker {
   std::string Flush();
 
  private:
-  absl::string_view MaskSecrets(absl::string_view data);
+  // `final`: nothing more will come, so nothing is held back.
+  absl::string_view MaskSecrets(absl::string_view data, bool final);
   absl::string_view MaskTokens(absl::string_view data, bool final);
 
   std::vector<std::string> secrets_;  // non-empty, longest first

@@ -42,10 +42,31 @@ TEST(MaskerTest, LongerOverlappingSecretWins) {
   EXPECT_EQ(MaskSecrets("abcdef", {"abc", "abcdef"}), "[MASKED]");
 }
 
+// "secret" is a secret and so is "secretvalue": "secretva" at the end of one write must wait for
+// the next, or the short one is masked and the long one's tail ("value") goes out in clear.
+TEST(MaskerTest, AShortSecretAtTheEndOfAWriteWaitsForALongerOneItBegins) {
+  StreamMasker masker({"secret", "secretvalue"});
+  std::string out(masker.Process("x secretva"));
+  absl::StrAppend(&out, masker.Process("lue z secret"));
+  out += masker.Flush();
+  EXPECT_EQ(out, "x [MASKED] z [MASKED]");
+  // Cut everywhere: the same as in one piece.
+  const std::string text = "secretvalue secretv secret secretvaluesecret";
+  const std::string whole = MaskSecrets(text, {"secret", "secretvalue"});
+  EXPECT_EQ(whole, "[MASKED] [MASKED]v [MASKED] [MASKED][MASKED]");
+  for (size_t cut = 0; cut <= text.size(); ++cut) {
+    StreamMasker split({"secret", "secretvalue"});
+    std::string got(split.Process(absl::string_view(text).substr(0, cut)));
+    absl::StrAppend(&got, split.Process(absl::string_view(text).substr(cut)));
+    got += split.Flush();
+    EXPECT_EQ(got, whole) << "cut at " << cut;
+  }
+}
+
 // Every way of cutting the stream into writes yields the same masked output.
 TEST(MaskerTest, RandomSplitsGiveTheSameResult) {
   const std::string text = "x glpat-ABC y glpat-ABC glpat-AB glpat-ABCglpat-ABC z";
-  const std::vector<std::string> secrets = {"glpat-ABC", "AB z"};
+  const std::vector<std::string> secrets = {"glpat-ABC", "AB z", "glpat-A"};
   const std::string expected = MaskSecrets(text, secrets);
   EXPECT_EQ(expected.find("glpat-ABC"), std::string::npos);
   std::mt19937 rng(7);
