@@ -104,6 +104,8 @@ int ExitForJob(const proto::Status& job) {
       return job.error().kind() == proto::StatusError::timeout ? kExitTimeout : kExitCancelled;
     case proto::StepResult::failure:
       if (job.error().kind() == proto::StatusError::interrupted) return kExitInterrupted;
+      // A step's own `timeout:` fails the job (the step was killed, 143): still a timeout.
+      if (job.error().kind() == proto::StatusError::timeout) return kExitTimeout;
       return job.exit_code() > 0 && job.exit_code() < 256 ? job.exit_code() : 1;
     default:
       return kExitSoftware;

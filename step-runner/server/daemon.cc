@@ -103,6 +103,11 @@ absl::Status Serve(const DaemonOptions& options) {
   if (options.sandbox) {
     SR_ASSIGN_OR_RETURN(sandbox, sandbox::Sandbox::Create(*options.sandbox));
     SR_LOG(INFO) << sandbox->Describe();
+    if (::geteuid() == 0) {
+      SR_LOG(WARNING) << "running as root: steps run as uid 0 without capabilities, so they can read root-only "
+                         "files and reach root-owned sockets that are not hidden (step-runner/sandbox/README.md); "
+                         "run the daemon as an unprivileged user where steps are not trusted";
+    }
   } else {
     SR_LOG(WARNING) << "--sandbox=none: steps run UNSANDBOXED, as the daemon's uid, with its network, its files "
                        "and its state; use this only where every step is trusted";

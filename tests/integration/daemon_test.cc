@@ -331,6 +331,14 @@ TEST_F(DaemonTest, JobTimeoutCancelsWithKindTimeout) {
   SR_ASSERT_OK_AND_ASSIGN(proto::Status status, client_->GetStatus("slow"));
   EXPECT_EQ(status.status(), proto::StepResult::cancelled);
   EXPECT_EQ(status.error().kind(), proto::StatusError::timeout);
+  // A step's own `timeout:` fails the job rather than cancelling it; the CLI still says timeout.
+  std::string step_file = dir_.path() + "/slow-step.yml";
+  SR_ASSERT_OK(WriteFileAtomically(
+      step_file, Steps("run:\n  - name: slow\n    timeout: 300ms\n    script: sleep 60\n"), 0600));
+  CommandResult step = Cli({"run", step_file, "--id", "slow-step", "--follow"});
+  EXPECT_EQ(step.exit_code, 124) << step.err;
+  SR_ASSERT_OK_AND_ASSIGN(proto::Status step_status, client_->GetStatus("slow-step"));
+  EXPECT_EQ(step_status.error().kind(), proto::StatusError::timeout);
 }
 
 TEST_F(DaemonTest, CloseDeletesStateAtOnceAndIsIdempotent) {
