@@ -448,6 +448,13 @@ int CmdRun(const Args& args) {
   }
   if (auto dir = args.Get("work-dir")) request.set_work_dir(*dir);
   if (absl::Status s = AddInputs(args, request); !s.ok()) return Fail(s);
+  // Relative step references start beside the step file, as in GitLab (and `exec`), when the
+  // daemon shares this machine's files: through --via or --ssh the file's folder is not there,
+  // and they start in the job's work tree.
+  if (args.positional[0] != "-" && !args.Has("via") && !args.Has("ssh")) {
+    char real[PATH_MAX];
+    if (::realpath(args.positional[0].c_str(), real)) request.set_steps_dir(Dirname(real));
+  }
   if (auto t = args.Get("timeout")) {
     auto d = ParseDurationFlag("timeout", *t);
     if (!d.ok()) return Fail(d.status());

@@ -91,6 +91,19 @@ TEST_F(DaemonTest, NonUtf8InARequestIsNamedAndNothingStarts) {
   EXPECT_TRUE(jobs.empty());
 }
 
+// `run FILE` with `step: ./steps/hello`: the reference starts beside the file, as with `exec`
+// and in GitLab (the daemon looked in the job's work tree).
+TEST_F(DaemonTest, RunFindsLocalStepsBesideTheStepFile) {
+  const std::string project = dir_.path() + "/project";
+  SR_ASSERT_OK(MakeDirs(project + "/steps/hello", 0700));
+  SR_ASSERT_OK(WriteFileAtomically(project + "/steps/hello/step.yml",
+                                   Steps("exec:\n  command: [echo, hello-from-a-local-step]\n"), 0600));
+  SR_ASSERT_OK(WriteFileAtomically(project + "/main.yml", Steps("run:\n  - name: h\n    step: ./steps/hello\n"), 0600));
+  CommandResult r = Cli({"run", project + "/main.yml", "--follow"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "hello-from-a-local-step\n");
+}
+
 TEST_F(DaemonTest, SocketIsOwnerOnly) {
   struct stat st;
   ASSERT_EQ(::stat(daemon_->socket_path().c_str(), &st), 0);
