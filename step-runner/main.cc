@@ -629,12 +629,22 @@ int CmdExec(const Args& args) {
     print.add_whitespace = true;
     print.preserve_proto_field_names = true;  // the same names as step-results.json
     (void)google::protobuf::util::MessageToJsonString(status, &json, print);
+    bool result_lost = false;
     if (auto path = args.Get("result")) {
-      if (absl::Status s = WriteResult(*path, json); !s.ok()) Notice(std::string(s.message()));
+      if (absl::Status s = WriteResult(*path, json); !s.ok()) {
+        Notice(absl::StrCat("the result was not written: ", s.message()));
+        result_lost = true;
+      }
     } else {
       std::cerr << json;
     }
+    if (status.status() != proto::StepResult::success) {
+      // The reason, in one line, without reading the JSON.
+      Notice(absl::StrCat("job ", StatusName(status.status()), ": ", status.message()));
+    }
     code = interrupted ? 128 + interrupted : ExitForJob(status);
+    // A run that succeeded but could not hand back its result did not do what was asked.
+    if (code == 0 && result_lost) code = kExitSoftware;
   }
   (void)RemoveTree(state);
   return code;

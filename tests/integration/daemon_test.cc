@@ -668,10 +668,18 @@ TEST(LocalRunnerTest, ExecRunsAStepFileWithoutADaemon) {
   SR_ASSERT_OK(r.status());
   EXPECT_EQ(r->exit_code, 4);
   EXPECT_EQ(r->out, "hi agent from " + dir.path() + "\n");
-  EXPECT_EQ(r->err, "oops\n");
+  // The step's stderr, then why the job failed, in one line (the JSON has the rest).
+  EXPECT_EQ(r->err, "oops\nstep-runner: job failure: step \"fail\" exited with code 4\n");
   SR_ASSERT_OK_AND_ASSIGN(std::string result, ReadFile(dir.path() + "/result.json"));
   EXPECT_THAT(result, HasSubstr("\"status\": \"failure\""));
   EXPECT_THAT(result, HasSubstr("\"name\": \"fail\""));
+  // A result that cannot be written fails a run that succeeded.
+  std::string ok_file = dir.path() + "/ok.yml";
+  SR_ASSERT_OK(WriteFileAtomically(ok_file, Steps("exec:\n  command: [true]\n"), 0600));
+  auto lost = RunCommand({StepRunnerBinary(), "exec", ok_file, "--result", dir.path() + "/no-such-folder/r.json"});
+  SR_ASSERT_OK(lost.status());
+  EXPECT_EQ(lost->exit_code, 70);
+  EXPECT_THAT(lost->err, HasSubstr("the result was not written"));
   // Bad input: a clear error and the "rejected" exit code.
   auto bad = RunCommand({StepRunnerBinary(), "exec", "-"}, absl::Seconds(30), {}, "{}\n---\nexec: {}\n");
   SR_ASSERT_OK(bad.status());
