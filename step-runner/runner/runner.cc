@@ -276,6 +276,11 @@ absl::StatusOr<JobConfig> Runner::Plan(const proto::RunRequest& request, const s
                    absl::StrCat("\"", config.work_dir, "\" must be an absolute path"));
   }
   if (config.work_dir.empty()) config.work_dir = config.dir + "/work";
+  if (options_.check_work_tree) {
+    if (absl::Status s = options_.check_work_tree(config.work_dir, config.dir); !s.ok()) {
+      return Invalid(request.job().build_dir().empty() ? "work_dir" : "job.build_dir", std::string(s.message()));
+    }
+  }
 
   // Referenced steps (local and dist://) are loaded now, so that an unknown step, a cycle or a
   // wrong input is refused before anything runs. Relative references start at the work dir.

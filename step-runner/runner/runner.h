@@ -2,6 +2,7 @@
 #define STEP_RUNNER_RUNNER_RUNNER_H_
 
 #include <map>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +40,9 @@ struct RunnerOptions {
   std::string step_cache_dir;
   // Every step process passes through this before it is spawned (the sandbox); unset: as is.
   LaunchHook launch_hook;
+  // Checks a job's work tree when the job is asked for (the sandbox refuses some), so that Run
+  // answers INVALID_ARGUMENT and nothing starts; unset: any absolute folder.
+  std::function<absl::Status(const std::string& work_tree, const std::string& job_dir)> check_work_tree;
   // Every job's step events, as recorded (the audit log).
   StepEventHook step_event_hook;
 };

@@ -469,13 +469,20 @@ std::vector<std::string> ToolFoldersUnderTmp(const std::string& program, const s
 
 }  // namespace
 
-absl::Status Sandbox::CheckTreeAgainstHidden(const std::string& work_tree, const runner::LaunchContext& context) const {
+absl::Status Sandbox::CheckJobWorkTree(const std::string& work_tree, const std::string& job_dir) const {
+  const std::string resolved = Resolved(work_tree);
+  SR_RETURN_IF_ERROR(CheckWorkTree(resolved));
+  return CheckTreeAgainstHidden(resolved, work_tree, job_dir);
+}
+
+absl::Status Sandbox::CheckTreeAgainstHidden(const std::string& work_tree, const std::string& named,
+                                             const std::string& job_dir) const {
   // The tree is bound writable after the daemon's folders are hidden, so a tree inside one of
   // them brings that part back: in the state dir, only the job's own folder may hold its tree
   // (its default tree is there); nothing in the secrets root or a --hide folder; and not the
   // socket's folder itself.
   auto refuse = [&](const std::string& hidden) {
-    return absl::InvalidArgumentError(absl::StrCat("the work tree \"", context.job_work_dir, "\" lies inside \"",
+    return absl::InvalidArgumentError(absl::StrCat("the work tree \"", named, "\" lies inside \"",
                                                    hidden, "\", which the sandbox hides from steps"));
   };
   std::vector<std::string> inside_refused = {options_.secrets_root};
@@ -484,7 +491,7 @@ absl::Status Sandbox::CheckTreeAgainstHidden(const std::string& work_tree, const
     if (!hidden.empty() && Within(work_tree, Resolved(hidden))) return refuse(hidden);
   }
   if (!options_.state_dir.empty() && Within(work_tree, Resolved(options_.state_dir)) &&
-      !Within(work_tree, Resolved(context.job_dir))) {
+      !Within(work_tree, Resolved(job_dir))) {
     return refuse(options_.state_dir);
   }
   if (!options_.socket_path.empty() && work_tree == Resolved(Dirname(options_.socket_path))) {
@@ -502,7 +509,7 @@ absl::Status Sandbox::Launch(const runner::LaunchContext& context, runner::Plann
   // without following links, and a link must not make a system folder look like a job's tree.
   const std::string work_tree = Resolved(context.job_work_dir);
   SR_RETURN_IF_ERROR(CheckWorkTree(work_tree));
-  SR_RETURN_IF_ERROR(CheckTreeAgainstHidden(work_tree, context));
+  SR_RETURN_IF_ERROR(CheckTreeAgainstHidden(work_tree, context.job_work_dir, context.job_dir));
   // A step asks with `network: true` in its step file; a whole job with STEP_RUNNER_NETWORK=1
   // in its env. The daemon's policy decides either way.
   // The job's wish comes from its request, not from the step's environment: an earlier step's

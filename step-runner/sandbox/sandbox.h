@@ -52,6 +52,9 @@ class Sandbox {
 
   // runner::LaunchHook.
   absl::Status Launch(const runner::LaunchContext& context, runner::PlannedStep& step);
+  // RunnerOptions::check_work_tree: INVALID_ARGUMENT for a tree the sandbox would not bind (a
+  // system folder, or one that would show steps what the daemon hides). Launch checks again.
+  absl::Status CheckJobWorkTree(const std::string& work_tree, const std::string& job_dir) const;
   // runner::StepEventHook (frees a finished job's cgroup).
   void OnStepEvent(const std::string& job_id, const proto::FollowStepsResponse& event);
 
@@ -90,8 +93,10 @@ class Sandbox {
   // The daemon's own folders (state, socket, secrets, --hide) and, for a step without
   // network, the token stores: hidden from every step.
   std::vector<std::string> DaemonWideHidden(NetworkMode network) const;
-  // INVALID_ARGUMENT if binding `work_tree` would show steps what the daemon hides.
-  absl::Status CheckTreeAgainstHidden(const std::string& work_tree, const runner::LaunchContext& context) const;
+  // INVALID_ARGUMENT if binding `work_tree` (resolved; `named` as the job gave it) would show
+  // steps what the daemon hides.
+  absl::Status CheckTreeAgainstHidden(const std::string& work_tree, const std::string& named,
+                                      const std::string& job_dir) const;
 
   absl::StatusOr<WarmSandbox> MakeWarm();
   // Asks for the pool to be topped up to options_.warm in `delay` (from now: a later request

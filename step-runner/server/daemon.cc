@@ -49,6 +49,9 @@ void InstallStepHooks(runner::RunnerOptions& options, sandbox::Sandbox* sandbox,
     options.launch_hook = [sandbox](const runner::LaunchContext& c, runner::PlannedStep& s) {
       return sandbox->Launch(c, s);
     };
+    options.check_work_tree = [sandbox](const std::string& work_tree, const std::string& job_dir) {
+      return sandbox->CheckJobWorkTree(work_tree, job_dir);
+    };
   }
   options.step_event_hook = [sandbox, log](const std::string& job, const proto::FollowStepsResponse& event) {
     sandbox::Sandbox::Grant grant = sandbox ? sandbox->LastGrant(job) : sandbox::Sandbox::Grant{"none", "all"};

@@ -251,12 +251,13 @@ TEST_P(SandboxTest, CannotWriteOutsideItsTreeNorReadTheStateDirOrTokenStore) {
   EXPECT_EQ(::access((outside.path() + "/tree/in-tree").c_str(), F_OK), 0);
   EXPECT_NE(::access((outside.path() + "/escaped").c_str(), F_OK), 0);
   EXPECT_NE(::access("/etc/sr-sandbox-test", F_OK), 0);
-  // A job cannot make the system its writable tree.
+  // A job cannot make the system its writable tree: Run refuses it, and nothing starts.
   proto::RunRequest system = Request("system", "run:\n  - name: probe\n    script: touch /etc/sr-sandbox-test\n");
   system.set_work_dir("/etc");
-  Outcome refused = Run(system);
-  EXPECT_EQ(refused.status.status(), proto::StepResult::failure);
-  EXPECT_THAT(refused.status.message(), HasSubstr("system folder"));
+  absl::Status refused = client_->Run(system);
+  EXPECT_TRUE(absl::IsInvalidArgument(refused)) << refused;
+  EXPECT_THAT(refused.message(), HasSubstr("system folder"));
+  EXPECT_TRUE(absl::IsNotFound(client_->GetStatus("system").status()));
   EXPECT_NE(::access("/etc/sr-sandbox-test", F_OK), 0);
 }
 
@@ -357,9 +358,10 @@ TEST_P(SandboxTest, TheDaemonsOwnFoldersAreRefusedAsWorkTrees) {
     proto::RunRequest request =
         Request(absl::StrCat("tree", tree.size()), "run:\n  - name: probe\n    script: touch " + marker + "\n");
     request.set_work_dir(tree);
-    Outcome refused = Run(request);
-    EXPECT_EQ(refused.status.status(), proto::StepResult::failure) << tree;
-    EXPECT_THAT(refused.status.message(), HasSubstr("which the sandbox hides from steps")) << tree;
+    absl::Status refused = client_->Run(request);
+    EXPECT_TRUE(absl::IsInvalidArgument(refused)) << tree << ": " << refused;
+    EXPECT_THAT(refused.message(), HasSubstr("which the sandbox hides from steps")) << tree;
+    EXPECT_TRUE(absl::IsNotFound(client_->GetStatus(request.id()).status())) << tree;
     EXPECT_NE(::access((tree + "/" + marker).c_str(), F_OK), 0) << tree;
   }
 }
