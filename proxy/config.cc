@@ -177,6 +177,21 @@ absl::StatusOr<Config> ParseConfigNode(const YAML::Node& root, const std::string
         !absl::StartsWith(config.forge_url, "https://")) {
       return Invalid(kFile, forge["url"], "forge url: expected http:// or https://");
     }
+    if (absl::StartsWith(config.forge_url, "http://")) {
+      // Users' tokens are checked against the forge: over plain HTTP only to this host.
+      absl::string_view host = absl::string_view(config.forge_url).substr(7);
+      host = host.substr(0, host.find('/'));
+      if (absl::StartsWith(host, "[")) {
+        host = host.substr(0, host.find(']') + 1);
+      } else {
+        host = host.substr(0, host.find(':'));
+      }
+      if (host != "localhost" && host != "[::1]" && !absl::StartsWith(host, "127.")) {
+        return Invalid(kFile, forge["url"],
+                       "forge url: http:// would send users' tokens in clear; use https:// (http:// is for a "
+                       "forge on this host only: 127.0.0.1, localhost, [::1])");
+      }
+    }
     while (absl::EndsWith(config.forge_url, "/")) config.forge_url.pop_back();
     if (forge["timeout"]) {
       SR_ASSIGN_OR_RETURN(config.forge_timeout, Duration(kFile, forge["timeout"], "timeout"));

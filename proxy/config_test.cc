@@ -1,5 +1,6 @@
 #include "proxy/config.h"
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "step-runner/base/testing.h"
@@ -43,6 +44,16 @@ TEST(ProxyConfigTest, MistakesAreReportedWithTheirPlace) {
   EXPECT_FALSE(ParseConfig("routing: r\n", "/").ok());  // no host key
   auto forge = ParseConfig("host_key: k\nrouting: r\nforge: {url: ftp://x}\n", "/");
   EXPECT_THAT(forge.status().message(), HasSubstr("http://"));
+  // Tokens are checked against the forge: plain HTTP only to this host.
+  auto clear = ParseConfig("host_key: k\nrouting: r\nforge: {url: \"http://gitlab.example.com/\"}\n", "/");
+  EXPECT_THAT(clear.status().message(), HasSubstr("would send users' tokens in clear; use https://"));
+  auto sneaky = ParseConfig("host_key: k\nrouting: r\nforge: {url: \"http://localhost.example.com:80/\"}\n", "/");
+  EXPECT_FALSE(sneaky.ok());
+  for (const char* local : {"http://localhost:3000", "http://[::1]:3000/", "http://127.0.0.1/"}) {
+    auto ok = ParseConfig(absl::StrCat("host_key: k\nrouting: r\nforge: {url: \"", local, "\"}\n"), "/");
+    EXPECT_TRUE(ok.ok()) << local << ": " << ok.status();
+  }
+  SR_EXPECT_OK(ParseConfig("host_key: k\nrouting: r\nforge: {url: \"https://gitlab.example.com\"}\n", "/").status());
 }
 
 TEST(ProxyRoutingTest, SocketAndCommandBackends) {
