@@ -257,7 +257,8 @@ int FollowToTerminal(client::Client& client, const client::Endpoint& endpoint, c
     if (follow) {
       if (job_start.empty()) {
         // The first output of this follow: which job it is, for a client started again later.
-        absl::StatusOr<proto::Status> now = client.GetStatus(id);
+        // (Not GetStatus: its redial would pull the connection from under this stream.)
+        absl::StatusOr<proto::Status> now = client.GetStatusOnThisConnection(id);
         if (now.ok()) job_start = ResumePoint::JobStart(*now);
       }
       resume.Save(chunk.offset() + static_cast<int64_t>(chunk.data().size()), job_start);

@@ -232,6 +232,17 @@ absl::StatusOr<proto::Status> Client::GetStatus(const std::string& id) {
   return response.jobs(0);
 }
 
+absl::StatusOr<proto::Status> Client::GetStatusOnThisConnection(const std::string& id) {
+  if (!connection_) return absl::UnavailableError("not connected");
+  proto::StatusRequest request;
+  request.set_id(id);
+  proto::StatusResponse response;
+  grpc::Status status = connection_->stub()->Status(NewContext(true).get(), request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  if (response.jobs_size() != 1) return absl::InternalError("the daemon returned no status for the job");
+  return response.jobs(0);
+}
+
 absl::StatusOr<std::vector<proto::Status>> Client::ListJobs() {
   proto::StatusRequest request;
   proto::StatusResponse response;

@@ -70,6 +70,10 @@ class Client {
 
   absl::Status Run(const proto::RunRequest& request);
   absl::StatusOr<proto::Status> GetStatus(const std::string& id);
+  // GetStatus on the connection there is, once: no dial, no redial, and a broken connection is
+  // left for the call that is using it (so this is safe from inside a Follow's sink).
+  // UNAVAILABLE when there is none or it failed.
+  absl::StatusOr<proto::Status> GetStatusOnThisConnection(const std::string& id);
   absl::StatusOr<std::vector<proto::Status>> ListJobs();
   absl::Status Cancel(const std::string& id);
   absl::Status Close(const std::string& id);

@@ -1,8 +1,8 @@
 #ifndef STEP_RUNNER_RUNNER_RUNNER_H_
 #define STEP_RUNNER_RUNNER_RUNNER_H_
 
-#include <map>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
