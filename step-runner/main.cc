@@ -741,6 +741,12 @@ int Main(int argc, char** argv) {
                         "); serving from this process, which uses more memory"));
     server::BlockShutdownSignals();
   }
+  for (int i = 2; i < argc; ++i) {
+    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
+      std::cout << kUsage;
+      return 0;
+    }
+  }
   std::string error;
   std::optional<Args> args = Parse(argc, argv, 2, it->second.valued, it->second.boolean, &error);
   if (!args) {

@@ -39,6 +39,9 @@ std::optional<Args> Parse(int argc, char** argv, int first, const std::vector<st
     }
     if (is(boolean, name) && !value) {
       args.switches[name] = true;
+    } else if (is(boolean, name)) {
+      *error = absl::StrCat("--", name, " takes no value (give --", name, " alone)");
+      return std::nullopt;
     } else if (is(valued, name)) {
       if (!value) {
         if (i + 1 >= argc) {

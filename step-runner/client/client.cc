@@ -178,13 +178,10 @@ absl::Status Client::WithReconnect(const Call& call) {
       grpc::Status status = call(connection_->stub(), &progress);
       if (status.ok() || !IsTransportError(status)) return FromGrpcStatus(status);
       last = FromGrpcStatus(status);
-      // "Lost" only for a connection that worked: one that never did is said once, below.
-      if (progress) {
-        DropConnection(status.error_message());
+      if (!progress) {
+        connection_.reset();  // no answer at all this time: said once, below, not at every dial
       } else {
-        connection_.reset();
-      }
-      if (progress) {
+        DropConnection(status.error_message());
         announced = false;  // a new outage gets its own notice
         // The connection worked until it dropped: this is a new outage, not the same one. A
         // dropped hop (a killed ssh, a restarted proxy) is usually dialable at once, so the

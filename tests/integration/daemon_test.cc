@@ -104,6 +104,16 @@ TEST_F(DaemonTest, RunFindsLocalStepsBesideTheStepFile) {
   EXPECT_EQ(r.out, "hello-from-a-local-step\n");
 }
 
+// `step-runner run --help` is help, not "unknown flag --help"; a switch given a value says so.
+TEST_F(DaemonTest, SubcommandHelpAndSwitchesGivenAValue) {
+  CommandResult help = Cli({"run", "--help"});
+  EXPECT_EQ(help.exit_code, 0) << help.err;
+  EXPECT_THAT(help.out, HasSubstr("usage:"));
+  CommandResult valued = Cli({"logs", "some-job", "--follow=true"});
+  EXPECT_EQ(valued.exit_code, 2);
+  EXPECT_THAT(valued.err, HasSubstr("--follow takes no value"));
+}
+
 TEST_F(DaemonTest, SocketIsOwnerOnly) {
   struct stat st;
   ASSERT_EQ(::stat(daemon_->socket_path().c_str(), &st), 0);
