@@ -188,7 +188,8 @@ absl::string_view StreamMasker::MaskSecrets(absl::string_view data, bool final) 
   // Hold back the longest tail that is a proper prefix of some secret.
   size_t remaining = buffer.size() - pos;
   size_t hold = undecided != absl::string_view::npos ? buffer.size() - undecided : 0;
-  for (const std::string& s : final ? std::vector<std::string>() : secrets_) {
+  static const std::vector<std::string> kNothing;  // at the end, nothing more can complete a secret
+  for (const std::string& s : final ? kNothing : secrets_) {  // both lvalues: no copy
     for (size_t len = std::min(remaining, s.size() - 1); len > hold; --len) {
       if (buffer.substr(buffer.size() - len) == absl::string_view(s).substr(0, len)) {
         hold = len;
