@@ -215,6 +215,7 @@ int FollowToTerminal(client::Client& client, const client::Endpoint& endpoint, c
   ResumePoint resume(endpoint, id);
   int64_t offset = 0;
   std::string job_start;  // of the job being followed, once known
+  int job_start_asks = 0;  // from inside the stream, at most a few (each may wait up to 2 s)
   if (explicit_offset) {
     offset = *explicit_offset;
   } else if (follow) {
@@ -255,7 +256,7 @@ int FollowToTerminal(client::Client& client, const client::Endpoint& endpoint, c
       ::_exit(kExitSoftware);
     }
     if (follow) {
-      if (job_start.empty()) {
+      if (job_start.empty() && job_start_asks++ < 3) {
         // The first output of this follow: which job it is, for a client started again later.
         // (Not GetStatus: its redial would pull the connection from under this stream.)
         absl::StatusOr<proto::Status> now = client.GetStatusOnThisConnection(id);

@@ -216,37 +216,47 @@ absl::Status Client::Run(const proto::RunRequest& request) {
   });
 }
 
-absl::StatusOr<proto::Status> Client::GetStatus(const std::string& id) {
+grpc::Status Client::CallStatus(proto::StepRunner::Stub* stub, const std::string& id, proto::StatusResponse* response,
+                                std::optional<absl::Duration> deadline) const {
   proto::StatusRequest request;
   request.set_id(id);
-  proto::StatusResponse response;
-  absl::Status s = WithReconnect([&](proto::StepRunner::Stub* stub, bool*) {
-    response.Clear();
-    return stub->Status(NewContext(true).get(), request, &response);
-  });
-  if (!s.ok()) return s;
+  response->Clear();
+  std::unique_ptr<grpc::ClientContext> context = NewContext(true);
+  if (deadline) {
+    context->set_deadline(std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(absl::ToInt64Milliseconds(*deadline)));
+  }
+  return stub->Status(context.get(), request, response);
+}
+
+namespace {
+// The one job a Status call for an id answers with.
+absl::StatusOr<proto::Status> TheJob(const proto::StatusResponse& response) {
   if (response.jobs_size() != 1) return absl::InternalError("the daemon returned no status for the job");
   return response.jobs(0);
+}
+}  // namespace
+
+absl::StatusOr<proto::Status> Client::GetStatus(const std::string& id) {
+  proto::StatusResponse response;
+  SR_RETURN_IF_ERROR(
+      WithReconnect([&](proto::StepRunner::Stub* stub, bool*) { return CallStatus(stub, id, &response); }));
+  return TheJob(response);
 }
 
 absl::StatusOr<proto::Status> Client::GetStatusOnThisConnection(const std::string& id) {
   if (!connection_) return absl::UnavailableError("not connected");
-  proto::StatusRequest request;
-  request.set_id(id);
   proto::StatusResponse response;
-  grpc::Status status = connection_->stub()->Status(NewContext(true).get(), request, &response);
-  if (!status.ok()) return FromGrpcStatus(status);
-  if (response.jobs_size() != 1) return absl::InternalError("the daemon returned no status for the job");
-  return response.jobs(0);
+  // Short: the caller is in the middle of a stream, which waits for it.
+  if (grpc::Status status = CallStatus(connection_->stub(), id, &response, absl::Seconds(2)); !status.ok()) {
+    return FromGrpcStatus(status);
+  }
+  return TheJob(response);
 }
 
 absl::StatusOr<std::vector<proto::Status>> Client::ListJobs() {
-  proto::StatusRequest request;
   proto::StatusResponse response;
-  absl::Status s = WithReconnect([&](proto::StepRunner::Stub* stub, bool*) {
-    response.Clear();
-    return stub->Status(NewContext(true).get(), request, &response);
-  });
+  absl::Status s = WithReconnect([&](proto::StepRunner::Stub* stub, bool*) { return CallStatus(stub, "", &response); });
   if (!s.ok()) return s;
   return std::vector<proto::Status>(response.jobs().begin(), response.jobs().end());
 }

@@ -70,8 +70,8 @@ class Client {
 
   absl::Status Run(const proto::RunRequest& request);
   absl::StatusOr<proto::Status> GetStatus(const std::string& id);
-  // GetStatus on the connection there is, once: no dial, no redial, and a broken connection is
-  // left for the call that is using it (so this is safe from inside a Follow's sink).
+  // GetStatus on the connection there is, once, within 2 s: no dial, no redial, and a broken
+  // connection is left for the call that is using it (so this is safe from inside a Follow's sink).
   // UNAVAILABLE when there is none or it failed.
   absl::StatusOr<proto::Status> GetStatusOnThisConnection(const std::string& id);
   absl::StatusOr<std::vector<proto::Status>> ListJobs();
@@ -109,6 +109,10 @@ class Client {
   absl::Status WithReconnect(const Call& call);
   absl::Status EnsureConnected();
   void DropConnection(const std::string& why);
+  // One Status call through `stub` for `id` (empty: every job), within `deadline` if given (else
+  // options_.rpc_timeout).
+  grpc::Status CallStatus(proto::StepRunner::Stub* stub, const std::string& id, proto::StatusResponse* response,
+                          std::optional<absl::Duration> deadline = std::nullopt) const;
   void Backoff(absl::Time give_up_at, absl::Duration& delay);
   std::unique_ptr<grpc::ClientContext> NewContext(bool with_deadline) const;
 

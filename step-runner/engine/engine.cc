@@ -395,9 +395,7 @@ class JobRun {
 
   // The log's rules: the secrets, and tokens with a well-known prefix (glpat-...) whether or not
   // anyone declared them.
-  std::string MaskText(const std::string& text) const {
-    return text.empty() ? text : logs::MaskSecrets(text, secrets_);
-  }
+  std::string MaskText(const std::string& text) const { return logs::MaskSecrets(text, secrets_); }
 
   absl::Status Fail(proto::StatusError::Kind kind, int exit_code, std::string message) {
     failure_ = {kind, exit_code};

@@ -204,6 +204,12 @@ absl::string_view StreamMasker::MaskSecrets(absl::string_view data, bool final) 
 }
 
 std::string MaskSecrets(absl::string_view text, const std::vector<std::string>& secrets) {
+  // Most strings hold nothing to mask (the engine masks every string of the result tree at each
+  // step's start and end): no masker is built for them.
+  size_t prefix_length = 0;
+  if (secrets.empty() && PrefixFinder(text).Next(0, &prefix_length) == absl::string_view::npos) {
+    return std::string(text);
+  }
   StreamMasker masker(secrets);
   std::string out(masker.Process(text));
   return out + masker.Flush();
