@@ -7,6 +7,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 
@@ -135,6 +136,12 @@ absl::Status CheckWorkTree(const std::string& path) {
   }
   std::string p = path;
   while (p.size() > 1 && p.back() == '/') p.pop_back();
+  // Shared memory is where a tmpfs-only host keeps its state dir; the sandbox's /dev is a fresh
+  // one, so a folder under /dev/shm bound into it exposes nothing else of the host's /dev.
+  constexpr absl::string_view kSharedMemory = "/dev/shm/";
+  if (p.size() > kSharedMemory.size() && absl::StartsWith(p, kSharedMemory) && !absl::StrContains(p, "/..")) {
+    return absl::OkStatus();
+  }
   for (const char* system : {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/root",
                              "/run", "/sbin", "/sys", "/usr", "/var", "/opt", "/home", "/srv"}) {
     const std::string dir = system;

@@ -98,10 +98,12 @@ TEST(BwrapArgvTest, SecretFilesAreBoundReadOnlyAfterHiding) {
 }
 
 TEST(PolicyParseTest, TheSystemCannotBeAWorkTree) {
-  for (const char* bad : {"/", "/usr", "/etc/", "/usr/lib", "/proc/1", "/home", "/var", "relative"}) {
+  for (const char* bad : {"/", "/usr", "/etc/", "/usr/lib", "/proc/1", "/home", "/var", "relative", "/dev/shm",
+                          "/dev/shm/", "/dev/pts/x", "/dev", "/dev/shm/../pts"}) {
     EXPECT_FALSE(CheckWorkTree(bad).ok()) << bad;
   }
-  for (const char* good : {"/var/lib/step-runner/jobs/1/work", "/home/dev/project", "/tmp/x", "/workspace"}) {
+  for (const char* good : {"/var/lib/step-runner/jobs/1/work", "/home/dev/project", "/tmp/x", "/workspace",
+                          "/dev/shm/state/jobs/1/work"}) {
     SR_EXPECT_OK(CheckWorkTree(good));
   }
 }

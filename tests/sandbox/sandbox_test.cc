@@ -80,15 +80,16 @@ class GreetingServer {
   std::thread thread_;
 };
 
-// A folder outside /tmp: the sandbox's private /tmp would hide anything under /tmp anyway, so
-// hiding the state dir and token stores is only tested for real elsewhere.
-class VarTmpDir {
+// A folder outside /tmp (under /var/tmp unless told): the sandbox's private /tmp would hide
+// anything under /tmp anyway, so hiding the state dir and token stores is only tested for real
+// elsewhere.
+class DirOutsideTmp {
  public:
-  VarTmpDir() {
-    char tmpl[] = "/var/tmp/sr_sandbox_test.XXXXXX";
-    path_ = ::mkdtemp(tmpl);
+  explicit DirOutsideTmp(const std::string& parent = "/var/tmp") {
+    std::string tmpl = parent + "/sr_sandbox_test.XXXXXX";
+    path_ = ::mkdtemp(tmpl.data());
   }
-  ~VarTmpDir() { (void)RemoveTree(path_); }
+  ~DirOutsideTmp() { (void)RemoveTree(path_); }
   const std::string& path() const { return path_; }
 
  private:
@@ -223,7 +224,7 @@ TEST_P(SandboxTest, AllowListReachesExactlyTheAllowedHostAndPort) {
 }
 
 TEST_P(SandboxTest, CannotWriteOutsideItsTreeNorReadTheStateDirOrTokenStore) {
-  VarTmpDir outside;
+  DirOutsideTmp outside;
   const std::string tokens = outside.path() + "/git-credentials";
   SR_ASSERT_OK(WriteFileAtomically(tokens, "https://oauth2:SECRET-TOKEN@gitlab.example\n", 0600));
   const std::string daemon_dir = outside.path() + "/daemon";
@@ -265,7 +266,7 @@ TEST_P(SandboxTest, CannotWriteOutsideItsTreeNorReadTheStateDirOrTokenStore) {
 // steps still run (a mount over the link's own path would land on what it points to, with the
 // wrong kind: a file over a folder).
 TEST_P(SandboxTest, PathsHiddenThroughLinksAreHiddenWhereTheyPoint) {
-  VarTmpDir outside;
+  DirOutsideTmp outside;
   SR_ASSERT_OK(MakeDirs(outside.path() + "/keys", 0700));
   SR_ASSERT_OK(WriteFileAtomically(outside.path() + "/keys/id", "SECRET-KEY\n", 0600));
   SR_ASSERT_OK(WriteFileAtomically(outside.path() + "/token", "SECRET-TOKEN\n", 0600));
@@ -840,7 +841,7 @@ TEST_P(SandboxTest, JobsClosedTheMomentTheyEndLeaveNothingBehind) {
 // The stub hands the step its argv, environment and folder byte for byte, as bwrap does.
 TEST_P(SandboxTest, TheStepGetsExactlyItsArgvEnvironmentAndFolder) {
   START_OR_SKIP();
-  VarTmpDir tree;
+  DirOutsideTmp tree;
   SR_ASSERT_OK(MakeDirs(tree.path() + "/sub dir", 0755));
   proto::RunRequest request = Request(
       "exact", "exec:\n  command: [/bin/sh, -c, 'printf \"<%s>\" \"$0\" \"$ODD\" \"$PWD\"', \"two  spaces\"]\n"
@@ -905,7 +906,7 @@ TEST(SandboxPoolTest, ADaemonKilledWhileItsPoolIsMadeLeavesNoProcessBehind) {
 // followed outside the sandbox, not into its read-only view of the system).
 TEST_P(SandboxTest, AWorkTreeReachedThroughASymlinkIsWritable) {
   START_OR_SKIP();
-  VarTmpDir base;
+  DirOutsideTmp base;
   SR_ASSERT_OK(MakeDirs(base.path() + "/real/tree", 0755));
   ASSERT_EQ(::symlink((base.path() + "/real").c_str(), (base.path() + "/link").c_str()), 0);
   proto::RunRequest request = Request("linked", "run:\n  - name: write\n    script: echo hi > made-here\n");
@@ -913,6 +914,24 @@ TEST_P(SandboxTest, AWorkTreeReachedThroughASymlinkIsWritable) {
   Outcome out = Run(request);
   EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log;
   EXPECT_EQ(ReadFile(base.path() + "/real/tree/made-here").value_or(""), "hi\n");
+}
+
+// A state dir in shared memory (a benchmark's, or a host whose only fast disk is tmpfs): the
+// jobs' default trees lie under /dev/shm, which is not a system folder (the sandbox's /dev is a
+// fresh one; the tree is bound into it). It used to be refused as one, so no job could start.
+TEST_P(SandboxTest, AStateDirUnderDevShmRunsJobsInTheirOwnTrees) {
+  DirOutsideTmp shm("/dev/shm");
+  ASSERT_FALSE(shm.path().empty());
+  START_OR_SKIP({}, shm.path());
+  Outcome out = RunScript("in-shm", "echo hi > made-here\ncat made-here\nls /dev/shm | wc -l");
+  EXPECT_EQ(out.status.status(), proto::StepResult::success) << out.log << out.status.message();
+  EXPECT_THAT(out.log, HasSubstr("hi\n"));
+  // The fresh /dev/shm shows only the way down to the job's tree, not the host's shared memory.
+  EXPECT_THAT(out.log, HasSubstr("\n1\n"));
+  proto::RunRequest other = Request("shm-root", "run:\n  - name: write\n    script: echo no > x\n");
+  other.set_work_dir("/dev/shm");
+  absl::Status refused = client_->Run(other);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
 }
 
 INSTANTIATE_TEST_SUITE_P(WarmAndCold, SandboxTest, ::testing::Bool(),
