@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <iostream>
+#include <set>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -18,6 +19,17 @@
 #include "step-runner/server/daemon.h"
 
 namespace step_runner::cli {
+
+namespace {
+
+// The flags that collect: each --env, --input, ... adds one more.
+bool IsRepeatable(const std::string& name) {
+  static const auto* const repeatable = new std::set<std::string>{
+      "env", "input", "var", "masked-var", "file-var", "allow-uid", "allow-host", "hide"};
+  return repeatable->count(name) > 0;
+}
+
+}  // namespace
 
 std::optional<Args> Parse(int argc, char** argv, int first, const std::vector<std::string>& valued,
                           const std::vector<std::string>& boolean, std::string* error) {
@@ -49,6 +61,12 @@ std::optional<Args> Parse(int argc, char** argv, int first, const std::vector<st
           return std::nullopt;
         }
         value = argv[++i];
+      }
+      // A second --id or --socket is a slip (an alias plus a flag, a pasted line): taking one
+      // of them silently would run something the user did not ask for.
+      if (args.values.count(name) && !IsRepeatable(name)) {
+        *error = absl::StrCat("--", name, " is given more than once; give it once");
+        return std::nullopt;
       }
       args.values.emplace(name, *value);
     } else {

@@ -784,8 +784,9 @@ absl::StatusOr<Json> BindInputs(const steps::Spec& spec, const Json& values, abs
     bound[name] = value;
   }
   for (const auto& [name, param] : spec.inputs) {
-    if (bound.contains(name) && !bound[name].is_null()) continue;
-    if (values.contains(name) && values[name].is_null()) continue;  // checked when expanded
+    // Given: bound, or already reported as the wrong type (not also "missing"); a null is
+    // checked when expanded.
+    if (values.contains(name)) continue;
     if (param.default_value) {
       bound[name] = *param.default_value;
     } else {

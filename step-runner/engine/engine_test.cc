@@ -253,6 +253,8 @@ TEST_F(EngineTest, BindInputsReportsEveryProblem) {
   EXPECT_THAT(std::string(bound.status().message()), HasSubstr("does not accept an input named \"c\""));
   EXPECT_THAT(std::string(bound.status().message()), HasSubstr("input \"a\" must be a number"));
   EXPECT_THAT(std::string(bound.status().message()), HasSubstr("missing required input \"b\""));
+  // "a" was given, with the wrong type: that is the one problem with it, not also "missing".
+  EXPECT_THAT(std::string(bound.status().message()), Not(HasSubstr("missing required input \"a\"")));
 }
 
 TEST_F(EngineTest, CyclesAndUnknownStepsAreFoundBeforeRunning) {

@@ -114,6 +114,21 @@ TEST_F(DaemonTest, SubcommandHelpAndSwitchesGivenAValue) {
   EXPECT_THAT(valued.err, HasSubstr("--follow takes no value"));
 }
 
+// A flag that takes one value, given twice, is refused (it used to keep the first, silently);
+// nothing starts. Flags that collect (--env, --input, ...) still collect.
+TEST_F(DaemonTest, ASingleValuedFlagGivenTwiceIsRefused) {
+  const std::string file = dir_.path() + "/echo.yml";
+  SR_ASSERT_OK(WriteFileAtomically(file, Steps("exec:\n  command: [sh, -c, 'echo $A$B']\n"), 0600));
+  CommandResult twice = Cli({"run", file, "--id", "first", "--id", "second", "--follow"});
+  EXPECT_EQ(twice.exit_code, 2);
+  EXPECT_THAT(twice.err, HasSubstr("--id is given more than once"));
+  SR_ASSERT_OK_AND_ASSIGN(std::vector<proto::Status> jobs, client_->ListJobs());
+  EXPECT_TRUE(jobs.empty());
+  CommandResult collected = Cli({"run", file, "--id", "both", "--env", "A=1", "--env=B=2", "--follow"});
+  EXPECT_EQ(collected.exit_code, 0) << collected.err;
+  EXPECT_EQ(collected.out, "12\n");
+}
+
 TEST_F(DaemonTest, SocketIsOwnerOnly) {
   struct stat st;
   ASSERT_EQ(::stat(daemon_->socket_path().c_str(), &st), 0);
