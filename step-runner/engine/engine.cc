@@ -376,13 +376,35 @@ class JobRun {
     for (std::string& arg : *r.mutable_exec_result()->mutable_command()) arg = MaskText(arg);
     r.set_message(MaskText(r.message()));
     for (auto& [k, v] : *r.mutable_exports()) v = MaskText(v);
-    for (auto& [k, v] : *r.mutable_outputs()) {
-      if (v.has_string_value()) v.set_string_value(MaskText(v.string_value()));
-    }
-    for (auto& [k, v] : *r.mutable_inputs()) {
-      if (v.has_string_value()) v.set_string_value(MaskText(v.string_value()));
-    }
+    for (auto& [k, v] : *r.mutable_outputs()) MaskValue(v);
+    for (auto& [k, v] : *r.mutable_inputs()) MaskValue(v);
     for (proto::StepResult& child : *r.mutable_sub_step_results()) MaskTree(child);
+  }
+  // Every string in a value, at any depth (a struct or array output can carry a secret), and
+  // a struct's keys.
+  void MaskValue(google::protobuf::Value& v) const {
+    switch (v.kind_case()) {
+      case google::protobuf::Value::kStringValue: v.set_string_value(MaskText(v.string_value())); break;
+      case google::protobuf::Value::kListValue:
+        for (google::protobuf::Value& item : *v.mutable_list_value()->mutable_values()) MaskValue(item);
+        break;
+      case google::protobuf::Value::kStructValue: {
+        auto& fields = *v.mutable_struct_value()->mutable_fields();
+        std::vector<std::pair<std::string, google::protobuf::Value>> renamed;
+        for (auto it = fields.begin(); it != fields.end();) {
+          MaskValue(it->second);
+          if (std::string key = MaskText(it->first); key != it->first) {
+            renamed.emplace_back(std::move(key), std::move(it->second));
+            it = fields.erase(it);
+          } else {
+            ++it;
+          }
+        }
+        for (auto& [key, value] : renamed) fields[key] = std::move(value);
+        break;
+      }
+      default: break;
+    }
   }
 
   void PublishMasked(const proto::StepResult& node, const std::string& path, bool finished) {
@@ -566,7 +588,8 @@ class JobRun {
       given[key] = v->json;
       if (v->sensitive) derived_sensitive.insert(key);
     }
-    absl::StatusOr<Json> inputs = BindInputs(loaded->file->spec, given, inv.name);
+    // No step name from BindInputs: Invalid names the step.
+    absl::StatusOr<Json> inputs = BindInputs(loaded->file->spec, given, "", derived_sensitive);
     if (!inputs.ok()) return Invalid(inv.name, inputs.status());
     Frame child;
     child.spec = &loaded->file->spec;
@@ -764,7 +787,8 @@ void CheckTree(const StepDefinition& def, const std::string& dir, const std::str
 
 }  // namespace
 
-absl::StatusOr<Json> BindInputs(const steps::Spec& spec, const Json& values, absl::string_view step_name) {
+absl::StatusOr<Json> BindInputs(const steps::Spec& spec, const Json& values, absl::string_view step_name,
+                                const std::set<std::string>& sensitive_values) {
   Json bound = Json::object();
   std::vector<std::string> problems;
   std::vector<std::string> declared;
@@ -778,7 +802,11 @@ absl::StatusOr<Json> BindInputs(const steps::Spec& spec, const Json& values, abs
     }
     if (!value.is_null() && !steps::HasType(value, it->second.type)) {
       problems.push_back(absl::StrCat("input \"", name, "\" must be ", steps::TypeName(it->second.type), ", found ",
-                                      it->second.sensitive ? "a value of another type" : steps::DescribeJson(value)));
+                                      // Quoted, a secret would be cut to 60 bytes: no masker
+                                      // finds a secret's first 57 bytes.
+                                      it->second.sensitive || sensitive_values.count(name)
+                                          ? "a value of another type"
+                                          : steps::DescribeJson(value)));
       continue;
     }
     bound[name] = value;

@@ -87,8 +87,10 @@ struct JobOutcome {
 JobOutcome RunJob(const JobSpec& job, Host& host);
 
 // Checks and completes a step's inputs against its spec: unknown names, types, required
-// inputs, defaults. `values` are already expanded. Returns the complete inputs.
-absl::StatusOr<Json> BindInputs(const steps::Spec& spec, const Json& values, absl::string_view step_name);
+// inputs, defaults. `values` are already expanded; those named in `sensitive_values` carry a
+// secret and are never quoted in an error. Returns the complete inputs.
+absl::StatusOr<Json> BindInputs(const steps::Spec& spec, const Json& values, absl::string_view step_name,
+                                const std::set<std::string>& sensitive_values = {});
 
 // Loads every static reference (local and dist://) under `file`, recursively, and checks the
 // inputs given to each, so that a job whose tree cannot work is refused before anything runs:

@@ -201,6 +201,76 @@ run:
   EXPECT_THAT(out.result.DebugString(), Not(HasSubstr("s3cr3t-masked-value-42")));
 }
 
+// A masked value inside a struct or an array (an output, then another step's input and the
+// job's output) is masked at any depth, as a plain string output is.
+TEST_F(EngineTest, MaskedValuesInsideStructsAndArraysAreMaskedInTheResultTree) {
+  Write("leak/step.yml", R"(spec:
+  outputs:
+    st: {type: struct}
+    ar: {type: array}
+---
+exec:
+  command: [bash, -c, 'printf ''{"name":"st","value":{"t":"%s","n":{"%s":1}}}\n{"name":"ar","value":[["%s"]]}\n'' "$TOKEN" "$TOKEN" "$TOKEN" > "$0"', "${{ output_file }}"]
+)");
+  Write("take/step.yml", R"(spec:
+  inputs:
+    cfg: {type: struct}
+    list: {type: array}
+---
+exec:
+  command: ["true"]
+)");
+  JobOutcome out = RunWith(R"(spec:
+  outputs:
+    o: {type: struct}
+---
+run:
+  - name: l
+    step: ./leak
+  - name: pass
+    step: ./take
+    inputs: {cfg: "${{ steps.l.outputs.st }}", list: "${{ steps.l.outputs.ar }}"}
+outputs:
+  o: "${{ steps.l.outputs.st }}"
+)", [](JobSpec& job) {
+    job.env["TOKEN"] = "s3cr3t-masked-value-42";
+    job.job_variables["TOKEN"] = "s3cr3t-masked-value-42";
+    job.masked_variables.insert("TOKEN");
+  });
+  EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
+  EXPECT_THAT(out.result.DebugString(), Not(HasSubstr("s3cr3t-masked-value-42")));
+  ASSERT_EQ(out.result.sub_step_results_size(), 2);
+  const auto& st = out.result.sub_step_results(0).outputs().at("st").struct_value().fields();
+  EXPECT_EQ(st.at("t").string_value(), "[MASKED]");
+  EXPECT_TRUE(st.at("n").struct_value().fields().contains("[MASKED]"));
+  EXPECT_EQ(out.result.sub_step_results(0).outputs().at("ar").list_value().values(0).list_value().values(0).string_value(),
+            "[MASKED]");
+}
+
+// A sensitive value given to an input of the wrong type is not quoted in the error: quoted, a
+// long one would be cut short of what the masker looks for, and one with a quote escaped.
+TEST_F(EngineTest, ASecretGivenToAnInputOfTheWrongTypeIsNotQuotedInTheError) {
+  Write("num/step.yml", "spec:\n  inputs:\n    n: {type: number}\n---\nexec: {command: [\"true\"]}\n");
+  const std::string secret = absl::StrCat("Pa\"ss\\", std::string(80, 'x'), "-end");
+  JobOutcome out = RunWith(R"(spec:
+  inputs:
+    tok: {type: string, sensitive: true}
+---
+run:
+  - name: c
+    step: ./num
+    inputs: {n: "${{ inputs.tok }}"}
+)", [&](JobSpec& job) {
+    job.inputs["tok"] = secret;
+    job.sensitive_inputs.insert("tok");
+  });
+  EXPECT_EQ(out.status, proto::StepResult::failure);
+  EXPECT_THAT(out.message, HasSubstr("input \"n\" must be a number, found a value of another type"));
+  EXPECT_THAT(out.message, Not(HasSubstr("xxxxxxxx")));
+  EXPECT_THAT(out.message, Not(HasSubstr("missing")));
+  EXPECT_THAT(out.message, Not(HasSubstr("step \"c\": step \"c\"")));
+}
+
 // The output and export files are the step's to replace: a FIFO there must not hold the job
 // forever, nor a link to /dev/zero take the daemon's memory. Each fails the step, saying why.
 TEST_F(EngineTest, AReplacedOutputOrExportFileFailsTheStepAndHoldsNothing) {

@@ -5,12 +5,45 @@
 #include <utility>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
 
 namespace step_runner::logs {
 
+namespace {
+
+// How a string appears inside a JSON string (and so in an error message that quotes a value,
+// or a step's `toJSON` output): quotes, backslashes and control characters escaped.
+std::string JsonEscaped(absl::string_view text) {
+  std::string out;
+  for (char c : text) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          out += absl::StrFormat("\\u%04x", static_cast<unsigned char>(c));
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 StreamMasker::StreamMasker(std::vector<std::string> secrets) {
   for (std::string& s : secrets) {
-    if (!s.empty()) secrets_.push_back(std::move(s));
+    if (s.empty()) continue;
+    // A secret with a quote, a backslash or a newline (a password, a PEM key) is also masked
+    // in its escaped form, which is how it shows wherever it is quoted as JSON.
+    if (std::string escaped = JsonEscaped(s); escaped != s) secrets_.push_back(std::move(escaped));
+    secrets_.push_back(std::move(s));
   }
   // Longest first, so that where two secrets start at one position the longer one wins.
   std::sort(secrets_.begin(), secrets_.end(),

@@ -13,6 +13,16 @@ TEST(MaskerTest, MasksWholeOccurrences) {
             "token=[MASKED]; again [MASKED].");
 }
 
+// A value quoted as JSON (an error message naming it, a step's toJSON) carries a secret's
+// quotes, backslashes and newlines escaped: that form is masked too.
+TEST(MaskerTest, ASecretIsMaskedInItsJsonEscapedFormToo) {
+  const std::string secret = "Pa\"ss\\w0rd\n-----END KEY-----\x01";
+  EXPECT_EQ(MaskSecrets(absl::StrCat("found the string \"Pa\\\"ss\\\\w0rd\\n-----END KEY-----\\u0001\"; raw ",
+                                     secret, "."),
+                        {secret}),
+            "found the string \"[MASKED]\"; raw [MASKED].");
+}
+
 TEST(MaskerTest, NoSecretsPassesBytesThrough) {
   StreamMasker masker({});
   std::string binary("\0\xff\r\n", 4);
