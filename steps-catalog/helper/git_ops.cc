@@ -197,33 +197,42 @@ absl::StatusOr<CloneResult> Clone(const CloneRequest& request) {
   return CloneResult{sha, false};
 }
 
+namespace {
+
+// The first of `revisions` that names a commit; NOT_FOUND when none does.
+absl::StatusOr<ObjectPtr> FirstCommit(git_repository* repo, const std::vector<std::string>& revisions) {
+  for (const std::string& revision : revisions) {
+    git_object* raw = nullptr;
+    int rc = git_revparse_single(&raw, repo, absl::StrCat(revision, "^{commit}").c_str());
+    if (rc == GIT_ENOTFOUND) continue;
+    if (rc < 0) return GitErrorToStatus(rc, absl::StrCat("resolve ", revision));
+    return ObjectPtr(raw);
+  }
+  return absl::NotFoundError("none of them");
+}
+
+}  // namespace
+
 absl::StatusOr<BranchResult> CheckoutBranch(const std::string& dir, const std::string& name,
                                             const std::string& base) {
   SR_ASSIGN_OR_RETURN(RepositoryPtr repo, Open(dir));
   BranchResult result;
+  absl::StatusOr<ObjectPtr> base_commit =
+      FirstCommit(repo.get(), {absl::StrCat("refs/heads/", base), absl::StrCat("refs/remotes/origin/", base)});
+  if (!base_commit.ok() && !absl::IsNotFound(base_commit.status())) return base_commit.status();
   git_reference* raw_branch = nullptr;
   int rc = git_branch_lookup(&raw_branch, repo.get(), name.c_str(), GIT_BRANCH_LOCAL);
   if (rc == GIT_ENOTFOUND) {
-    git_object* raw_base = nullptr;
     // The branch on origin first: an earlier run's pushed work is continued, never forked.
-    int found = git_revparse_single(&raw_base, repo.get(), absl::StrCat("refs/remotes/origin/", name, "^{commit}").c_str());
-    result.resumed = found == 0;
-    if (found == GIT_ENOTFOUND) {
-      found = git_revparse_single(&raw_base, repo.get(), absl::StrCat("refs/heads/", base, "^{commit}").c_str());
-    }
-    if (found == GIT_ENOTFOUND) {
-      found = git_revparse_single(&raw_base, repo.get(), absl::StrCat("refs/remotes/origin/", base, "^{commit}").c_str());
-    }
-    if (found == GIT_ENOTFOUND) return absl::NotFoundError(absl::StrCat("base branch ", base, " not found in ", dir));
-    if (found < 0) return GitErrorToStatus(found, absl::StrCat("resolve ", base));
-    ObjectPtr base_commit(raw_base);
-    rc = git_branch_create(&raw_branch, repo.get(), name.c_str(), reinterpret_cast<git_commit*>(base_commit.get()), 0);
+    absl::StatusOr<ObjectPtr> on_origin = FirstCommit(repo.get(), {absl::StrCat("refs/remotes/origin/", name)});
+    if (!on_origin.ok() && !absl::IsNotFound(on_origin.status())) return on_origin.status();
+    git_object* start = on_origin.ok() ? on_origin->get() : base_commit.ok() ? base_commit->get() : nullptr;
+    if (start == nullptr) return absl::NotFoundError(absl::StrCat("base branch ", base, " not found in ", dir));
+    rc = git_branch_create(&raw_branch, repo.get(), name.c_str(), reinterpret_cast<git_commit*>(start), 0);
     if (rc < 0) return GitErrorToStatus(rc, absl::StrCat("create branch ", name));
     result.created = true;
   } else if (rc < 0) {
     return GitErrorToStatus(rc, absl::StrCat("look up branch ", name));
-  } else {
-    result.resumed = true;
   }
   ReferencePtr branch(raw_branch);
   git_object* raw_target = nullptr;
@@ -231,6 +240,10 @@ absl::StatusOr<BranchResult> CheckoutBranch(const std::string& dir, const std::s
     return GitErrorToStatus(rc, "peel branch");
   }
   ObjectPtr target(raw_target);
+  // Resumed: the branch (from origin, or left here by an earlier run) carries work beyond its
+  // base. A branch still at the base, as a run that failed before committing leaves it, has
+  // nothing to resume: the work is done again.
+  result.resumed = !base_commit.ok() || !git_oid_equal(git_object_id(target.get()), git_object_id(base_commit->get()));
   git_checkout_options checkout = GIT_CHECKOUT_OPTIONS_INIT;
   // SAFE: uncommitted work is never overwritten; a conflict is an error, not data loss.
   checkout.checkout_strategy = GIT_CHECKOUT_SAFE;

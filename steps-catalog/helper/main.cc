@@ -125,7 +125,7 @@ absl::Status RunBranch(const Flags& f, OutputWriter& out) {
   SR_ASSIGN_OR_RETURN(std::string dir, f.Required("dir"));
   SR_ASSIGN_OR_RETURN(std::string name, f.Required("name"));
   SR_ASSIGN_OR_RETURN(BranchResult result, CheckoutBranch(dir, name, f.Get("base", "main")));
-  std::cerr << "branch: " << (result.resumed ? "resuming from origin " : result.created ? "created " : "reusing ") << name << " at " << result.sha << "\n";
+  std::cerr << "branch: " << (result.resumed ? "resuming the earlier work on " : result.created ? "created " : "reusing ") << name << " at " << result.sha << "\n";
   SR_RETURN_IF_ERROR(out.Write("branch", name));
   SR_RETURN_IF_ERROR(out.Write("sha", result.sha));
   SR_RETURN_IF_ERROR(out.Write("created", result.created));

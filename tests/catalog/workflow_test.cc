@@ -142,6 +142,29 @@ TEST_F(WorkflowTest, IssueToMergeRequestWithAFixRoundThenARerunChangesNothing) {
   EXPECT_EQ(grep.out, "");
 }
 
+// A run whose generate step failed leaves its branch at the base, with nothing on the forge.
+// Run again in the same folder, it must generate again: it used to take the branch for
+// resumed work, skip generate, and open an empty merge request that the comment called done.
+TEST_F(WorkflowTest, ARerunAfterAFailedGenerateGeneratesAgain) {
+  SR_ASSERT_OK(forge_->SetModelMode(2, "junk"));
+  json failed;
+  SR_ASSERT_OK_AND_ASSIGN(CommandResult run, Exec(2, tmp_.path() + "/work", &failed));
+  ASSERT_NE(run.exit_code, 0);
+  EXPECT_THAT(run.out + run.err, HasSubstr("no usable diff"));
+  SR_ASSERT_OK(forge_->SetModelMode(2, "diff"));
+  json result;
+  SR_ASSERT_OK_AND_ASSIGN(CommandResult rerun, Exec(2, tmp_.path() + "/work", &result));
+  ASSERT_EQ(rerun.exit_code, 0) << rerun.out << rerun.err;
+  const json tree = result.value("result", json::object());
+  EXPECT_EQ(Child(tree, "branch")["outputs"]["resumed"], false);
+  EXPECT_EQ(Child(tree, "generate")["status"], "success");
+  EXPECT_EQ(Child(tree, "commit")["outputs"]["committed"], true);
+  SR_ASSERT_OK_AND_ASSIGN(json mrs, forge_->Api("GET", "/api/v4/projects/1/merge_requests?state=all"));
+  ASSERT_EQ(mrs.size(), 1u);
+  SR_ASSERT_OK_AND_ASSIGN(json changes, forge_->Api("GET", "/api/v4/projects/1/merge_requests/1/changes"));
+  EXPECT_FALSE(changes["changes"].empty());
+}
+
 TEST_F(WorkflowTest, AMissingIssueFailsClearlyAndTouchesNothing) {
   json result;
   SR_ASSERT_OK_AND_ASSIGN(CommandResult run, Exec(99, tmp_.path() + "/work", &result));
