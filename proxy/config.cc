@@ -1,5 +1,7 @@
 #include "proxy/config.h"
 
+#include <arpa/inet.h>
+
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -177,16 +179,25 @@ absl::StatusOr<Config> ParseConfigNode(const YAML::Node& root, const std::string
         !absl::StartsWith(config.forge_url, "https://")) {
       return Invalid(kFile, forge["url"], "forge url: expected http:// or https://");
     }
+    absl::string_view authority = absl::string_view(config.forge_url).substr(config.forge_url.find("//") + 2);
+    authority = authority.substr(0, authority.find_first_of("/?#"));
+    // "http://localhost:x@other-host" goes to other-host: a URL with credentials is refused
+    // outright (they would sit in the config in clear, and they hide where the URL points).
+    if (absl::StrContains(authority, "@")) {
+      return Invalid(kFile, forge["url"], "forge url: no user or password in the URL (the proxy sends each user's own token)");
+    }
     if (absl::StartsWith(config.forge_url, "http://")) {
       // Users' tokens are checked against the forge: over plain HTTP only to this host.
-      absl::string_view host = absl::string_view(config.forge_url).substr(7);
-      host = host.substr(0, host.find('/'));
+      absl::string_view host = authority;
       if (absl::StartsWith(host, "[")) {
         host = host.substr(0, host.find(']') + 1);
       } else {
         host = host.substr(0, host.find(':'));
       }
-      if (host != "localhost" && host != "[::1]" && !absl::StartsWith(host, "127.")) {
+      in_addr ipv4{};
+      const bool loopback_ipv4 = ::inet_pton(AF_INET, std::string(host).c_str(), &ipv4) == 1 &&
+                                 (ntohl(ipv4.s_addr) >> 24) == 127;
+      if (host != "localhost" && host != "[::1]" && !loopback_ipv4) {
         return Invalid(kFile, forge["url"],
                        "forge url: http:// would send users' tokens in clear; use https:// (http:// is for a "
                        "forge on this host only: 127.0.0.1, localhost, [::1])");
@@ -296,6 +307,10 @@ absl::StatusOr<Routing> ParseRouting(absl::string_view yaml) {
                        absl::StrCat("invalid workspace name \"", name,
                                     "\" (letters, digits, '.', '_', '-'; at most 64)"));
       }
+      // Later entries used to lose silently: an operator appending an updated block got no effect.
+      if (routing.workspaces.count(name)) {
+        return Invalid("routing", entry.first, absl::StrCat("workspace \"", name, "\" is defined twice"));
+      }
       SR_ASSIGN_OR_RETURN(Workspace ws, ParseWorkspace(name, entry.second));
       routing.workspaces.emplace(name, std::move(ws));
     }
@@ -309,6 +324,12 @@ absl::StatusOr<Routing> LoadRouting(const std::string& path) {
   SR_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
   auto routing = ParseRouting(text);
   if (!routing.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", routing.status().message()));
+  // A relative socket is relative to the routing file, as the config's paths are to the config.
+  const size_t slash = path.rfind('/');
+  const std::string base_dir = slash == std::string::npos ? "." : path.substr(0, slash);
+  for (auto& [name, ws] : routing->workspaces) {
+    if (!ws.backend.socket.empty()) ws.backend.socket = Resolve(base_dir, ws.backend.socket);
+  }
   return routing;
 }
 

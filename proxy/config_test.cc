@@ -3,6 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "step-runner/base/files.h"
 #include "step-runner/base/testing.h"
 
 namespace step_runner::proxy {
@@ -48,6 +49,12 @@ TEST(ProxyConfigTest, MistakesAreReportedWithTheirPlace) {
   auto clear = ParseConfig("host_key: k\nrouting: r\nforge: {url: \"http://gitlab.example.com/\"}\n", "/");
   EXPECT_THAT(clear.status().message(), HasSubstr("would send users' tokens in clear; use https://"));
   auto sneaky = ParseConfig("host_key: k\nrouting: r\nforge: {url: \"http://localhost.example.com:80/\"}\n", "/");
+  // A host that only begins like a loopback address, and credentials that move the host.
+  for (const char* elsewhere : {"http://127.0.0.1.evil.example/", "http://localhost:x@192.0.2.2:18080",
+                                "http://127.0.0.1@192.0.2.2/", "https://user:pw@gitlab.example.com"}) {
+    auto refused = ParseConfig(absl::StrCat("host_key: k\nrouting: r\nforge: {url: \"", elsewhere, "\"}\n"), "/");
+    EXPECT_FALSE(refused.ok()) << elsewhere;
+  }
   EXPECT_FALSE(sneaky.ok());
   for (const char* local : {"http://localhost:3000", "http://[::1]:3000/", "http://127.0.0.1/"}) {
     auto ok = ParseConfig(absl::StrCat("host_key: k\nrouting: r\nforge: {url: \"", local, "\"}\n"), "/");
@@ -95,6 +102,24 @@ TEST(ProxyRoutingTest, RejectsBadWorkspaces) {
                   .status().message(),
               HasSubstr("unknown placeholder {pod}"));
   SR_EXPECT_OK(ParseRouting("workspaces:\n").status());
+  // An operator appending an updated block: refused, not silently the first one.
+  EXPECT_THAT(ParseRouting("workspaces:\n  w: {backend: {socket: /a}}\n  w: {backend: {socket: /b}}\n").status().message(),
+              HasSubstr("workspace \"w\" is defined twice"));
+}
+
+// As the config's paths are relative to the config file, a routing file's relative sockets are
+// relative to it (they were taken from the proxy's working directory).
+TEST(ProxyRoutingTest, ARelativeSocketIsRelativeToTheRoutingFile) {
+  char tmpl[] = "/tmp/proxy-config-test.XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  SR_ASSERT_OK(WriteFileAtomically(dir + "/routing.yaml",
+                                   "workspaces:\n  rel: {backend: {socket: ../d/sr.sock}}\n  abs: {backend: {socket: /run/sr.sock}}\n",
+                                   0600));
+  SR_ASSERT_OK_AND_ASSIGN(Routing routing, LoadRouting(dir + "/routing.yaml"));
+  EXPECT_EQ(routing.Find("rel")->backend.socket, dir + "/../d/sr.sock");
+  EXPECT_EQ(routing.Find("abs")->backend.socket, "/run/sr.sock");
+  (void)RemoveTree(dir);
 }
 
 TEST(ProxyCommandTest, SplitsLikeAShellWithoutRunningOne) {

@@ -22,6 +22,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -39,7 +40,7 @@ absl::Status EnsureHostKey(const std::string& path) {
   if (::stat(path.c_str(), &st) == 0) {
     if (st.st_mode & 077) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "host key ", path, " is readable by others (mode ", absl::StrCat(st.st_mode & 0777),
+          "host key ", path, " is readable by others (mode ", absl::StrFormat("%04o", st.st_mode & 0777),
           "); chmod 600 it"));
     }
     ssh_key key = nullptr;

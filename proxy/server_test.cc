@@ -52,6 +52,7 @@ TEST(ProxyHostKeyTest, RefusesAKeyOthersCanRead) {
   ASSERT_EQ(::chmod(path.c_str(), 0644), 0);
   absl::Status s = EnsureHostKey(path);
   EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+  EXPECT_NE(s.message().find("(mode 0644)"), absl::string_view::npos) << s;  // as chmod takes it, not 420
   SR_ASSERT_OK(WriteFileAtomically(path, "not a key", 0600));
   EXPECT_TRUE(absl::IsInvalidArgument(EnsureHostKey(path)));
 }
