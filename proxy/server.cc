@@ -193,12 +193,14 @@ void SetTcpOptions(int fd, const Limits& limits) {
 // every wait can ask the kernel for quick ACKs: OpenSSH's client writes its KEXINIT and then its
 // ECDH_INIT with Nagle on, so the second waited for our delayed ACK of the first, 40 ms of each
 // connect, and so of every reconnect (BENCHMARKS.md, "SSH proxy").
-int HandleKeyExchange(ssh_session session, int fd, absl::Time deadline) {
+// SSH_AGAIN when the deadline passed or the proxy is stopping (a client that stalls before or
+// during the key exchange must not hold up a shutdown for the whole login grace).
+int HandleKeyExchange(ssh_session session, int fd, absl::Time deadline, const std::atomic<bool>& stopping) {
   ssh_set_blocking(session, 0);
   int rc;
   while ((rc = ssh_handle_key_exchange(session)) == SSH_AGAIN) {
     const absl::Duration left = deadline - absl::Now();
-    if (left <= absl::ZeroDuration()) break;
+    if (left <= absl::ZeroDuration() || stopping) break;
     const int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
     // libssh queues what it cannot send at once; a short wait keeps that flowing too.
@@ -780,9 +782,10 @@ void Connection::Serve() {
   const int socket_fd = ssh_get_fd(session_);
   SetTcpOptions(socket_fd, limits);
 
-  if (int rc = HandleKeyExchange(session_, socket_fd, start_ + limits.login_grace); rc != SSH_OK) {
-    end_reason_ = rc == SSH_AGAIN ? "key exchange not finished within the login grace time"
-                                  : absl::StrCat("key exchange failed: ", ssh_get_error(session_));
+  if (int rc = HandleKeyExchange(session_, socket_fd, start_ + limits.login_grace, state_.stopping); rc != SSH_OK) {
+    end_reason_ = rc != SSH_AGAIN  ? absl::StrCat("key exchange failed: ", ssh_get_error(session_))
+                  : state_.stopping ? "proxy shutdown"
+                                    : "key exchange not finished within the login grace time";
   } else {
     int methods = SSH_AUTH_METHOD_PUBLICKEY;
     if (!state_.config.forge_url.empty()) methods |= SSH_AUTH_METHOD_PASSWORD;

@@ -137,9 +137,13 @@ absl::Status ProxyProcess::Launch() {
   return absl::OkStatus();
 }
 
-absl::Status ProxyProcess::Restart(int signo) {
+absl::StatusOr<int> ProxyProcess::Stop(int signo, absl::Duration deadline) {
   process_->Signal(signo);
-  SR_RETURN_IF_ERROR(process_->Wait(absl::Seconds(30)).status());
+  return process_->Wait(deadline);
+}
+
+absl::Status ProxyProcess::Restart(int signo) {
+  SR_RETURN_IF_ERROR(Stop(signo).status());
   return Launch();
 }
 

@@ -76,6 +76,8 @@ class ProxyProcess {
   // The audit log's records so far (one JSON object per line).
   std::vector<std::string> AuditLines() const;
 
+  // Stops the proxy with `signo` and waits up to `deadline` for it to exit: its exit code.
+  absl::StatusOr<int> Stop(int signo, absl::Duration deadline = absl::Seconds(30));
   // Stops the proxy with `signo` (SIGKILL or SIGTERM), then starts it again on the same port.
   absl::Status Restart(int signo);
   // Rewrites the routing file (atomically, as an operator's tooling would).

@@ -752,6 +752,29 @@ TEST_F(ProxyTest, IdleTimeoutAndPersistentHostKey) {
   EXPECT_EQ(StatusVia("ws", alice_, "none").exit_code, 66);  // reached the daemon: no such job
 }
 
+// A client that connects and then says nothing (before the key exchange) must not hold up a
+// shutdown: SIGTERM used to wait out the login grace, then exit 1 ("connections still open").
+TEST_F(ProxyTest, ShutdownDoesNotWaitForAClientStalledBeforeTheKeyExchange) {
+  StartProxy();
+  UniqueFd stalled(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(proxy_->port()));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(stalled.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  // The proxy's banner says it has taken the connection into its key exchange.
+  pollfd pfd{.fd = stalled.get(), .events = POLLIN};
+  ASSERT_EQ(::poll(&pfd, 1, 10000), 1);
+  char banner[64] = {};
+  ASSERT_GT(::read(stalled.get(), banner, sizeof banner - 1), 0);
+  EXPECT_EQ(std::string(banner).rfind("SSH-2.0", 0), 0u) << banner;
+  const absl::Time start = absl::Now();
+  SR_ASSERT_OK_AND_ASSIGN(int exit_code, proxy_->Stop(SIGTERM));
+  EXPECT_EQ(exit_code, 0) << proxy_->stderr_output();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));  // the login grace here is 20 s
+  EXPECT_EQ(AwaitAudit({"\"end\":\"proxy shutdown\""}, 1), 1);
+}
+
 // THE CHAOS TEST. A job streams a known byte pattern through the proxy to the CLI, whose ssh is
 // SIGKILLed at random points over 100 times while the proxy itself is restarted a few times (by
 // SIGKILL and by SIGTERM). The CLI must print exactly the job's log, and the job must end once,
