@@ -412,10 +412,8 @@ int Connection::OnAuthPassword(ssh_session, const char* user, const char* passwo
   auto* c = static_cast<Connection*>(self);
   if (c->authenticated_ || !c->end_reason_.empty()) return SSH_AUTH_DENIED;
   if (c->state_.config.forge_url.empty()) return c->AuthFailed(user, "token auth is off");
-  std::shared_ptr<const Routing> routing = c->state_.routing();
-  const Workspace* ws = routing->Find(user);
-  if (ws == nullptr) return c->AuthFailed(user, "unknown workspace");
-  if (ws->owner.empty()) return c->AuthFailed(user, "the workspace has no owner for token auth");
+  // The token first, whatever the name: a workspace that exists and one that does not must get
+  // the same answer (and take as long), or names could be probed, e.g. while the forge is down.
   // Blocks this connection's thread only, for at most forge_timeout.
   auto forge_user = ForgeUserForToken(c->state_.config.forge_url, password,
                                       c->state_.config.forge_timeout);
@@ -426,6 +424,10 @@ int Connection::OnAuthPassword(ssh_session, const char* user, const char* passwo
     }
     return c->AuthFailed(user, std::string(forge_user.status().message()));
   }
+  std::shared_ptr<const Routing> routing = c->state_.routing();
+  const Workspace* ws = routing->Find(user);
+  if (ws == nullptr) return c->AuthFailed(user, "unknown workspace");
+  if (ws->owner.empty()) return c->AuthFailed(user, "the workspace has no owner for token auth");
   if (*forge_user != ws->owner) {
     return c->AuthFailed(user, absl::StrCat("token of ", *forge_user, ", not the owner"));
   }

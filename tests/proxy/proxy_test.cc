@@ -28,6 +28,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "gmock/gmock.h"
@@ -116,6 +117,18 @@ class ProxyTest : public ::testing::Test {
     SR_ASSERT_OK_AND_ASSIGN(alice_, MakeClientKey(dir_.path() + "/alice"));
     SR_ASSERT_OK_AND_ASSIGN(bob_, MakeClientKey(dir_.path() + "/bob"));
     SR_ASSERT_OK_AND_ASSIGN(mallory_, MakeClientKey(dir_.path() + "/mallory"));
+  }
+
+  // `ssh USER@proxy step-runner proxy` logging in with a token, which ssh reads from
+  // SSH_ASKPASS (as an agent's wrapper would), from 127.0.0.4.
+  CommandResult TokenSsh(const std::string& user, const std::string& token) {
+    const std::string askpass = absl::StrCat(dir_.path(), "/askpass-", token);
+    EXPECT_TRUE(WriteFileAtomically(askpass, absl::StrCat("#!/bin/sh\necho ", token, "\n"), 0700).ok());
+    return Run(SshArgv(proxy_->port(), user, mallory_.path,
+                       {"-o", "BatchMode=no", "-o", "PubkeyAuthentication=no", "-o",
+                        "PreferredAuthentications=password", "-o", "NumberOfPasswordPrompts=1"},
+                       {"-b", "127.0.0.4", "step-runner", "proxy"}),
+               EnvironmentWith({"SSH_ASKPASS=" + askpass, "SSH_ASKPASS_REQUIRE=force"}));
   }
 
   void StartProxy(const std::string& limits = kLimits, const std::string& forge_url = "",
@@ -554,17 +567,8 @@ TEST_F(ProxyTest, BadActorsAreRefusedWhileOthersWork) {
 
   // Tokens, through the forge: alice's token opens alice's workspace, not bob's; a wrong one
   // opens nothing. ssh reads the token from SSH_ASKPASS (as an agent's wrapper would).
-  auto token_ssh = [&](const std::string& user, const std::string& token) {
-    const std::string askpass = absl::StrCat(dir_.path(), "/askpass-", token);
-    EXPECT_TRUE(WriteFileAtomically(askpass, absl::StrCat("#!/bin/sh\necho ", token, "\n"), 0700).ok());
-    return Run(SshArgv(proxy_->port(), user, mallory_.path,
-                       {"-o", "BatchMode=no", "-o", "PubkeyAuthentication=no", "-o",
-                        "PreferredAuthentications=password", "-o", "NumberOfPasswordPrompts=1"},
-                       {"-b", "127.0.0.4", "step-runner", "proxy"}),
-               EnvironmentWith({"SSH_ASKPASS=" + askpass, "SSH_ASKPASS_REQUIRE=force"}));
-  };
-  EXPECT_EQ(token_ssh("bob-ws", "alice-token-123").exit_code, 255);
-  EXPECT_EQ(token_ssh("ws", "wrong-token-789").exit_code, 255);
+  EXPECT_EQ(TokenSsh("bob-ws", "alice-token-123").exit_code, 255);
+  EXPECT_EQ(TokenSsh("ws", "wrong-token-789").exit_code, 255);
   {
     const std::string askpass = dir_.path() + "/askpass-good";
     SR_ASSERT_OK(WriteFileAtomically(askpass, "#!/bin/sh\necho alice-token-123\n", 0700));
@@ -750,6 +754,27 @@ TEST_F(ProxyTest, IdleTimeoutAndPersistentHostKey) {
   SR_ASSERT_OK(proxy_->Restart(SIGTERM));
   EXPECT_EQ(ReadFile(key_path).value_or(""), key);
   EXPECT_EQ(StatusVia("ws", alice_, "none").exit_code, 66);  // reached the daemon: no such job
+}
+
+// With the forge down, a token login to a workspace that exists and to one that does not get
+// the same answer (the first used to be told the forge was unavailable: names were enumerable).
+TEST_F(ProxyTest, WithTheForgeDownKnownAndUnknownWorkspacesGetTheSameAnswer) {
+  UniqueFd closed(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof addr;
+  ASSERT_EQ(::bind(closed.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::getsockname(closed.get(), reinterpret_cast<sockaddr*>(&addr), &length), 0);
+  // Bound, never listening: a connection to it is refused, as to a forge that is down.
+  StartProxy(kLimits, absl::StrCat("http://127.0.0.1:", ntohs(addr.sin_port)));
+  CommandResult known = TokenSsh("ws", "alice-token-123");
+  CommandResult unknown = TokenSsh("no-such-workspace", "alice-token-123");
+  EXPECT_EQ(known.exit_code, 255);
+  EXPECT_EQ(unknown.exit_code, 255);
+  EXPECT_THAT(known.err, HasSubstr("forge unavailable"));
+  EXPECT_EQ(absl::StrReplaceAll(known.err, {{"ws@", "USER@"}}),
+            absl::StrReplaceAll(unknown.err, {{"no-such-workspace@", "USER@"}}));
 }
 
 // A client that connects and then says nothing (before the key exchange) must not hold up a
