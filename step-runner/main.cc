@@ -46,6 +46,7 @@
 #include "absl/synchronization/notification.h"
 #include "google/protobuf/util/json_util.h"
 #include "step-runner/base/status_macros.h"
+#include "step-runner/base/utf8.h"
 #include "step-runner/steps/step_file.h"
 #include "google/protobuf/util/time_util.h"
 #include "step-runner/runner/runner.h"
@@ -302,18 +303,8 @@ absl::Status CheckUtf8(absl::string_view what, absl::string_view text) {
   int line = 1, column = 1;
   for (size_t i = 0; i < text.size();) {
     const auto byte = static_cast<unsigned char>(text[i]);
-    size_t length = byte < 0x80 ? 1 : (byte & 0xE0) == 0xC0 ? 2 : (byte & 0xF0) == 0xE0 ? 3 : (byte & 0xF8) == 0xF0 ? 4 : 0;
-    uint32_t code = length == 1 ? byte : length == 2 ? byte & 0x1F : length == 3 ? byte & 0x0F : byte & 0x07;
-    bool valid = length != 0 && i + length <= text.size();
-    for (size_t k = 1; valid && k < length; ++k) {
-      const auto next = static_cast<unsigned char>(text[i + k]);
-      valid = (next & 0xC0) == 0x80;
-      code = (code << 6) | (next & 0x3F);
-    }
-    // No overlong forms, no surrogates, nothing past U+10FFFF.
-    valid = valid && !(length == 2 && code < 0x80) && !(length == 3 && code < 0x800) &&
-            !(length == 4 && (code < 0x10000 || code > 0x10FFFF)) && !(code >= 0xD800 && code <= 0xDFFF);
-    if (!valid) {
+    const size_t length = Utf8SequenceLength(text, i);
+    if (length == 0) {
       return absl::InvalidArgumentError(absl::StrCat(what, absl::StrContains(text, '\n') ? absl::StrCat(":", line, ":", column) : "",
                                                      ": not valid UTF-8 (byte 0x", absl::Hex(byte), " at offset ", i,
                                                      "); every string of a request must be UTF-8"));

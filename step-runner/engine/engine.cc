@@ -18,6 +18,7 @@
 #include "step-runner/base/files.h"
 #include "step-runner/base/status_macros.h"
 #include "step-runner/base/unique_fd.h"
+#include "step-runner/base/utf8.h"
 #include "step-runner/logs/masker.h"
 #include "step-runner/process/subprocess.h"
 
@@ -35,17 +36,48 @@ constexpr size_t kMaxOutputFileBytes = 16 << 20;
 
 google::protobuf::Timestamp Now() { return TimeUtil::NanosecondsToTimestamp(absl::ToUnixNanos(absl::Now())); }
 
-google::protobuf::Value ToProtoValue(const Json& v) {
+// How deep a value given to an input or set as an output may nest. The result tree carries
+// them as protobuf Values (two message levels per level), and protobuf parses at most 100
+// levels: a deeper job record could be written but not read back (Status of every job failed).
+constexpr int kMaxValueDepth = 32;
+
+int Depth(const Json& v) {
+  int deepest = 0;
+  if (v.is_array() || v.is_object()) {
+    for (const auto& item : v) deepest = std::max(deepest, Depth(item));
+    ++deepest;
+  }
+  return deepest;
+}
+
+// The value's own check: an error naming `what` when it nests too deep.
+absl::Status CheckDepth(const Json& v, absl::string_view what) {
+  if (int depth = Depth(v); depth > kMaxValueDepth) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " nests ", depth, " levels deep; the limit is ", kMaxValueDepth));
+  }
+  return absl::OkStatus();
+}
+
+// The result tree must always serialize and parse back: strings become valid UTF-8 (protobuf
+// refuses others), and a value past kMaxValueDepth (refused where it enters) is cut.
+google::protobuf::Value ToProtoValue(const Json& v, int depth = 0) {
   google::protobuf::Value out;
+  if ((v.is_array() || v.is_object()) && depth >= kMaxValueDepth) {
+    out.set_string_value("[nested too deep]");
+    return out;
+  }
   switch (v.type()) {
     case Json::value_t::null: out.set_null_value(google::protobuf::NULL_VALUE); break;
     case Json::value_t::boolean: out.set_bool_value(v.get<bool>()); break;
-    case Json::value_t::string: out.set_string_value(v.get<std::string>()); break;
+    case Json::value_t::string: out.set_string_value(ToValidUtf8(v.get<std::string>())); break;
     case Json::value_t::array:
-      for (const auto& item : v) *out.mutable_list_value()->add_values() = ToProtoValue(item);
+      for (const auto& item : v) *out.mutable_list_value()->add_values() = ToProtoValue(item, depth + 1);
       break;
     case Json::value_t::object:
-      for (const auto& [k, item] : v.items()) (*out.mutable_struct_value()->mutable_fields())[k] = ToProtoValue(item);
+      for (const auto& [k, item] : v.items()) {
+        (*out.mutable_struct_value()->mutable_fields())[ToValidUtf8(k)] = ToProtoValue(item, depth + 1);
+      }
       break;
     default: out.set_number_value(v.get<double>()); break;
   }
@@ -329,6 +361,7 @@ class JobRun {
         return absl::InvalidArgumentError(absl::StrCat(who, ": unexpected output \"", name, "\"; the spec declares ",
                                                        declared.empty() ? "no outputs" : absl::StrJoin(declared, ", ")));
       }
+      SR_RETURN_IF_ERROR(CheckDepth(value, absl::StrCat(who, ": output \"", name, "\"")));
       if (!steps::HasType(value, it->second.type)) {
         return absl::InvalidArgumentError(absl::StrCat(who, ": output \"", name, "\" is declared as ",
                                                        steps::TypeName(it->second.type), ", but received ",
@@ -417,7 +450,12 @@ class JobRun {
 
   // The log's rules: the secrets, and tokens with a well-known prefix (glpat-...) whether or not
   // anyone declared them.
-  std::string MaskText(const std::string& text) const { return logs::MaskSecrets(text, secrets_); }
+  // Also made valid UTF-8: every string of the result tree and of a failure's message passes
+  // here, and protobuf will not carry one that is not.
+  std::string MaskText(const std::string& text) const {
+    std::string masked = logs::MaskSecrets(text, secrets_);
+    return IsValidUtf8(masked) ? masked : ToValidUtf8(masked);
+  }
 
   absl::Status Fail(proto::StatusError::Kind kind, int exit_code, std::string message) {
     failure_ = {kind, exit_code};
@@ -798,6 +836,10 @@ absl::StatusOr<Json> BindInputs(const steps::Spec& spec, const Json& values, abs
     if (it == spec.inputs.end()) {
       problems.push_back(absl::StrCat("the step does not accept an input named \"", name, "\" (it accepts: ",
                                       declared.empty() ? "none" : absl::StrJoin(declared, ", "), ")"));
+      continue;
+    }
+    if (absl::Status deep = CheckDepth(value, absl::StrCat("input \"", name, "\"")); !deep.ok()) {
+      problems.emplace_back(deep.message());
       continue;
     }
     if (!value.is_null() && !steps::HasType(value, it->second.type)) {

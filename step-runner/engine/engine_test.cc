@@ -271,6 +271,27 @@ run:
   EXPECT_THAT(out.message, Not(HasSubstr("step \"c\": step \"c\"")));
 }
 
+// A value nested past the limit is refused where it enters (protobuf could write such a result
+// tree but not read it back: every Status of the daemon failed), and a string from a surrogate
+// pair is one valid character.
+TEST_F(EngineTest, DeepOutputsAreRefusedAndEveryStringOfTheTreeIsUtf8) {
+  const std::string deep = std::string(50, '[') + std::string(50, ']');
+  JobOutcome out = Run(absl::StrCat("spec:\n  outputs:\n    o: {type: array}\n---\nrun:\n  - name: a\n    script: \"true\"\n",
+                                    "outputs:\n  o: '${{ fromJSON(\"", deep, "\") }}'\n"));
+  EXPECT_EQ(out.status, proto::StepResult::failure);
+  EXPECT_THAT(out.message, HasSubstr("output \"o\" nests 50 levels deep; the limit is 32"));
+  std::string wire;
+  ASSERT_TRUE(out.result.SerializeToString(&wire));
+  proto::StepResult back;
+  EXPECT_TRUE(back.ParseFromString(wire));
+
+  JobOutcome smile = Run(
+      "spec:\n  outputs:\n    e: {type: string}\n---\nrun:\n  - name: a\n    script: \"true\"\n"
+      "outputs:\n  e: 'smile ${{ \"\\ud83d\\ude00\" }}'\n");
+  EXPECT_EQ(smile.status, proto::StepResult::success) << smile.message;
+  EXPECT_EQ(smile.result.outputs().at("e").string_value(), "smile \xF0\x9F\x98\x80");
+}
+
 // The output and export files are the step's to replace: a FIFO there must not hold the job
 // forever, nor a link to /dev/zero take the daemon's memory. Each fails the step, saying why.
 TEST_F(EngineTest, AReplacedOutputOrExportFileFailsTheStepAndHoldsNothing) {

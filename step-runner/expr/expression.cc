@@ -60,8 +60,13 @@ void AppendUtf8(uint32_t cp, std::string& out) {
   } else if (cp < 0x800) {
     out += static_cast<char>(0xC0 | (cp >> 6));
     out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
+  } else if (cp < 0x10000) {
     out += static_cast<char>(0xE0 | (cp >> 12));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (cp & 0x3F));
+  } else {
+    out += static_cast<char>(0xF0 | (cp >> 18));
+    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
     out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
     out += static_cast<char>(0x80 | (cp & 0x3F));
   }
@@ -125,6 +130,18 @@ absl::StatusOr<std::vector<Token>> Lex(absl::string_view src) {
               return ErrorAt(static_cast<int>(i) - 1, "\\u needs four hex digits");
             }
             i += 4;
+            // Past U+FFFF, as in JSON: a high surrogate, then a low one ("\ud83d\ude00"). One
+            // alone is no character, and encoded alone it is not UTF-8 either.
+            uint32_t low = 0;
+            if (cp >= 0xD800 && cp <= 0xDBFF && i + 6 <= src.size() && src.substr(i, 2) == "\\u" &&
+                absl::SimpleHexAtoi(src.substr(i + 2, 4), &low) && low >= 0xDC00 && low <= 0xDFFF) {
+              cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+              i += 6;
+            } else if (cp >= 0xD800 && cp <= 0xDFFF) {
+              return ErrorAt(static_cast<int>(i) - 6, "\\u" + std::string(src.substr(i - 4, 4)) +
+                                                          " is half of a surrogate pair; give both halves "
+                                                          "(\\ud83d\\ude00)");
+            }
             AppendUtf8(cp, t.text);
             break;
           }

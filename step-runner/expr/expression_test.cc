@@ -41,6 +41,12 @@ TEST_F(ExpressionTest, LiteralsAndLookups) {
   EXPECT_EQ(Eval("[1, 'two', {a: null, \"b\": [true]}]"), Json::parse(R"([1,"two",{"a":null,"b":[true]}])"));
   EXPECT_EQ(Eval("-2.5e1"), -25.0);
   EXPECT_EQ(Eval("'it\\'s \\u00e9'"), "it's \xc3\xa9");
+  // Past U+FFFF as JSON writes it: a surrogate pair is one character (it was encoded as two
+  // invalid three-byte halves, which broke every Status listing of the daemon); half a pair is
+  // an error.
+  EXPECT_EQ(Eval("'smile \\ud83d\\ude00'"), "smile \xF0\x9F\x98\x80");
+  EXPECT_THAT(Error("'\\ud83d'"), HasSubstr("\\ud83d is half of a surrogate pair"));
+  EXPECT_THAT(Error("'\\ude00 x'"), HasSubstr("\\ude00 is half of a surrogate pair"));
   EXPECT_EQ(Eval("work_dir"), "/work");
 }
 
