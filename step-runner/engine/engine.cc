@@ -726,6 +726,11 @@ class JobRun {
       for (const std::string& name : child_outputs.sensitive) {
         sequence.sensitive_paths.insert(absl::StrCat("steps.", inv.name, ".outputs.", name));
       }
+      if (status.ok() || (inv.continue_on_error && !host_.Cancelled())) {
+        // A failure that a retry or continue_on_error absorbed does not describe a later one
+        // (an output of the wrong type reported as that earlier step's timeout, exit 124).
+        failure_ = FailureInfo{};
+      }
       if (status.ok()) continue;
       if (inv.continue_on_error && !host_.Cancelled()) {
         child->set_continued_on_error(true);
@@ -842,7 +847,8 @@ absl::StatusOr<Json> BindInputs(const steps::Spec& spec, const Json& values, abs
       problems.emplace_back(deep.message());
       continue;
     }
-    if (!value.is_null() && !steps::HasType(value, it->second.type)) {
+    if (value.is_null()) continue;  // as if not given (below)
+    if (!steps::HasType(value, it->second.type)) {
       problems.push_back(absl::StrCat("input \"", name, "\" must be ", steps::TypeName(it->second.type), ", found ",
                                       // Quoted, a secret would be cut to 60 bytes: no masker
                                       // finds a secret's first 57 bytes.
@@ -854,13 +860,15 @@ absl::StatusOr<Json> BindInputs(const steps::Spec& spec, const Json& values, abs
     bound[name] = value;
   }
   for (const auto& [name, param] : spec.inputs) {
-    // Given: bound, or already reported as the wrong type (not also "missing"); a null is
-    // checked when expanded.
-    if (values.contains(name)) continue;
+    // Given: bound, or already reported as the wrong type (not also "missing"). A null (from an
+    // expression: a literal one is refused before the job starts) counts as not given.
+    const bool given_null = values.contains(name) && values[name].is_null();
+    if (values.contains(name) && !given_null) continue;
     if (param.default_value) {
       bound[name] = *param.default_value;
     } else {
-      problems.push_back(absl::StrCat("missing required input \"", name, "\" (", steps::TypeName(param.type), ")"));
+      problems.push_back(absl::StrCat("missing required input \"", name, "\" (", steps::TypeName(param.type), ")",
+                                      given_null ? ": it was given null" : ""));
     }
   }
   if (!problems.empty()) {

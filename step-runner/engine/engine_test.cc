@@ -161,6 +161,47 @@ run:
   EXPECT_EQ(Log(), "last\n");
 }
 
+// A failure that continue_on_error absorbed does not describe a later one: the job's error is
+// the later one's (it was reported as the earlier step's exit code and kind).
+TEST_F(EngineTest, AFailureAfterAContinuedOneReportsItsOwnKindAndExitCode) {
+  JobOutcome out = Run(R"(spec:
+  outputs:
+    x: {type: string}
+---
+run:
+  - name: c
+    continue_on_error: true
+    script: exit 7
+  - name: ok
+    script: echo fine
+outputs:
+  x: "${{ 3 }}"
+)");
+  EXPECT_EQ(out.status, proto::StepResult::failure);
+  EXPECT_THAT(out.message, HasSubstr("output \"x\" is declared as a string"));
+  EXPECT_EQ(out.error_kind, proto::StatusError::failed);
+  EXPECT_EQ(out.exit_code, 1);
+}
+
+// A null from an expression is as if the input were not given: the default applies, and a
+// required input says it is missing (both used to pass null through to the step).
+TEST_F(EngineTest, ANullInputTakesTheDefaultOrIsMissing) {
+  Write("child/step.yml", R"(spec:
+  inputs:
+    d: {type: string, default: dflt}
+    s: {type: string}
+---
+exec:
+  command: [echo, "d=${{ inputs.d }}"]
+)");
+  JobOutcome defaulted = Run("spec: {}\n---\nrun:\n  - name: c\n    step: ./child\n    inputs: {s: x, d: \"${{ null }}\"}\n");
+  EXPECT_EQ(defaulted.status, proto::StepResult::success) << defaulted.message;
+  EXPECT_EQ(Log(), "d=dflt\n");
+  JobOutcome missing = Run("spec: {}\n---\nrun:\n  - name: c\n    step: ./child\n    inputs: {s: \"${{ null }}\"}\n");
+  EXPECT_EQ(missing.status, proto::StepResult::failure);
+  EXPECT_THAT(missing.message, HasSubstr("missing required input \"s\" (a string): it was given null"));
+}
+
 TEST_F(EngineTest, ExportsBecomeEnvAndPrecedenceHolds) {
   JobOutcome out = Run(R"(spec: {}
 ---
