@@ -154,6 +154,7 @@ class JobRun {
   }
 
  private:
+  struct SequenceState;
   // What a step sees while it runs.
   struct Frame {
     const Spec* spec = nullptr;
@@ -165,6 +166,8 @@ class JobRun {
     std::string path;                 // names from the root, "a/b"
     std::vector<std::string> files;   // the step files on the way here, for cycles
     bool network = false;             // a step on the way here asked for network
+    // For an inline definition: the sequence it is an item of (null in a step file's own).
+    const SequenceState* enclosing = nullptr;
   };
   // The outputs of the steps run so far in a sequence, as ${{ steps }} sees them.
   struct SequenceState {
@@ -699,6 +702,7 @@ class JobRun {
         status = RunReference(inv, frame, sequence, result, outputs);
       } else {
         Frame inline_frame = frame;
+        inline_frame.enclosing = &sequence;  // its steps see the ones before it, as in GitLab
         status = RunDefinition(*inv.inline_definition, inline_frame, result, outputs);
       }
       if (status.ok() || host_.Cancelled() || attempt == inv.retry.max_attempts) break;
@@ -715,7 +719,9 @@ class JobRun {
 
   absl::Status RunSequence(const StepDefinition& def, const Frame& frame, proto::StepResult& result,
                            StepOutputs& outputs) {
-    SequenceState sequence;
+    // An inline sequence starts from what its enclosing one has run (its own steps shadow
+    // those names); a step file's sequence from nothing.
+    SequenceState sequence = frame.enclosing ? *frame.enclosing : SequenceState{};
     absl::Status failed;
     for (const Invocation& inv : def.run) {
       if (host_.Cancelled()) return Fail(proto::StatusError::cancelled, failure_.exit_code, "the job was cancelled");

@@ -202,6 +202,30 @@ exec:
   EXPECT_THAT(missing.message, HasSubstr("missing required input \"s\" (a string): it was given null"));
 }
 
+// An inline `run:` sees the steps before it in the enclosing sequence, at run time as the
+// validation already allowed (it failed with "steps has no property").
+TEST_F(EngineTest, AnInlineSequenceSeesTheStepsBeforeIt) {
+  Write("out/step.yml", R"(spec:
+  outputs:
+    v: {type: string}
+---
+exec:
+  command: [sh, -c, 'echo "{\"name\":\"v\",\"value\":\"hello\"}" > "$0"', "${{ output_file }}"]
+)");
+  JobOutcome out = Run(R"(spec: {}
+---
+run:
+  - name: a
+    step: ./out
+  - name: group
+    run:
+      - name: b
+        script: echo "inner sees ${{ steps.a.outputs.v }}"
+)");
+  EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
+  EXPECT_EQ(Log(), "inner sees hello\n");
+}
+
 TEST_F(EngineTest, ExportsBecomeEnvAndPrecedenceHolds) {
   JobOutcome out = Run(R"(spec: {}
 ---
