@@ -73,12 +73,18 @@ absl::StatusOr<int64_t> Bytes(absl::string_view file, const YAML::Node& node,
   int64_t unit = 1;
   for (auto [suffix, factor] : {std::pair<absl::string_view, int64_t>{"KiB", 1 << 10},
                                 {"MiB", 1 << 20}, {"GiB", int64_t{1} << 30}}) {
-    if (absl::ConsumeSuffix(&text, suffix)) unit = factor;
+    if (absl::ConsumeSuffix(&text, suffix)) {
+      unit = factor;
+      break;  // one unit: "1MiBKiB" is no size
+    }
   }
   int64_t value;
   if (!absl::SimpleAtoi(text, &value) || value <= 0) {
     return Invalid(file, node, absl::StrCat(name, ": expected a size such as 256KiB"));
   }
+  // Past 1 GiB a buffer is a mistake (and past 8 EiB the product wraps, to a negative size).
+  constexpr int64_t kMaxBytes = int64_t{1} << 30;
+  if (value > kMaxBytes / unit) return Invalid(file, node, absl::StrCat(name, ": at most 1GiB"));
   return value * unit;
 }
 

@@ -40,6 +40,11 @@ TEST(ProxyConfigTest, MistakesAreReportedWithTheirPlace) {
   auto typo = ParseConfig("host_key: k\nrouting: r\nlimits: {max_chanels: 3}\n", "/");
   EXPECT_THAT(typo.status().message(), HasSubstr("unknown key \"max_chanels\""));
   EXPECT_THAT(typo.status().message(), HasSubstr("config:3:"));
+  // A size that overflowed was taken (and nothing was forwarded); two units were one.
+  for (const char* size : {"17179869184GiB", "2GiB", "1MiBKiB"}) {
+    auto buffer = ParseConfig(absl::StrCat("host_key: k\nrouting: r\nlimits: {channel_buffer: ", size, "}\n"), "/");
+    EXPECT_FALSE(buffer.ok()) << size;
+  }
   auto port = ParseConfig("host_key: k\nrouting: r\nlisten: {port: 70000}\n", "/");
   EXPECT_THAT(port.status().message(), HasSubstr("at most 65535"));
   EXPECT_FALSE(ParseConfig("routing: r\n", "/").ok());  // no host key

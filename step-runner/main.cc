@@ -54,6 +54,7 @@
 #include "step-runner/base/logging.h"
 #include "step-runner/cli/cli.h"
 #include "step-runner/client/client.h"
+#include "step-runner/client/ssh_transport.h"
 #include "step-runner/server/daemon.h"
 #include "step-runner/audit/cli.h"
 #include "step-runner/sandbox/flags.h"
@@ -119,6 +120,15 @@ std::string StatusName(proto::StepResult::Status s) {
 
 
 client::ClientOptions ClientOptionsFrom(const Args& args) {
+  // Said before dialling, as usage (exit 2): they used to surface as a refused request (65)
+  // after connecting, or one endpoint was silently dropped for the other.
+  if (args.Get("ssh") && args.Get("via")) throw UsageError{"give --ssh or --via, not both"};
+  if (auto ssh = args.Get("ssh")) {
+    if (!args.Get("ssh-key")) throw UsageError{"--ssh needs --ssh-key FILE (the key the workspace authorizes)"};
+    if (auto target = client::ParseSshTarget(*ssh); !target.ok()) throw UsageError{std::string(target.status().message())};
+  } else if (args.Get("ssh-key") || args.Get("ssh-known-hosts")) {
+    throw UsageError{"--ssh-key and --ssh-known-hosts go with --ssh WORKSPACE@HOST[:PORT]"};
+  }
   client::ClientOptions options;
   options.endpoint.socket_path = args.Get("socket").value_or(DefaultSocket());
   options.endpoint.via_command = args.Get("via").value_or("");

@@ -8,8 +8,10 @@
 
 #include <cerrno>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "step-runner/base/files.h"
 
 namespace step_runner::client {
@@ -22,11 +24,25 @@ absl::StatusOr<SshTarget> ParseSshTarget(absl::string_view text) {
   }
   target.user = std::string(text.substr(0, at));
   absl::string_view host = text.substr(at + 1);
-  if (const size_t colon = host.rfind(':'); colon != absl::string_view::npos && host.find(']') == absl::string_view::npos) {
-    if (!absl::SimpleAtoi(host.substr(colon + 1), &target.port) || target.port <= 0 || target.port > 65535) {
-      return absl::InvalidArgumentError("--ssh: bad port");
+  absl::string_view port;
+  if (absl::StartsWith(host, "[")) {
+    // An IPv6 address in brackets, then perhaps :PORT ("[::1]:2222").
+    const size_t close = host.find(']');
+    if (close == absl::string_view::npos) return absl::InvalidArgumentError("--ssh: no ']' after the IPv6 address");
+    absl::string_view rest = host.substr(close + 1);
+    if (!rest.empty() && !absl::ConsumePrefix(&rest, ":")) {
+      return absl::InvalidArgumentError("--ssh: expected :PORT after the IPv6 address in brackets");
     }
+    port = rest.empty() ? absl::string_view() : rest;
+    if (!rest.empty() && port.empty()) return absl::InvalidArgumentError("--ssh: bad port");
+    host = host.substr(1, close - 1);
+  } else if (const size_t colon = host.rfind(':'); colon != absl::string_view::npos) {
+    port = host.substr(colon + 1);
     host = host.substr(0, colon);
+    if (port.empty()) return absl::InvalidArgumentError("--ssh: bad port");
+  }
+  if (!port.empty() && (!absl::SimpleAtoi(port, &target.port) || target.port <= 0 || target.port > 65535)) {
+    return absl::InvalidArgumentError("--ssh: bad port");
   }
   if (host.empty()) return absl::InvalidArgumentError("--ssh: no host");
   target.host = std::string(host);

@@ -129,6 +129,20 @@ TEST_F(DaemonTest, ASingleValuedFlagGivenTwiceIsRefused) {
   EXPECT_EQ(collected.out, "12\n");
 }
 
+// Endpoint mistakes are usage errors (exit 2), said before anything is dialled: they came out as
+// a refused request (65) after connecting, or one of two endpoints was silently dropped.
+TEST_F(DaemonTest, EndpointMistakesAreUsageErrors) {
+  for (const auto& [argv, said] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"status", "--ssh", "ws@127.0.0.1:1"}, "--ssh needs --ssh-key"},
+           {{"status", "--ssh", "ws@127.0.0.1:1", "--ssh-key", "k", "--via", "cat"}, "not both"},
+           {{"status", "--ssh", "ws@[::1]x", "--ssh-key", "k"}, ":PORT"},
+           {{"status", "--ssh-key", "k"}, "go with --ssh"}}) {
+    CommandResult usage = Cli(argv);
+    EXPECT_EQ(usage.exit_code, 2) << absl::StrJoin(argv, " ") << ": " << usage.err;
+    EXPECT_THAT(usage.err, HasSubstr(said));
+  }
+}
+
 TEST_F(DaemonTest, SocketIsOwnerOnly) {
   struct stat st;
   ASSERT_EQ(::stat(daemon_->socket_path().c_str(), &st), 0);
