@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cctype>
+#include <map>
 #include <regex>
 #include <set>
 #include <sstream>
+#include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/cord.h"
@@ -539,6 +541,26 @@ std::optional<Violation> CheckYamlSyntax(absl::string_view text, size_t* events)
   // Also bounds libyaml's own work: it walks 10,000 open brackets slowly (and yaml-cpp's reading
   // of the depth is checked again in CheckYamlShape).
   int depth = 0;
+  // Each open collection; for a mapping, whether a key comes next and the keys seen (with the
+  // line of each). A key given twice is refused, as GitLab's YAML reader (yaml.v3) does: which
+  // of the two counted differed from place to place ("script: a" then "script: b" ran a).
+  struct Open {
+    bool mapping = false;
+    bool key_next = true;
+    std::map<std::string, int> keys;
+  };
+  std::vector<Open> open;
+  auto node_event = [&](const yaml_event_t& event, const SourcePosition& at) -> std::optional<Violation> {
+    if (open.empty() || !open.back().mapping) return std::nullopt;
+    Open& map = open.back();
+    const bool is_key = std::exchange(map.key_next, !map.key_next);
+    if (!is_key || event.type != YAML_SCALAR_EVENT) return std::nullopt;
+    std::string key(reinterpret_cast<const char*>(event.data.scalar.value), event.data.scalar.length);
+    auto [it, inserted] = map.keys.emplace(key, at.line);
+    if (inserted) return std::nullopt;
+    return Violation{at, "", absl::StrCat("the key \"", key, "\" is given twice (first on line ", it->second,
+                                          "); each key of a mapping must be unique")};
+  };
   for (bool done = false; !done && !violation;) {
     yaml_event_t event;
     if (!yaml_parser_parse(&parser, &event)) {
@@ -567,6 +589,7 @@ std::optional<Violation> CheckYamlSyntax(absl::string_view text, size_t* events)
     switch (event.type) {
       case YAML_SCALAR_EVENT:
         violation = CheckNameEnd(text, from, '&', event.data.scalar.anchor, at);
+        if (!violation) violation = node_event(event, at);
         break;
       case YAML_SEQUENCE_START_EVENT:
       case YAML_MAPPING_START_EVENT:
@@ -575,13 +598,17 @@ std::optional<Violation> CheckYamlSyntax(absl::string_view text, size_t* events)
         if (!violation && ++depth > kMaxYamlDepth) {
           violation = Violation{at, "", absl::StrCat("the YAML is nested deeper than ", kMaxYamlDepth, " levels")};
         }
+        if (!violation) violation = node_event(event, at);
+        open.push_back(Open{.mapping = event.type == YAML_MAPPING_START_EVENT});
         break;
       case YAML_SEQUENCE_END_EVENT:
       case YAML_MAPPING_END_EVENT:
         --depth;
+        if (!open.empty()) open.pop_back();
         break;
       case YAML_ALIAS_EVENT:
         violation = CheckNameEnd(text, from, '*', event.data.alias.anchor, at);
+        if (!violation) violation = node_event(event, at);
         break;
       case YAML_STREAM_END_EVENT:
         done = true;

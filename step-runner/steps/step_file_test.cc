@@ -77,6 +77,19 @@ TEST(StepFileTest, RequiresTwoDocuments) {
   EXPECT_THAT(std::string(f.status().message()), HasSubstr("expected two YAML documents"));
 }
 
+// As GitLab's YAML reader does: a key given twice is an error, with where (one place took the
+// first and another the last).
+TEST(StepFileTest, AKeyGivenTwiceIsAnErrorWithItsPosition) {
+  auto f = ParseStepFile("spec: {}\n---\nrun:\n  - name: a\n    script: echo 1\n    script: echo 2\n", "steps");
+  ASSERT_FALSE(f.ok());
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("steps:6:5"));
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("the key \"script\" is given twice (first on line 5)"));
+  auto in_spec = ParseStepFile("spec:\n  inputs:\n    x: {type: string}\n    x: {type: number}\n---\nexec: {command: [\"true\"]}\n", "s");
+  EXPECT_THAT(std::string(in_spec.status().message()), HasSubstr("the key \"x\" is given twice"));
+  // The same key in two different mappings, and a key equal to a value, are fine.
+  SR_EXPECT_OK(ParseStepFile("spec: {}\n---\nrun:\n  - {name: a, script: name}\n  - {name: b, script: b}\n", "s").status());
+}
+
 TEST(StepFileTest, ExactlyOneOfExecOrRun) {
   auto f = ParseStepFile("{}\n---\nenv: {A: b}\n", "steps");
   ASSERT_FALSE(f.ok());
