@@ -226,6 +226,16 @@ run:
   EXPECT_EQ(Log(), "inner sees hello\n");
 }
 
+// GitLab Functions name the file func.yml: a folder with only that one is a step too.
+TEST_F(EngineTest, AFolderWithFuncYmlIsAStep) {
+  Write("fn/func.yml", "spec: {}\n---\nexec:\n  command: [echo, from-func-yml]\n");
+  JobOutcome out = Run("spec: {}\n---\nrun:\n  - name: f\n    step: ./fn\n");
+  EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
+  EXPECT_EQ(Log(), "from-func-yml\n");
+  JobOutcome missing = Run("spec: {}\n---\nrun:\n  - name: f\n    step: ./nothing-here\n");
+  EXPECT_THAT(missing.message, HasSubstr("step.yml (nor func.yml)"));
+}
+
 TEST_F(EngineTest, ExportsBecomeEnvAndPrecedenceHolds) {
   JobOutcome out = Run(R"(spec: {}
 ---

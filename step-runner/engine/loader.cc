@@ -38,6 +38,20 @@ absl::Status WithoutUrlPassword(const absl::Status& status, const std::string& u
 
 }  // namespace
 
+namespace {
+
+// A folder's step file: step.yml, or func.yml (GitLab Functions' name for it) when only that is
+// there.
+std::string StepFileIn(const std::string& dir) {
+  const std::string step = dir + "/step.yml";
+  const std::string func = dir + "/func.yml";
+  struct stat st;
+  if (::stat(step.c_str(), &st) != 0 && ::stat(func.c_str(), &st) == 0) return func;
+  return step;
+}
+
+}  // namespace
+
 StepLoader::StepLoader(LoaderOptions options) : options_(std::move(options)) {
   if (options_.git_helper.empty()) options_.git_helper = OwnBinaryDir() + "/step-runner-git";
 }
@@ -45,9 +59,10 @@ StepLoader::StepLoader(LoaderOptions options) : options_(std::move(options)) {
 absl::StatusOr<LoadedStep> StepLoader::LoadFile(const std::string& path, const std::string& source) {
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) {
-    return absl::NotFoundError(absl::StrCat("step ", source, " not found: no file ", path));
+    return absl::NotFoundError(absl::StrCat("step ", source, " not found: no file ", path,
+                                            absl::EndsWith(path, "/step.yml") ? " (nor func.yml)" : ""));
   }
-  if (S_ISDIR(st.st_mode)) return LoadFile(path + "/step.yml", source);
+  if (S_ISDIR(st.st_mode)) return LoadFile(StepFileIn(path), source);
   if (static_cast<size_t>(st.st_size) > steps::kMaxStepFileBytes) {
     return absl::InvalidArgumentError(absl::StrCat("step ", source, ": ", path, " is ", st.st_size,
                                                    " bytes; the limit is ", steps::kMaxStepFileBytes));
@@ -69,14 +84,14 @@ absl::StatusOr<LoadedStep> StepLoader::Load(const steps::StepReference& ref, con
   switch (ref.kind) {
     case Kind::kLocal: {
       std::string path = absl::StartsWith(ref.path, "/") ? ref.path : absl::StrCat(from_dir, "/", ref.path);
-      if (!absl::EndsWith(path, ".yml") && !absl::EndsWith(path, ".yaml")) path += "/step.yml";
+      if (!absl::EndsWith(path, ".yml") && !absl::EndsWith(path, ".yaml")) path = StepFileIn(path);
       return LoadFile(path, ref.text);
     }
     case Kind::kDist: {
       if (options_.catalog_dir.empty()) {
         return absl::NotFoundError(absl::StrCat("step ", ref.text, ": this step-runner has no catalog"));
       }
-      return LoadFile(absl::StrCat(options_.catalog_dir, "/", ref.path, "/step.yml"), ref.text);
+      return LoadFile(StepFileIn(absl::StrCat(options_.catalog_dir, "/", ref.path)), ref.text);
     }
     case Kind::kGit: {
       absl::StatusOr<std::string> fetched = GitTree(ref.git_url, ref.git_rev);
