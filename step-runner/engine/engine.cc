@@ -10,6 +10,8 @@
 #include <functional>
 
 #include "absl/strings/match.h"
+#include "absl/cleanup/cleanup.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -342,10 +344,16 @@ class JobRun {
                                                        " must be a string, number or boolean, found ",
                                                        steps::DescribeJson(value)));
       }
-      if (name.find('=') != std::string::npos) {
-        return absl::InvalidArgumentError(absl::StrCat("step \"", step, "\": export name \"", name, "\" holds '='"));
+      if (name.empty() || name.find('=') != std::string::npos || name.find('\0') != std::string::npos) {
+        return absl::InvalidArgumentError(absl::StrCat("step \"", step, "\": export name \"", absl::CEscape(name),
+                                                       "\" is empty or holds '=' or a NUL byte"));
       }
       std::string text = expr::ToDisplayString(value);
+      // An environment value ends at its first NUL: later steps would get less than the record
+      // shows.
+      if (text.find('\0') != std::string::npos) {
+        return absl::InvalidArgumentError(absl::StrCat("step \"", step, "\": export ", name, " holds a NUL byte"));
+      }
       exports_[name] = text;
       (*result.mutable_exports())[name] = text;
     }
@@ -537,6 +545,11 @@ class JobRun {
       if (absl::Status s = MakeIoDir(io_dir); !s.ok()) return Invalid(name, s);
       spec.io_dir = io_dir;
     }
+    // Gone however the step ends: a failed one's files (up to 16 MiB each) would otherwise stay
+    // until the job is closed.
+    absl::Cleanup remove_io = [&] {
+      if (uses_io) (void)RemoveTree(io_dir);
+    };
     SR_RETURN_IF_ERROR(RunProcess(std::move(spec), name, result, std::move(shown)));
     if (!uses_io) return absl::OkStatus();
     if (absl::Status s = CollectExports(io_dir, name, result); !s.ok()) return Invalid(name, s);
@@ -544,7 +557,6 @@ class JobRun {
         ReadRecords(io_dir + "/output.jsonl", "output_file");
     if (!records.ok()) return Invalid(name, records.status());
     for (auto& [key, value] : *records) outputs.values[key] = std::move(value);
-    (void)RemoveTree(io_dir);
     return absl::OkStatus();
   }
 
@@ -592,12 +604,14 @@ class JobRun {
       if (absl::Status s = MakeIoDir(io_dir); !s.ok()) return Invalid(inv.name, s);
       spec.io_dir = io_dir;
     }
+    absl::Cleanup remove_io = [&] {
+      if (uses_io) (void)RemoveTree(io_dir);
+    };
     std::vector<std::string> shown = Shell();
     shown.push_back(MaskText(script));
     SR_RETURN_IF_ERROR(RunProcess(std::move(spec), inv.name, result, std::move(shown)));
     if (!uses_io) return absl::OkStatus();
     if (absl::Status s = CollectExports(io_dir, inv.name, result); !s.ok()) return Invalid(inv.name, s);
-    (void)RemoveTree(io_dir);
     return absl::OkStatus();
   }
 

@@ -369,6 +369,29 @@ TEST_F(EngineTest, DeepOutputsAreRefusedAndEveryStringOfTheTreeIsUtf8) {
 
 // The output and export files are the step's to replace: a FIFO there must not hold the job
 // forever, nor a link to /dev/zero take the daemon's memory. Each fails the step, saying why.
+// An export holding a NUL (its value or its name) fails the step: the environment would cut
+// the value at the NUL (or drop the variable), unlike what the record shows.
+TEST_F(EngineTest, AnExportHoldingANulFailsTheStep) {
+  JobOutcome value = Run(R"(spec: {}
+---
+run:
+  - name: e
+    script: |
+      printf '{"name":"X","value":"a\\u0000b"}\n' > "${{ export_file }}"
+)");
+  EXPECT_EQ(value.status, proto::StepResult::failure);
+  EXPECT_THAT(value.message, HasSubstr("export X holds a NUL byte"));
+  JobOutcome name = Run(R"(spec: {}
+---
+run:
+  - name: e
+    script: |
+      printf '{"name":"Y\\u0000Z","value":"v"}\n' > "${{ export_file }}"
+)");
+  EXPECT_EQ(name.status, proto::StepResult::failure);
+  EXPECT_THAT(name.message, HasSubstr("is empty or holds '=' or a NUL byte"));
+}
+
 TEST_F(EngineTest, AReplacedOutputOrExportFileFailsTheStepAndHoldsNothing) {
   for (const auto& [how, expected] : std::vector<std::pair<std::string, std::string>>{
            {"rm -f \"$F\"; mkfifo \"$F\"", "is not a regular file"},
