@@ -372,24 +372,14 @@ TEST_F(EngineTest, DeepOutputsAreRefusedAndEveryStringOfTheTreeIsUtf8) {
 // An export holding a NUL (its value or its name) fails the step: the environment would cut
 // the value at the NUL (or drop the variable), unlike what the record shows.
 TEST_F(EngineTest, AnExportHoldingANulFailsTheStep) {
-  JobOutcome value = Run(R"(spec: {}
----
-run:
-  - name: e
-    script: |
-      printf '{"name":"X","value":"a\\u0000b"}\n' > "${{ export_file }}"
-)");
-  EXPECT_EQ(value.status, proto::StepResult::failure);
-  EXPECT_THAT(value.message, HasSubstr("export X holds a NUL byte"));
-  JobOutcome name = Run(R"(spec: {}
----
-run:
-  - name: e
-    script: |
-      printf '{"name":"Y\\u0000Z","value":"v"}\n' > "${{ export_file }}"
-)");
-  EXPECT_EQ(name.status, proto::StepResult::failure);
-  EXPECT_THAT(name.message, HasSubstr("is empty or holds '=' or a NUL byte"));
+  for (const auto& [record, expected] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"name":"X","value":"a\\u0000b"})", "export X holds a NUL byte"},
+           {R"({"name":"Y\\u0000Z","value":"v"})", "is empty or holds '=' or a NUL byte"}}) {
+    JobOutcome out = Run(absl::StrCat("spec: {}\n---\nrun:\n  - name: e\n    script: |\n      printf '", record,
+                                      "\\n' > \"${{ export_file }}\"\n"));
+    EXPECT_EQ(out.status, proto::StepResult::failure) << record;
+    EXPECT_THAT(out.message, HasSubstr(expected));
+  }
 }
 
 TEST_F(EngineTest, AReplacedOutputOrExportFileFailsTheStepAndHoldsNothing) {
