@@ -803,23 +803,27 @@ class JobRun {
   std::vector<std::string> shell_;  // Shell()'s answer
 };
 
-void CheckTree(const StepDefinition& def, const std::string& dir, const std::string& source,
+void CheckTree(const StepDefinition& def, const std::string& dir, const std::string& file,
                std::vector<std::string>& files, StepLoader& loader, std::vector<steps::Violation>& out, int depth) {
+  // `file`: the step file these invocations are in, when it is not the job's own (empty).
+  auto add = [&](const Invocation& inv, std::string field, std::string description) {
+    out.push_back({inv.position, std::move(field), std::move(description), file});
+  };
   for (const Invocation& inv : def.run) {
-    if (inv.inline_definition) CheckTree(*inv.inline_definition, dir, source, files, loader, out, depth);
+    if (inv.inline_definition) CheckTree(*inv.inline_definition, dir, file, files, loader, out, depth);
     if (!inv.step) continue;
     using Kind = steps::StepReference::Kind;
     if (inv.step->kind != Kind::kLocal && inv.step->kind != Kind::kDist) continue;
     const std::string field = absl::StrCat(inv.name, ".step");
     absl::StatusOr<LoadedStep> loaded = loader.Load(*inv.step, dir);
     if (!loaded.ok()) {
-      out.push_back({inv.position, field, std::string(loaded.status().message())});
+      add(inv, field, std::string(loaded.status().message()));
       continue;
     }
     if (std::find(files.begin(), files.end(), loaded->path) != files.end() || depth > 32) {
-      out.push_back({inv.position, field,
-                     absl::StrCat("step ", inv.step->text, " leads back to a step that refers to it (a cycle: ",
-                                  absl::StrJoin(files, " -> "), " -> ", loaded->path, ")")});
+      add(inv, field,
+          absl::StrCat("step ", inv.step->text, " leads back to a step that refers to it (a cycle: ",
+                       absl::StrJoin(files, " -> "), " -> ", loaded->path, ")"));
       continue;
     }
     // Literal inputs are checked now; templated ones when they run.
@@ -827,25 +831,24 @@ void CheckTree(const StepDefinition& def, const std::string& dir, const std::str
     for (const auto& [k, v] : inv.inputs) {
       auto it = spec.inputs.find(k);
       if (it == spec.inputs.end()) {
-        out.push_back({inv.position, absl::StrCat(inv.name, ".inputs.", k),
-                       absl::StrCat("step ", inv.step->text, " does not accept an input named \"", k, "\"")});
+        add(inv, absl::StrCat(inv.name, ".inputs.", k),
+            absl::StrCat("step ", inv.step->text, " does not accept an input named \"", k, "\""));
       } else if (!(v.is_string() && absl::StrContains(v.get<std::string>(), "${{")) &&
                  !steps::HasType(v, it->second.type)) {
-        out.push_back({inv.position, absl::StrCat(inv.name, ".inputs.", k),
-                       absl::StrCat("must be ", steps::TypeName(it->second.type), ", found ", steps::DescribeJson(v))});
+        add(inv, absl::StrCat(inv.name, ".inputs.", k),
+            absl::StrCat("must be ", steps::TypeName(it->second.type), ", found ", steps::DescribeJson(v)));
       }
     }
     for (const auto& [name, param] : spec.inputs) {
       if (!param.default_value && !inv.inputs.count(name)) {
-        out.push_back({inv.position, absl::StrCat(inv.name, ".inputs"),
-                       absl::StrCat("missing required input \"", name, "\" of step ", inv.step->text)});
+        add(inv, absl::StrCat(inv.name, ".inputs"),
+            absl::StrCat("missing required input \"", name, "\" of step ", inv.step->text));
       }
     }
     files.push_back(loaded->path);
-    CheckTree(loaded->file->definition, loaded->dir, loaded->source, files, loader, out, depth + 1);
+    CheckTree(loaded->file->definition, loaded->dir, loaded->path, files, loader, out, depth + 1);
     files.pop_back();
   }
-  (void)source;
 }
 
 }  // namespace
@@ -902,7 +905,7 @@ std::vector<steps::Violation> CheckReferences(const steps::StepFile& file, const
                                               const std::string& source, StepLoader& loader) {
   std::vector<steps::Violation> out;
   std::vector<std::string> files = {source};
-  CheckTree(file.definition, file_dir, source, files, loader, out, 0);
+  CheckTree(file.definition, file_dir, "", files, loader, out, 0);
   return out;
 }
 

@@ -446,6 +446,11 @@ TEST_F(EngineTest, CyclesAndUnknownStepsAreFoundBeforeRunning) {
   ASSERT_EQ(v.size(), 2u);
   EXPECT_THAT(v[0].description, HasSubstr("a cycle"));
   EXPECT_THAT(v[1].description, HasSubstr("not found"));
+  // Each is placed in the file that holds it: the cycle closes in b/step.yml (line 4), the
+  // missing step is the job's own (it was all labelled with the job file's name).
+  EXPECT_THAT(v[0].file, ::testing::EndsWith("/b/step.yml"));
+  EXPECT_EQ(v[0].position.line, 4);
+  EXPECT_EQ(v[1].file, "");
 }
 
 }  // namespace

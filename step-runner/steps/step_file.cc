@@ -899,9 +899,9 @@ absl::Status InvalidArgument(const std::vector<Violation>& violations, absl::str
   std::vector<std::string> lines;
   google::rpc::BadRequest details;
   for (const Violation& v : violations) {
-    std::string where = v.position.line > 0
-                            ? absl::StrCat(source_name, ":", v.position.line, ":", v.position.column, ": ")
-                            : "";
+    const absl::string_view file = v.file.empty() ? source_name : absl::string_view(v.file);
+    std::string where =
+        v.position.line > 0 ? absl::StrCat(file, ":", v.position.line, ":", v.position.column, ": ") : "";
     lines.push_back(absl::StrCat(where, v.field.empty() ? "" : v.field + ": ", v.description));
     google::rpc::BadRequest::FieldViolation* fv = details.add_field_violations();
     fv->set_field(v.field.empty() ? std::string(source_name) : absl::StrCat(source_name, ".", v.field));

@@ -27,6 +27,7 @@ struct Violation {
   SourcePosition position;
   std::string field;  // e.g. "run[1].script"
   std::string description;
+  std::string file;  // the file it is in, when not the one being checked (a step it refers to)
 };
 
 using Env = std::map<std::string, std::string>;  // values may hold ${{ }} templates
