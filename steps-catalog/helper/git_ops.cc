@@ -89,7 +89,7 @@ absl::StatusOr<RepositoryPtr> Open(const std::string& dir) {
 // A libgit2 error, with what the remote said appended (a hook's reason, say).
 absl::Status TransferError(int rc, absl::string_view what, const TransferState& state) {
   absl::Status status = GitErrorToStatus(rc, what);
-  std::string remote(absl::StripAsciiWhitespace(state.remote_messages));
+  std::string remote = WhatTheRemoteSaid(state.remote_messages);
   if (remote.empty()) return status;
   return absl::Status(status.code(), absl::StrCat(status.message(), "; the remote said: ", remote));
 }
@@ -357,7 +357,7 @@ absl::Status Push(const std::string& dir, const std::string& branch, const std::
     }
   }
   if (!state.rejected.empty()) {
-    std::string remote_said(absl::StripAsciiWhitespace(state.remote_messages));
+    std::string remote_said = WhatTheRemoteSaid(state.remote_messages);
     return absl::FailedPreconditionError(absl::StrCat(
         "the push of ", branch, " was refused by the forge (", absl::StrJoin(state.rejected, "; "), ")",
         remote_said.empty() ? "" : absl::StrCat("; the remote said: ", remote_said)));

@@ -2,8 +2,14 @@
 
 #include <mutex>
 #include <string>
+#include <vector>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 
 namespace step_runner::catalog {
 
@@ -44,6 +50,23 @@ std::string OidToHex(const git_oid& oid) {
   char buf[GIT_OID_HEXSZ + 1];
   git_oid_tostr(buf, sizeof buf, &oid);
   return buf;
+}
+
+std::string WhatTheRemoteSaid(absl::string_view sideband) {
+  static constexpr absl::string_view kProgress[] = {
+      "Enumerating objects:", "Counting objects:", "Compressing objects:", "Writing objects:",
+      "Receiving objects:",   "Resolving deltas:", "Delta compression",    "Total "};
+  std::vector<std::string> kept;
+  // A meter rewrites its line with '\r': every piece between line ends is looked at on its own.
+  for (absl::string_view line : absl::StrSplit(sideband, absl::ByAnyChar("\r\n"), absl::SkipWhitespace())) {
+    line = absl::StripAsciiWhitespace(line);
+    absl::string_view body = line;
+    absl::ConsumePrefix(&body, "remote: ");
+    bool progress = false;
+    for (absl::string_view prefix : kProgress) progress = progress || absl::StartsWith(body, prefix);
+    if (!progress) kept.emplace_back(line);
+  }
+  return absl::StrJoin(kept, "\n");
 }
 
 }  // namespace step_runner::catalog

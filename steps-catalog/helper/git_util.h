@@ -44,6 +44,11 @@ using StatusListPtr = GitPtr<git_status_list, git_status_list_free>;
 // The hex form of an object id.
 std::string OidToHex(const git_oid& oid);
 
+// What a git server printed on its sideband, for an error message: a hook's reason, say,
+// without the progress meters ("Counting objects:  5% (1/19)\r..."), which can run to
+// kilobytes and say nothing about why the transfer failed. Empty when nothing else is left.
+std::string WhatTheRemoteSaid(absl::string_view sideband);
+
 }  // namespace step_runner::catalog
 
 #endif  // STEP_RUNNER_STEPS_CATALOG_HELPER_GIT_UTIL_H_

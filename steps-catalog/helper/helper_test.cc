@@ -9,6 +9,7 @@
 #include "step-runner/base/files.h"
 #include "step-runner/base/testing.h"
 #include "steps-catalog/helper/generate.h"
+#include "steps-catalog/helper/git_util.h"
 #include "steps-catalog/helper/http.h"
 #include "steps-catalog/helper/output.h"
 #include "steps-catalog/helper/secrets.h"
@@ -35,6 +36,17 @@ TEST_F(OutputWriterTest, AppendsOneJsonObjectPerLine) {
             "{\"name\":\"sha\",\"value\":\"abc\"}\n"
             "{\"name\":\"files\",\"value\":[\"a.py\",\"b.py\"]}\n"
             "{\"name\":\"log\",\"value\":\"line1\\nline2 \xEF\xBF\xBD\"}\n");
+}
+
+// A failed fetch's error quoted the server's whole progress output (kilobytes of meters); only
+// what says something is kept.
+TEST(RemoteMessagesTest, ProgressMetersAreLeftOut) {
+  EXPECT_EQ(WhatTheRemoteSaid("Enumerating objects: 19, done.\nCounting objects:   5% (1/19)\rCounting objects:  10% (2/19)\r"
+                              "Counting objects: 100% (19/19), done.\nTotal 19 (delta 2), reused 0\n"),
+            "");
+  EXPECT_EQ(WhatTheRemoteSaid("remote: Compressing objects: 100% (3/3)\r\nremote: GitLab: the branch is protected\n"),
+            "remote: GitLab: the branch is protected");
+  EXPECT_EQ(WhatTheRemoteSaid("hook says no\nand why\n"), "hook says no\nand why");
 }
 
 TEST(SecretMaskerTest, MasksEveryOccurrenceLongestFirst) {

@@ -13,6 +13,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "step-runner/base/status_macros.h"
+#include "steps-catalog/helper/git_util.h"
 #include "steps-catalog/helper/http.h"
 
 namespace step_runner::catalog {
@@ -311,9 +312,9 @@ absl::StatusOr<PushReport> SendPack(const SmartHttpRemote& remote, const RemoteR
     absl::string_view line = absl::StripSuffix(packet->payload, "\n");
     if (absl::ConsumePrefix(&line, "unpack ")) {
       if (line != "ok") {
+        const std::string said = WhatTheRemoteSaid(report.remote_messages);
         return absl::DataLossError(absl::StrCat("the forge could not unpack the pushed objects: ", line,
-                                                report.remote_messages.empty() ? "" : "; the remote said: ",
-                                                absl::StripAsciiWhitespace(report.remote_messages)));
+                                                said.empty() ? "" : "; the remote said: ", said));
       }
       unpacked = true;
     } else if (absl::ConsumePrefix(&line, "ok ")) {
