@@ -97,7 +97,15 @@ absl::StatusOr<MergeRequest> GitLabClient::OpenMergeRequestOnce(const MergeReque
   auto existing = [&]() -> absl::StatusOr<std::optional<MergeRequest>> {
     SR_ASSIGN_OR_RETURN(json list, Call("GET", query));
     if (!list.is_array() || list.empty()) return std::nullopt;
-    return MergeRequest{list[0].value("iid", 0), list[0].value("web_url", ""), false};
+    const json& mr = list[0];
+    // A branch has one open MR: one into another branch is not the one asked for, and taking it
+    // would report success for a merge request that does not exist.
+    if (const std::string target = mr.value("target_branch", spec.target_branch); target != spec.target_branch) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "!", mr.value("iid", 0), " from ", spec.source_branch, " is already open into ", target, ", not ",
+          spec.target_branch, " (", mr.value("web_url", ""), "); close it or ask for that target"));
+    }
+    return MergeRequest{mr.value("iid", 0), mr.value("web_url", ""), false};
   };
   SR_ASSIGN_OR_RETURN(std::optional<MergeRequest> found, existing());
   if (found) return *found;

@@ -373,6 +373,12 @@ TEST_F(CatalogTest, MergeRequestAndCommentAreIdempotent) {
   EXPECT_EQ(second.outputs["created"], false);
   EXPECT_EQ(second.outputs["iid"], first.outputs["iid"]);
   EXPECT_EQ(second.outputs["web_url"], first.outputs["web_url"]);
+  // The open MR goes into main: asked for another target, it is not taken for the one asked for.
+  std::vector<std::string> elsewhere = ForgeArgs({"open-mr", "--source", "step-runner/issue-1", "--target", "release",
+                                                  "--title", "Resolve #1", "--description", "Closes #1"});
+  CatalogRun other_target = Catalog(elsewhere);
+  EXPECT_NE(other_target.exit_code, 0);
+  EXPECT_THAT(other_target.err, HasSubstr("is already open into main, not release"));
   SR_ASSERT_OK_AND_ASSIGN(json mrs, forge_->Api("GET", "/api/v4/projects/1/merge_requests?state=opened"));
   ASSERT_EQ(mrs.size(), 1u);
   EXPECT_EQ(mrs[0]["source_branch"], "step-runner/issue-1");
