@@ -72,6 +72,14 @@ void AppendUtf8(uint32_t cp, std::string& out) {
   }
 }
 
+// A number as the language's values hold it: a whole number as an integer, as JSON and GitLab
+// (Go) write it ("1", not "1.0", in toJSON, messages and outputs); others as doubles.
+Json NumberJson(double d) {
+  constexpr double kExactIntegers = 9007199254740992.0;  // 2^53: every integer below is a double
+  if (d == std::floor(d) && std::fabs(d) < kExactIntegers) return Json(static_cast<int64_t>(d));
+  return Json(d);
+}
+
 absl::StatusOr<std::vector<Token>> Lex(absl::string_view src) {
   std::vector<Token> tokens;
   size_t i = 0;
@@ -275,7 +283,7 @@ class Parser {
       Next();
       Token num = Next();
       NodePtr n = MakeNode(Node::kLiteral, num.column - 1);
-      n->literal = -num.number;
+      n->literal = NumberJson(-num.number);
       return ParsePostfix(std::move(n));
     }
     SR_ASSIGN_OR_RETURN(NodePtr primary, ParsePrimary());
@@ -313,7 +321,7 @@ class Parser {
       case Tok::kNumber: {
         Next();
         NodePtr n = MakeNode(Node::kLiteral, t.column);
-        n->literal = t.number;
+        n->literal = NumberJson(t.number);
         return n;
       }
       case Tok::kString: {
@@ -577,7 +585,7 @@ class Evaluator {
     }
     if (op == "+") {
       if (a.is_number() && b.is_number()) {
-        out.json = a.get<double>() + b.get<double>();
+        out.json = NumberJson(a.get<double>() + b.get<double>());
       } else if (a.is_string() && b.is_string()) {
         out.json = a.get<std::string>() + b.get<std::string>();
       } else if (a.is_array() && b.is_array()) {
@@ -593,7 +601,7 @@ class Evaluator {
       if (!a.is_number() || !b.is_number()) {
         return ErrorAt(n.column, absl::StrCat("cannot subtract a ", TypeName(b), " from a ", TypeName(a)));
       }
-      out.json = a.get<double>() - b.get<double>();
+      out.json = NumberJson(a.get<double>() - b.get<double>());
       return out;
     }
     return ErrorAt(n.column, absl::StrCat("unknown operator ", op));
@@ -734,9 +742,11 @@ void CollectPaths(const Node& n, std::vector<ContextPath>& out) {
 }  // namespace
 
 // Finds the "}}" that closes a template starting at `open` (the index of "${{"), skipping
-// string literals so that `${{ "}}" }}` works. npos if it is not closed.
+// string literals so that `${{ "}}" }}` works, and the braces of object literals, so that
+// `${{ toJSON({"a": {"b": 1}}) }}` does too. npos if it is not closed.
 size_t FindTemplateEnd(absl::string_view text, size_t open) {
   char quote = 0;
+  int braces = 0;  // object literals open inside the expression
   for (size_t i = open + 3; i < text.size(); ++i) {
     char c = text[i];
     if (quote) {
@@ -744,8 +754,15 @@ size_t FindTemplateEnd(absl::string_view text, size_t open) {
       else if (c == quote) quote = 0;
       continue;
     }
-    if (c == '"' || c == '\'') quote = c;
-    else if (c == '}' && i + 1 < text.size() && text[i + 1] == '}') return i;
+    if (c == '"' || c == '\'') {
+      quote = c;
+    } else if (c == '{') {
+      ++braces;
+    } else if (c == '}' && braces > 0) {
+      --braces;
+    } else if (c == '}' && i + 1 < text.size() && text[i + 1] == '}') {
+      return i;
+    }
   }
   return absl::string_view::npos;
 }
