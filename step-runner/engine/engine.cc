@@ -11,6 +11,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/cleanup/cleanup.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -51,6 +52,68 @@ int Depth(const Json& v) {
   }
   return deepest;
 }
+
+// Where a script's text stands, quoting-wise, at each template, so that a template inside
+// single quotes still reads its value: the quotes are closed around the variable
+// ('a '"${SR_EXPR_0}"' b'), and the value itself never becomes shell text. Bash's grammar is
+// bigger than this: past a heredoc ("<<") the tracking stops and templates are left as
+// ${SR_EXPR_n}, as before (a quoted heredoc's body does not expand them).
+class ShellQuoting {
+ public:
+  enum class State { kPlain, kSingle, kDouble, kAnsiC, kUnknown };
+
+  // Moves over script text (the text between two templates).
+  void Advance(absl::string_view text) {
+    for (size_t i = 0; i < text.size() && state_ != State::kUnknown; ++i) {
+      const char c = text[i];
+      const bool has_next = i + 1 < text.size();
+      switch (state_) {
+        case State::kSingle:
+          if (c == '\'') state_ = State::kPlain;
+          break;
+        case State::kAnsiC:
+        case State::kDouble:
+          if (c == '\\') ++i;
+          else if (c == (state_ == State::kDouble ? '"' : '\'')) state_ = State::kPlain;
+          break;
+        case State::kPlain:
+          if (c == '\\') {
+            ++i;
+          } else if (c == '\'') {
+            state_ = State::kSingle;
+          } else if (c == '"') {
+            state_ = State::kDouble;
+          } else if (c == '$' && has_next && text[i + 1] == '\'') {
+            state_ = State::kAnsiC;
+            ++i;
+          } else if (c == '#' && word_start_) {
+            // A comment ("# don't") runs to the end of the line; its quotes are no quotes.
+            const size_t end = text.find('\n', i);
+            i = end == absl::string_view::npos ? text.size() : end - 1;
+          } else if (c == '<' && has_next && text[i + 1] == '<') {
+            state_ = State::kUnknown;
+          }
+          break;
+        case State::kUnknown: break;
+      }
+      word_start_ = state_ == State::kPlain && (absl::ascii_isspace(static_cast<unsigned char>(c)) ||
+                                                 c == ';' || c == '&' || c == '|' || c == '(' || c == ')');
+    }
+  }
+
+  // How a template here reads variable `var`.
+  std::string Reference(absl::string_view var) const {
+    switch (state_) {
+      case State::kSingle: return absl::StrCat("'\"${", var, "}\"'");
+      case State::kAnsiC: return absl::StrCat("'\"${", var, "}\"$'");
+      default: return absl::StrCat("${", var, "}");
+    }
+  }
+
+ private:
+  State state_ = State::kPlain;
+  bool word_start_ = true;
+};
 
 // The value's own check: an error naming `what` when it nests too deep.
 absl::Status CheckDepth(const Json& v, absl::string_view what) {
@@ -565,10 +628,12 @@ class JobRun {
     const std::string io_dir = NextIoDir();
     const expr::Context ctx = MakeContext(frame, &sequence, io_dir);
     // Templates in a script never become shell text: each value goes into the environment, and
-    // the script reads it as ${SR_EXPR_n}, so a value full of quotes and semicolons stays data.
+    // the script reads it as ${SR_EXPR_n}, so a value full of quotes and semicolons stays data
+    // (inside single quotes too: see ShellQuoting).
     std::string script;
     EnvMap values;
     const std::string& text = *inv.script;
+    ShellQuoting quoting;
     for (size_t pos = 0;;) {
       size_t open = text.find("${{", pos);
       if (open == std::string::npos) {
@@ -583,7 +648,8 @@ class JobRun {
       std::string shown = expr::ToDisplayString(value->json);
       if (value->sensitive) SecretsOf(Json(shown));
       values[var] = std::move(shown);
-      absl::StrAppend(&script, text.substr(pos, open - pos), "${", var, "}");
+      quoting.Advance(absl::string_view(text).substr(pos, open - pos));
+      absl::StrAppend(&script, text.substr(pos, open - pos), quoting.Reference(var));
       pos = close + 2;
     }
     Frame child = frame;

@@ -133,6 +133,31 @@ run:
   EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
   EXPECT_THAT(Log(), HasSubstr("hello $(touch pwned); `id`; ' \" done\n"));
   EXPECT_FALSE(ReadFile(dir_ + "/pwned").ok());
+  // Inside single quotes the value is read too (it printed ${SR_EXPR_1}), and stays data.
+  EXPECT_EQ(Log(), "hello $(touch pwned); `id`; ' \" done\n$(touch pwned); `id`; ' \" done\n");
+}
+
+// Where the quoting stands at each template: single quotes, $'...', a comment with an
+// apostrophe before it; past a heredoc the template is left as a variable, as before.
+TEST_F(EngineTest, ScriptTemplatesInsideSingleQuotesReadTheirValue) {
+  JobOutcome out = Run(R"(spec:
+  inputs:
+    who: {type: string}
+---
+run:
+  - name: greet
+    script: |
+      # don't be fooled by this apostrophe
+      echo 'hello ${{ inputs.who }}!' "and ${{ inputs.who }}" plain-${{ inputs.who }}
+      printf '%s\n' $'tab\t${{ inputs.who }}'
+      cat <<'EOF'
+      literal ${{ inputs.who }}
+      EOF
+)", Json{{"who", "it's me; echo pwned"}});
+  EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
+  EXPECT_EQ(Log(), "hello it's me; echo pwned! and it's me; echo pwned plain-it's me; echo pwned\n"
+                   "tab\tit's me; echo pwned\n"
+                   "literal ${SR_EXPR_4}\n");
 }
 
 TEST_F(EngineTest, SkippedAndContinueOnErrorAndRetry) {
