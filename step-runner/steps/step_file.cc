@@ -753,6 +753,42 @@ std::optional<Violation> CheckYamlShape(absl::string_view text, size_t libyaml_e
 
 }  // namespace
 
+// YAML merge keys, as GitLab's reader (yaml.v3) applies them: `<<: *defaults` (or a list of
+// such maps) adds each key the mapping does not set itself; of a list, the earlier map wins.
+// yaml-cpp leaves "<<" as an ordinary key, which then read as an unknown key or a bad value.
+void ResolveMergeKeys(YAML::Node node, std::vector<Violation>& out) {
+  if (node.IsSequence()) {
+    for (YAML::Node item : node) ResolveMergeKeys(item, out);
+    return;
+  }
+  if (!node.IsMap()) return;
+  std::vector<YAML::Node> values;
+  for (const auto& entry : node) values.push_back(entry.second);
+  for (YAML::Node& value : values) ResolveMergeKeys(value, out);
+  const YAML::Node& view = node;  // const: looking a key up must not add it
+  const YAML::Node merge = view["<<"];
+  if (!merge) return;
+  std::vector<YAML::Node> sources;
+  if (merge.IsMap()) {
+    sources.push_back(merge);
+  } else if (merge.IsSequence()) {
+    for (const YAML::Node& item : merge) sources.push_back(item);
+  }
+  for (const YAML::Node& source : sources) {
+    if (!source.IsMap()) sources.clear();
+  }
+  if (sources.empty()) {
+    out.push_back({PositionOf(merge.Mark()), "<<", "a merge key takes a map or a list of maps (<<: *name)"});
+    return;
+  }
+  node.remove("<<");
+  for (const YAML::Node& source : sources) {
+    for (const auto& entry : source) {
+      if (!view[entry.first.Scalar()]) node[entry.first] = entry.second;
+    }
+  }
+}
+
 absl::StatusOr<StepFile> ParseStepFile(absl::string_view text, absl::string_view source_name,
                                        std::vector<Violation>* violations_out) {
   std::vector<Violation> violations;
@@ -772,6 +808,7 @@ absl::StatusOr<StepFile> ParseStepFile(absl::string_view text, absl::string_view
             {{1, 1}, "", absl::StrCat("expected two YAML documents (a spec, then ---, then a "
                                       "definition), found ", docs.size())});
       } else {
+        for (YAML::Node& doc : docs) ResolveMergeKeys(doc, violations);
         Parser parser(&violations);
         parser.ParseSpec(docs[0], file.spec);
         parser.ParseDefinition(docs[1], file.spec, file.definition);

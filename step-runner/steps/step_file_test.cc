@@ -90,6 +90,33 @@ TEST(StepFileTest, AKeyGivenTwiceIsAnErrorWithItsPosition) {
   SR_EXPECT_OK(ParseStepFile("spec: {}\n---\nrun:\n  - {name: a, script: name}\n  - {name: b, script: b}\n", "s").status());
 }
 
+// YAML merge keys, as GitLab's reader applies them: the mapping's own keys win, then the
+// earlier of the merged maps.
+TEST(StepFileTest, MergeKeysAddWhatTheMappingDoesNotSet) {
+  auto f = ParseStepFile(R"(spec: {}
+---
+run:
+  - name: a
+    env: &common {A: "1", B: "2"}
+    script: echo $A$B
+  - name: b
+    env:
+      <<: *common
+      B: "3"
+    script: echo $A$B
+  - name: c
+    env:
+      <<: [{C: "x"}, {C: "y", D: "z"}]
+    script: echo $C$D
+)", "steps");
+  ASSERT_TRUE(f.ok()) << f.status();
+  ASSERT_EQ(f->definition.run.size(), 3u);
+  EXPECT_EQ(f->definition.run[1].env, (Env{{"A", "1"}, {"B", "3"}}));
+  EXPECT_EQ(f->definition.run[2].env, (Env{{"C", "x"}, {"D", "z"}}));
+  auto bad = ParseStepFile("spec: {}\n---\nrun:\n  - name: a\n    env: {<<: plain}\n    script: echo\n", "steps");
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("a merge key takes a map or a list of maps"));
+}
+
 TEST(StepFileTest, ExactlyOneOfExecOrRun) {
   auto f = ParseStepFile("{}\n---\nenv: {A: b}\n", "steps");
   ASSERT_FALSE(f.ok());
