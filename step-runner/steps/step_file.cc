@@ -33,7 +33,7 @@ std::string Describe(const YAML::Node& node) {
   switch (node.Type()) {
     case YAML::NodeType::Null: return "null";
     case YAML::NodeType::Scalar: return absl::StrCat("the scalar \"", node.Scalar(), "\"");
-    case YAML::NodeType::Sequence: return "a sequence";
+    case YAML::NodeType::Sequence: return node.size() == 0 ? "an empty sequence" : "a sequence";
     case YAML::NodeType::Map: return "a map";
     case YAML::NodeType::Undefined: return "nothing";
   }

@@ -127,6 +127,7 @@ TEST(StepFileTest, EmptyCommandRejected) {
   auto f = ParseStepFile("{}\n---\nexec: {command: []}\n", "steps");
   ASSERT_FALSE(f.ok());
   EXPECT_THAT(std::string(f.status().message()), HasSubstr("exec.command: expected a non-empty sequence"));
+  EXPECT_THAT(std::string(f.status().message()), HasSubstr("found an empty sequence"));
 }
 
 TEST(StepFileTest, ParsesTheWholeLanguage) {
