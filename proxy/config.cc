@@ -99,7 +99,7 @@ absl::StatusOr<absl::Duration> Duration(absl::string_view file, const YAML::Node
 
 std::string Resolve(const std::string& base_dir, const std::string& path) {
   if (path.empty() || path[0] == '/' || base_dir.empty()) return path;
-  return absl::StrCat(base_dir, "/", path);
+  return absl::StrCat(base_dir, absl::EndsWith(base_dir, "/") ? "" : "/", path);
 }
 
 absl::Status ParseLimits(const YAML::Node& node, Limits& limits) {
@@ -332,7 +332,7 @@ absl::StatusOr<Routing> LoadRouting(const std::string& path) {
   if (!routing.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", routing.status().message()));
   // A relative socket is relative to the routing file, as the config's paths are to the config.
   const size_t slash = path.rfind('/');
-  const std::string base_dir = slash == std::string::npos ? "." : path.substr(0, slash);
+  const std::string base_dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
   for (auto& [name, ws] : routing->workspaces) {
     if (!ws.backend.socket.empty()) ws.backend.socket = Resolve(base_dir, ws.backend.socket);
   }

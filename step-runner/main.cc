@@ -454,7 +454,7 @@ int CmdRun(const Args& args) {
   // Relative step references start beside the step file, as in GitLab (and `exec`), when the
   // daemon shares this machine's files: through --via or --ssh the file's folder is not there,
   // and they start in the job's work tree.
-  if (args.positional[0] != "-" && !args.Has("via") && !args.Has("ssh")) {
+  if (args.positional[0] != "-" && !args.Get("via") && !args.Get("ssh")) {
     char real[PATH_MAX];
     if (::realpath(args.positional[0].c_str(), real)) request.set_steps_dir(Dirname(real));
   }

@@ -30,12 +30,17 @@ absl::StatusOr<SshTarget> ParseSshTarget(absl::string_view text) {
     const size_t close = host.find(']');
     if (close == absl::string_view::npos) return absl::InvalidArgumentError("--ssh: no ']' after the IPv6 address");
     absl::string_view rest = host.substr(close + 1);
-    if (!rest.empty() && !absl::ConsumePrefix(&rest, ":")) {
-      return absl::InvalidArgumentError("--ssh: expected :PORT after the IPv6 address in brackets");
+    if (!rest.empty()) {
+      if (!absl::ConsumePrefix(&rest, ":")) {
+        return absl::InvalidArgumentError("--ssh: expected :PORT after the IPv6 address in brackets");
+      }
+      if (rest.empty()) return absl::InvalidArgumentError("--ssh: bad port");
+      port = rest;
     }
-    port = rest.empty() ? absl::string_view() : rest;
-    if (!rest.empty() && port.empty()) return absl::InvalidArgumentError("--ssh: bad port");
     host = host.substr(1, close - 1);
+  } else if (host.find(':') != host.rfind(':')) {
+    // "fe80::1:2222" cannot say where the address ends: brackets can ("[fe80::1]:2222").
+    return absl::InvalidArgumentError("--ssh: put an IPv6 address in brackets: USER@[ADDRESS]:PORT");
   } else if (const size_t colon = host.rfind(':'); colon != absl::string_view::npos) {
     port = host.substr(colon + 1);
     host = host.substr(0, colon);

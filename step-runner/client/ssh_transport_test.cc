@@ -34,6 +34,8 @@ TEST(SshTargetTest, MistakesAreNamed) {
   EXPECT_THAT(ParseSshTarget("ws@host:70000").status().message(), HasSubstr("bad port"));
   EXPECT_THAT(ParseSshTarget("ws@[::1").status().message(), HasSubstr("no ']'"));
   EXPECT_THAT(ParseSshTarget("ws@[::1]x").status().message(), HasSubstr(":PORT"));
+  EXPECT_THAT(ParseSshTarget("ws@[::1]:").status().message(), HasSubstr("bad port"));
+  EXPECT_THAT(ParseSshTarget("ws@fe80::1:2222").status().message(), HasSubstr("in brackets"));
   EXPECT_THAT(ParseSshTarget("ws@:22").status().message(), HasSubstr("no host"));
 }
 

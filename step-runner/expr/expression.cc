@@ -75,8 +75,8 @@ void AppendUtf8(uint32_t cp, std::string& out) {
 // A number as the language's values hold it: a whole number as an integer, as JSON and GitLab
 // (Go) write it ("1", not "1.0", in toJSON, messages and outputs); others as doubles.
 Json NumberJson(double d) {
-  constexpr double kExactIntegers = 9007199254740992.0;  // 2^53: every integer below is a double
-  if (d == std::floor(d) && std::fabs(d) < kExactIntegers) return Json(static_cast<int64_t>(d));
+  constexpr double kInt64Bound = 9223372036854775808.0;  // 2^63: a whole double below fits exactly
+  if (d == std::floor(d) && std::fabs(d) < kInt64Bound) return Json(static_cast<int64_t>(d));
   return Json(d);
 }
 

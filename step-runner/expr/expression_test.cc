@@ -131,8 +131,8 @@ TEST_F(ExpressionTest, TemplatesKeepTypeOrJoinIntoStrings) {
   SR_ASSERT_OK_AND_ASSIGN(Value braces, Expand("${{ \"}}\" }}", context_));
   EXPECT_EQ(braces.json, "}}");
   // Whole numbers are written as JSON and Go write them ("1000", not "1000.0").
-  SR_ASSERT_OK_AND_ASSIGN(Value whole_numbers, Expand("${{ toJSON([1e3, 2 + 3, 0.5, -4]) }}", context_));
-  EXPECT_EQ(whole_numbers.json, "[1000,5,0.5,-4]");
+  SR_ASSERT_OK_AND_ASSIGN(Value whole_numbers, Expand("${{ toJSON([1e3, 2 + 3, 0.5, -4, 1e16]) }}", context_));
+  EXPECT_EQ(whole_numbers.json, "[1000,5,0.5,-4,10000000000000000]");
   // An object literal's own closing braces do not end the template ("{"b": 1}}" did).
   SR_ASSERT_OK_AND_ASSIGN(Value nested, Expand("${{ toJSON({\"a\": {\"b\": 1}}) }}", context_));
   EXPECT_EQ(nested.json, "{\"a\":{\"b\":1}}");

@@ -6,6 +6,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
+#include "step-runner/base/utf8.h"
 
 namespace step_runner::logs {
 
@@ -43,6 +44,9 @@ StreamMasker::StreamMasker(std::vector<std::string> secrets) {
     // A secret with a quote, a backslash or a newline (a password, a PEM key) is also masked
     // in its escaped form, which is how it shows wherever it is quoted as JSON.
     if (std::string escaped = JsonEscaped(s); escaped != s) secrets_.push_back(std::move(escaped));
+    // One that is not UTF-8 shows repaired (U+FFFD for the bad bytes) wherever protobuf or JSON
+    // carries it: the result tree, a status message.
+    if (!IsValidUtf8(s)) secrets_.push_back(ToValidUtf8(s));
     secrets_.push_back(std::move(s));
   }
   // Longest first, so that where two secrets start at one position the longer one wins.

@@ -23,6 +23,11 @@ TEST(MaskerTest, ASecretIsMaskedInItsJsonEscapedFormToo) {
             "found the string \"[MASKED]\"; raw [MASKED].");
 }
 
+// A secret that is not UTF-8 shows with U+FFFD for its bad bytes wherever protobuf carries it.
+TEST(MaskerTest, ASecretThatIsNotUtf8IsMaskedInItsRepairedFormToo) {
+  EXPECT_EQ(MaskSecrets("tree: abc-secret\xEF\xBF\xBD.", {"abc-secret\xff"}), "tree: [MASKED].");
+}
+
 TEST(MaskerTest, NoSecretsPassesBytesThrough) {
   StreamMasker masker({});
   std::string binary("\0\xff\r\n", 4);

@@ -774,10 +774,7 @@ void ResolveMergeKeys(YAML::Node node, std::vector<Violation>& out) {
   } else if (merge.IsSequence()) {
     for (const YAML::Node& item : merge) sources.push_back(item);
   }
-  for (const YAML::Node& source : sources) {
-    if (!source.IsMap()) sources.clear();
-  }
-  if (sources.empty()) {
+  if (sources.empty() || !std::all_of(sources.begin(), sources.end(), [](const YAML::Node& m) { return m.IsMap(); })) {
     out.push_back({PositionOf(merge.Mark()), "<<", "a merge key takes a map or a list of maps (<<: *name)"});
     return;
   }

@@ -113,8 +113,11 @@ run:
   ASSERT_EQ(f->definition.run.size(), 3u);
   EXPECT_EQ(f->definition.run[1].env, (Env{{"A", "1"}, {"B", "3"}}));
   EXPECT_EQ(f->definition.run[2].env, (Env{{"C", "x"}, {"D", "z"}}));
-  auto bad = ParseStepFile("spec: {}\n---\nrun:\n  - name: a\n    env: {<<: plain}\n    script: echo\n", "steps");
-  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("a merge key takes a map or a list of maps"));
+  for (const char* merge : {"plain", "[x, {A: b}]", "[{A: b}, x]"}) {
+    auto bad = ParseStepFile(absl::StrCat("spec: {}\n---\nrun:\n  - name: a\n    env: {<<: ", merge, "}\n    script: echo\n"),
+                             "steps");
+    EXPECT_THAT(std::string(bad.status().message()), HasSubstr("a merge key takes a map or a list of maps")) << merge;
+  }
 }
 
 TEST(StepFileTest, ExactlyOneOfExecOrRun) {

@@ -199,6 +199,17 @@ absl::StatusOr<CloneResult> Clone(const CloneRequest& request) {
 
 namespace {
 
+// Whether the work tree differs from HEAD: changed, added or untracked files (ignored ones aside).
+absl::StatusOr<bool> HasUncommittedChanges(git_repository* repo) {
+  git_status_options options = GIT_STATUS_OPTIONS_INIT;
+  options.show = GIT_STATUS_SHOW_INDEX_AND_WORKDIR;
+  options.flags = GIT_STATUS_OPT_INCLUDE_UNTRACKED | GIT_STATUS_OPT_EXCLUDE_SUBMODULES;
+  git_status_list* raw = nullptr;
+  if (int rc = git_status_list_new(&raw, repo, &options); rc < 0) return GitErrorToStatus(rc, "status");
+  StatusListPtr list(raw);
+  return git_status_list_entrycount(list.get()) > 0;
+}
+
 // The first of `revisions` that names a commit; NOT_FOUND when none does.
 absl::StatusOr<ObjectPtr> FirstCommit(git_repository* repo, const std::vector<std::string>& revisions) {
   for (const std::string& revision : revisions) {
@@ -240,10 +251,20 @@ absl::StatusOr<BranchResult> CheckoutBranch(const std::string& dir, const std::s
     return GitErrorToStatus(rc, "peel branch");
   }
   ObjectPtr target(raw_target);
-  // Resumed: the branch (from origin, or left here by an earlier run) carries work beyond its
-  // base. A branch still at the base, as a run that failed before committing leaves it, has
-  // nothing to resume: the work is done again.
-  result.resumed = !base_commit.ok() || !git_oid_equal(git_object_id(target.get()), git_object_id(base_commit->get()));
+  // Resumed: the branch (from origin, or left here by an earlier run) carries work: commits that
+  // its base does not have (not merely an older base), or changes not yet committed. A branch
+  // with neither, as a run whose generate step failed leaves it, has nothing to resume: the
+  // work is done again.
+  size_t ahead = 0, behind = 0;
+  if (base_commit.ok()) {
+    if (rc = git_graph_ahead_behind(&ahead, &behind, repo.get(), git_object_id(target.get()),
+                                    git_object_id(base_commit->get()));
+        rc < 0) {
+      return GitErrorToStatus(rc, absl::StrCat("compare ", name, " with ", base));
+    }
+  }
+  SR_ASSIGN_OR_RETURN(bool uncommitted, HasUncommittedChanges(repo.get()));
+  result.resumed = !base_commit.ok() || ahead > 0 || uncommitted;
   git_checkout_options checkout = GIT_CHECKOUT_OPTIONS_INIT;
   // SAFE: uncommitted work is never overwritten; a conflict is an error, not data loss.
   checkout.checkout_strategy = GIT_CHECKOUT_SAFE;

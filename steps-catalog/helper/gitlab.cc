@@ -92,20 +92,19 @@ absl::StatusOr<json> GitLabClient::CommentOnce(int iid, const std::string& body,
 }
 
 absl::StatusOr<MergeRequest> GitLabClient::OpenMergeRequestOnce(const MergeRequestSpec& spec) {
-  const std::string query =
-      absl::StrCat("/merge_requests?state=opened&source_branch=", UrlEncode(spec.source_branch));
+  // The open MR from this branch into this target: one into another target (a branch may have
+  // several) is not the one asked for, and taking it reported success for an MR that did not
+  // exist.
+  const std::string query = absl::StrCat("/merge_requests?state=opened&source_branch=", UrlEncode(spec.source_branch),
+                                         "&target_branch=", UrlEncode(spec.target_branch));
   auto existing = [&]() -> absl::StatusOr<std::optional<MergeRequest>> {
     SR_ASSIGN_OR_RETURN(json list, Call("GET", query));
-    if (!list.is_array() || list.empty()) return std::nullopt;
-    const json& mr = list[0];
-    // A branch has one open MR: one into another branch is not the one asked for, and taking it
-    // would report success for a merge request that does not exist.
-    if (const std::string target = mr.value("target_branch", spec.target_branch); target != spec.target_branch) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "!", mr.value("iid", 0), " from ", spec.source_branch, " is already open into ", target, ", not ",
-          spec.target_branch, " (", mr.value("web_url", ""), "); close it or ask for that target"));
+    if (!list.is_array()) return std::nullopt;
+    for (const json& mr : list) {
+      if (mr.value("target_branch", spec.target_branch) != spec.target_branch) continue;  // a forge ignoring the filter
+      return MergeRequest{mr.value("iid", 0), mr.value("web_url", ""), false};
     }
-    return MergeRequest{mr.value("iid", 0), mr.value("web_url", ""), false};
+    return std::nullopt;
   };
   SR_ASSIGN_OR_RETURN(std::optional<MergeRequest> found, existing());
   if (found) return *found;

@@ -434,13 +434,18 @@ void ForgeServer::Impl::HandleCreateMergeRequest(const httplib::Request& req, ht
   for (const auto& [name, value] : {std::pair{"source_branch", source}, {"target_branch", target}, {"title", title}}) {
     if (!value || value->empty()) return Reply(res, 400, {{"error", absl::StrCat(name, " is missing")}});
   }
+  // As GitLab: not into itself, and one open MR per source and target (a branch may have
+  // several, into different targets).
+  if (*source == *target) {
+    return Reply(res, 422, {{"message", {"You can't use same project/branch for source and target"}}});
+  }
   for (const std::string& branch : {*source, *target}) {
     if (!ReadBranch(BareDir(*project), branch).ok()) {
       return Reply(res, 422, {{"message", {absl::StrCat("Branch ", branch, " does not exist")}}});
     }
   }
   for (const json& mr : (*project)["merge_requests"]) {
-    if (mr["source_branch"] == *source && mr["state"] == "opened") {
+    if (mr["source_branch"] == *source && mr["target_branch"] == *target && mr["state"] == "opened") {
       return Reply(res, 409, {{"message", {absl::StrCat("Another open merge request already exists for this "
                                                         "source branch: !", mr["iid"].get<int>())}}});
     }
