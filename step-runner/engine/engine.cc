@@ -60,7 +60,7 @@ int Depth(const Json& v) {
 // ${SR_EXPR_n}, as before (a quoted heredoc's body does not expand them).
 class ShellQuoting {
  public:
-  enum class State { kPlain, kSingle, kDouble, kAnsiC, kUnknown };
+  enum class State { kPlain, kSingle, kDouble, kAnsiC, kComment, kUnknown };
 
   // Moves over script text (the text between two templates).
   void Advance(absl::string_view text) {
@@ -70,6 +70,11 @@ class ShellQuoting {
       switch (state_) {
         case State::kSingle:
           if (c == '\'') state_ = State::kPlain;
+          break;
+        case State::kComment:
+          // A comment ("# don't") runs to the end of the line, templates in it too; its quotes
+          // are no quotes.
+          if (c == '\n') state_ = State::kPlain;
           break;
         case State::kAnsiC:
         case State::kDouble:
@@ -87,9 +92,7 @@ class ShellQuoting {
             state_ = State::kAnsiC;
             ++i;
           } else if (c == '#' && word_start_) {
-            // A comment ("# don't") runs to the end of the line; its quotes are no quotes.
-            const size_t end = text.find('\n', i);
-            i = end == absl::string_view::npos ? text.size() : end - 1;
+            state_ = State::kComment;
           } else if (c == '<' && has_next && text[i + 1] == '<') {
             state_ = State::kUnknown;
           }

@@ -148,6 +148,7 @@ run:
   - name: greet
     script: |
       # don't be fooled by this apostrophe
+      # nor by ${{ inputs.who }}'s in a comment
       echo 'hello ${{ inputs.who }}!' "and ${{ inputs.who }}" plain-${{ inputs.who }}
       printf '%s\n' $'tab\t${{ inputs.who }}'
       cat <<'EOF'
@@ -157,7 +158,7 @@ run:
   EXPECT_EQ(out.status, proto::StepResult::success) << out.message;
   EXPECT_EQ(Log(), "hello it's me; echo pwned! and it's me; echo pwned plain-it's me; echo pwned\n"
                    "tab\tit's me; echo pwned\n"
-                   "literal ${SR_EXPR_4}\n");
+                   "literal ${SR_EXPR_5}\n");
 }
 
 TEST_F(EngineTest, SkippedAndContinueOnErrorAndRetry) {
