@@ -118,6 +118,28 @@ class ShellQuoting {
   bool word_start_ = true;
 };
 
+// How deeply JSON text nests its arrays and objects, read without building it: a value nested
+// 200,000 deep is a few hundred kilobytes of step output, and building, copying or walking it
+// recursively would overflow the stack of the daemon's thread.
+size_t JsonTextNesting(absl::string_view text) {
+  size_t depth = 0, deepest = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 // The value's own check: an error naming `what` when it nests too deep.
 absl::Status CheckDepth(const Json& v, absl::string_view what) {
   if (int depth = Depth(v); depth > kMaxValueDepth) {
@@ -383,6 +405,11 @@ class JobRun {
     for (absl::string_view line : absl::StrSplit(text, '\n')) {
       ++line_number;
       if (absl::StripAsciiWhitespace(line).empty()) continue;
+      // The record itself is one level; its value may take kMaxValueDepth more.
+      if (JsonTextNesting(line) > static_cast<size_t>(kMaxValueDepth) + 1) {
+        return absl::InvalidArgumentError(absl::StrCat(what, " line ", line_number, ": the value nests deeper than ",
+                                                       kMaxValueDepth, " levels"));
+      }
       Json record = Json::parse(line, nullptr, /*allow_exceptions=*/false);
       if (record.is_discarded() || !record.is_object()) {
         return absl::InvalidArgumentError(absl::StrCat(what, " line ", line_number,
@@ -396,7 +423,7 @@ class JobRun {
       if (value == record.end() || value->is_null()) {
         return absl::InvalidArgumentError(absl::StrCat(what, " line ", line_number, ": \"value\" is missing or null"));
       }
-      records.emplace_back(name->get<std::string>(), *value);
+      records.emplace_back(name->get<std::string>(), std::move(*value));
     }
     return records;
   }

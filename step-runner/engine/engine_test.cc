@@ -395,6 +395,21 @@ TEST_F(EngineTest, DeepOutputsAreRefusedAndEveryStringOfTheTreeIsUtf8) {
 
 // The output and export files are the step's to replace: a FIFO there must not hold the job
 // forever, nor a link to /dev/zero take the daemon's memory. Each fails the step, saying why.
+// A value nested 200,000 deep in the output file (a few hundred kilobytes) fails the step with
+// a message; building and copying it crashed the process (a step could take the daemon down).
+TEST_F(EngineTest, AnOutputNestedTooDeepFailsTheStepAndNothingCrashes) {
+  Write("deep/step.yml", R"(spec:
+  outputs:
+    x: {type: array}
+---
+exec:
+  command: [sh, -c, 'n=200000; { printf "{\"name\":\"x\",\"value\":"; head -c $n /dev/zero | tr "\0" "["; head -c $n /dev/zero | tr "\0" "]"; printf "}\n"; } > "$0"', "${{ output_file }}"]
+)");
+  JobOutcome out = Run("spec: {}\n---\nrun:\n  - name: d\n    step: ./deep\n");
+  EXPECT_EQ(out.status, proto::StepResult::failure);
+  EXPECT_THAT(out.message, HasSubstr("output_file line 1: the value nests deeper than 32 levels"));
+}
+
 // An export holding a NUL (its value or its name) fails the step: the environment would cut
 // the value at the NUL (or drop the variable), unlike what the record shows.
 TEST_F(EngineTest, AnExportHoldingANulFailsTheStep) {
